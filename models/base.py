@@ -1,0 +1,46 @@
+"""The interface every matching model shares, so training, mining and evaluation are model-agnostic.
+
+A model encodes images and captions into representations and scores them:
+- `score_all(img, cap)` -> (B_img, B_cap): every image against every caption (the loss's matrix);
+- `score_paired(img, cap)` -> (B,): image b against caption b only (the offline AOQ pairs).
+Single-vector models (VSE++, VSRN) score with dot products of l2-normalised embeddings and can be
+used for offline mining (`single_vector = True`). Cross-attention models (SCAN, BFAN) keep region
+and word features and only provide scores; the loss never sees anything but scores.
+"""
+import torch
+from torch import nn
+
+
+def l2norm(x, dim=-1):
+    """x / ||x|| along `dim`. No epsilon inside the norm, as in VSE++; all-zero rows stay zero."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+class MatchingModel(nn.Module):
+    name = None
+    config_class = None
+    single_vector = True
+
+    def encode_images(self, images):
+        """images (B, 36, D) float -> image representation."""
+        raise NotImplementedError
+
+    def encode_captions(self, ids, lengths):
+        """ids (B, L) int64 padded with 0, lengths (B,) int64 -> caption representation."""
+        raise NotImplementedError
+
+    def score_all(self, img, cap):
+        """(B_img, B_cap) scores of every image against every caption."""
+        return img @ cap.t()
+
+    def score_paired(self, img, cap):
+        """(B,) scores of image b against caption b."""
+        return (img * cap).sum(dim=-1)
+
+    def auxiliary_loss(self, images, batch):
+        """An extra training loss of the anchor batch (VSRN's captioning branch); None if absent."""
+        return None
+
+    @property
+    def config_dict(self):
+        return dict(self.config.__dict__)

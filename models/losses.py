@@ -1,0 +1,123 @@
+"""Retrieval losses: the online hardest-negative triplet (VSE++) and the AOQ family.
+
+Every loss takes the B x B score matrix of a batch (row i = image of item i, column j = caption of
+item j, positives on the diagonal) plus, for the AOQ variants, the paired scores of the offline
+pairs. Models that cannot produce single vectors (SCAN, BFAN) fit because only scores cross this
+boundary. Reductions are sums over the batch, as in the reference (spec vsrn_aoq.md §2.7, §3).
+"""
+from dataclasses import dataclass
+
+import torch
+
+# The paper's ablation rows (spec §3.6): which terms each variant adds to the online triplet.
+VARIANTS = {
+    "baseline": dict(offline_triplet=False, quintuplet=False, adaptive=False),
+    "offtri": dict(offline_triplet=True, quintuplet=False, adaptive=False),
+    "offquin": dict(offline_triplet=True, quintuplet=True, adaptive=False),
+    "adapoffquin": dict(offline_triplet=True, quintuplet=True, adaptive=True),
+}
+VARIANT_LABELS = {
+    "baseline": "baseline",
+    "offtri": "+OffTri",
+    "offquin": "+OffQuin",
+    "adapoffquin": "+AdapOffQuin",
+}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    variant: str = "baseline"
+    margin_online: float = 0.2   # m_on
+    margin_offline: float = 0.0  # m_off
+    alpha: float = 0.3
+    beta: float = 1.5
+    detach_weights: bool = False  # the reference lets gradients flow through the weights
+    max_violation: bool = True    # hardest in-batch negative (VSE++); False sums all (VSE0)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown loss variant {self.variant!r}; choose from {sorted(VARIANTS)}")
+        if VARIANTS[self.variant]["adaptive"] and not self.max_violation:
+            # The reference's non-max-violation adaptive path broadcasts the weights along the
+            # wrong axis (spec §3.4); it is meaningless, so refuse it.
+            raise ValueError("adaptive weights need max_violation=True")
+
+    @property
+    def needs_offline(self):
+        return self.variant != "baseline"
+
+
+@dataclass
+class OfflineScores:
+    """Paired scores of the offline pairs, each (B,): s(I1,T3), s(I3,T1), s(I3,T3), s(I4,T4)."""
+    off_t: torch.Tensor   # anchor image vs offline hard-negative caption T3
+    off_i: torch.Tensor   # offline hard-negative image I3 vs anchor caption
+    quin_a: torch.Tensor  # I3 vs T3
+    quin_b: torch.Tensor  # I4 (positive image of T3) vs T4 (a positive caption of I3)
+
+
+def hinge(margin, negative, positive):
+    """[margin + negative - positive]_+ elementwise."""
+    return (margin + negative - positive).clamp(min=0)
+
+
+def online_hardest_negatives(scores):
+    """Hardest in-batch negatives: (max_{j!=b} S[b,j], max_{i!=b} S[i,b]), each (B,).
+
+    The diagonal is excluded with a mask (not the reference's "subtract 10", which only works
+    for scores in [-1, 1]); with cosine scores the result is the same.
+    """
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    masked = scores.masked_fill(eye, float("-inf"))  # (B, B)
+    return masked.max(dim=1).values, masked.max(dim=0).values
+
+
+def adaptive_weight(offline, online, alpha, beta):
+    """AOQ weight of an online hinge: beta - (offline - online) / alpha (unclamped, spec §3.4)."""
+    return beta - (offline - online) / alpha
+
+
+def _online_sum_all(scores, positive, margin):
+    """VSE0: hinge summed over every in-batch negative, both directions, diagonal excluded."""
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    cost_caption = hinge(margin, scores, positive[:, None]).masked_fill(eye, 0)  # image anchors
+    cost_image = hinge(margin, scores, positive[None, :]).masked_fill(eye, 0)    # caption anchors
+    return cost_caption.sum() + cost_image.sum()
+
+
+def retrieval_loss(scores, offline, cfg):
+    """Loss of one batch. scores (B, B); offline an OfflineScores or None (baseline).
+
+    Returns (loss, terms) where terms maps each term's name to its batch sum (detached), for logs.
+    """
+    flags = VARIANTS[cfg.variant]
+    if cfg.needs_offline and offline is None:
+        raise ValueError(f"loss variant {cfg.variant!r} needs offline scores")
+    positive = scores.diagonal()  # (B,)
+    terms = {}
+    if not cfg.max_violation:
+        total = _online_sum_all(scores, positive, cfg.margin_online)
+        terms["online"] = total
+    else:
+        on_t, on_i = online_hardest_negatives(scores)
+        h_t = hinge(cfg.margin_online, on_t, positive)  # image anchor, hardest caption
+        h_i = hinge(cfg.margin_online, on_i, positive)  # caption anchor, hardest image
+        if flags["adaptive"]:
+            off_t, off_i = offline.off_t, offline.off_i
+            if cfg.detach_weights:
+                off_t, off_i, on_t, on_i = off_t.detach(), off_i.detach(), on_t.detach(), on_i.detach()
+            h_t = adaptive_weight(off_t, on_t, cfg.alpha, cfg.beta) * h_t
+            h_i = adaptive_weight(off_i, on_i, cfg.alpha, cfg.beta) * h_i
+        total = h_t.sum() + h_i.sum()
+        terms["online"] = total
+    if flags["offline_triplet"]:
+        offtri = (hinge(cfg.margin_offline, offline.off_t, positive).sum()
+                  + hinge(cfg.margin_offline, offline.off_i, positive).sum())
+        terms["offline_triplet"] = offtri
+        total = total + offtri
+    if flags["quintuplet"]:
+        quin = (hinge(cfg.margin_offline, offline.quin_a, positive).sum()
+                + hinge(cfg.margin_offline, offline.quin_b, positive).sum())
+        terms["quintuplet"] = quin
+        total = total + quin
+    return total, {name: value.detach() for name, value in terms.items()}

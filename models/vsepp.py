@@ -1,0 +1,57 @@
+"""VSE++ (Faghri et al.) over bottom-up region features.
+
+VSE++'s precomp encoder takes one global vector per image; SCAN's features are 36 regions, so we
+pool them by their mean first (spec scan_bfan_vsepp_data.md §C.1). Image: mean of regions ->
+Linear -> l2norm. Text: Embedding -> 1-layer GRU -> output at the last real token (<end>) -> l2norm.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models.base import MatchingModel, l2norm
+from models.registry import register_model
+
+
+@dataclass
+class VSEPPConfig:
+    vocab_size: int
+    img_dim: int = 2048
+    embed_size: int = 1024
+    word_dim: int = 300
+
+
+@register_model
+class VSEPP(MatchingModel):
+    name = "vsepp"
+    config_class = VSEPPConfig
+    single_vector = True
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.img_fc = nn.Linear(config.img_dim, config.embed_size)
+        self.embed = nn.Embedding(config.vocab_size, config.word_dim)
+        self.rnn = nn.GRU(config.word_dim, config.embed_size, batch_first=True)
+        self._init_weights()
+
+    def _init_weights(self):
+        # Xavier-uniform fc with zero bias and U(-0.1, 0.1) word vectors, as in the reference.
+        r = math.sqrt(6.0) / math.sqrt(self.img_fc.in_features + self.img_fc.out_features)
+        nn.init.uniform_(self.img_fc.weight, -r, r)
+        nn.init.zeros_(self.img_fc.bias)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def encode_images(self, images):
+        pooled = images.mean(dim=1)              # (B, D)
+        return l2norm(self.img_fc(pooled))       # (B, embed)
+
+    def encode_captions(self, ids, lengths):
+        words = self.embed(ids)                  # (B, L, word_dim)
+        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True)  # (B, L_max, embed)
+        last = (lengths.to(out.device) - 1).view(-1, 1, 1).expand(-1, 1, out.shape[2])
+        return l2norm(out.gather(1, last).squeeze(1))        # (B, embed)

@@ -1,0 +1,1 @@
+"""Code shared by several steps (steps never import each other)."""

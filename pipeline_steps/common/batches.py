@@ -1,0 +1,86 @@
+"""Training batches: caption items, memory-mapped image rows, cached ids, offline AOQ negatives.
+
+Items are captions (spec §1.1): caption c pairs with image c // 5. An epoch's order and every
+random draw derive from (seed, epoch, batch number), so a run is reproducible and a resumed run
+sees exactly the batches it would have seen (DataLoader workers included).
+"""
+import numpy as np
+import torch
+
+from pipeline_steps.common.precomp import CAPTIONS_PER_IMAGE, DataError
+
+
+def epoch_batches(n_items, batch_size, seed, epoch):
+    """The epoch's shuffled items cut into batches (the last one may be smaller; drop_last=False)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+def pad_captions(id_lists):
+    """List of 1-D id arrays -> (ids (B, L_max) int64 zero-padded, lengths (B,) int64)."""
+    lengths = torch.tensor([len(x) for x in id_lists], dtype=torch.int64)
+    ids = torch.zeros(len(id_lists), int(lengths.max()), dtype=torch.int64)
+    for row, seq in enumerate(id_lists):
+        ids[row, :len(seq)] = torch.from_numpy(seq)
+    return ids, lengths
+
+
+class OfflineCandidates:
+    """i2t (N_img, K_i2t) caption ids and t2i (N_cap, K_t2i) image ids, memory-mapped."""
+
+    def __init__(self, i2t_path, t2i_path, n_images, offline_size):
+        self.i2t = np.load(i2t_path, mmap_mode="r")
+        self.t2i = np.load(t2i_path, mmap_mode="r")
+        self.offline_size = offline_size
+        n_caps = n_images * CAPTIONS_PER_IMAGE
+        for path, arr, rows, need in ((i2t_path, self.i2t, n_images, offline_size),
+                                      (t2i_path, self.t2i, n_caps, -(-offline_size // 5))):
+            if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] < need or arr.dtype != np.int32:
+                raise DataError(f"{path}: expected int32 array ({rows}, >= {need}), "
+                                f"found {arr.dtype} {arr.shape}")
+
+    def sample(self, captions, rng):
+        """Offline negatives of anchor captions, spec §4.2: returns (T3, I3, T4, I4) id arrays.
+
+        One draw n serves both directions: T3 is the n-th i2t candidate of the anchor image and
+        I3 the (n // 5)-th t2i candidate of the anchor caption; T4 is a random caption of I3
+        and I4 the image of T3.
+        """
+        captions = np.asarray(captions, dtype=np.int64)
+        n = rng.integers(0, self.offline_size, size=len(captions))
+        n2 = rng.integers(0, CAPTIONS_PER_IMAGE, size=len(captions))
+        t3 = self.i2t[captions // CAPTIONS_PER_IMAGE, n].astype(np.int64)
+        i3 = self.t2i[captions, n // CAPTIONS_PER_IMAGE].astype(np.int64)
+        t4 = CAPTIONS_PER_IMAGE * i3 + n2
+        i4 = t3 // CAPTIONS_PER_IMAGE
+        return t3, i3, t4, i4
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Dataset whose item b is the whole batch b of one epoch (one memmap read per batch)."""
+
+    def __init__(self, features, captions, batches, seed, epoch, candidates=None, first_batch=0):
+        self.features, self.captions, self.candidates = features, captions, candidates
+        self.batches, self.seed, self.epoch, self.first_batch = batches, seed, epoch, first_batch
+
+    def __len__(self):
+        return len(self.batches) - self.first_batch
+
+    def _caption_batch(self, caption_ids):
+        return pad_captions([self.captions.with_boundaries(c) for c in caption_ids])
+
+    def __getitem__(self, position):
+        number = self.first_batch + position
+        items = self.batches[number]
+        ids, lengths = self._caption_batch(items)
+        batch = {"index": torch.from_numpy(items.astype(np.int64)),
+                 "images": torch.from_numpy(self.features.rows(items // CAPTIONS_PER_IMAGE)),
+                 "ids": ids, "lengths": lengths}
+        if self.candidates is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, number])
+            t3, i3, t4, i4 = self.candidates.sample(items, rng)
+            batch["neg_images"] = torch.from_numpy(self.features.rows(i3))      # I3
+            batch["neg_ids"], batch["neg_lengths"] = self._caption_batch(t3)   # T3
+            batch["pos2_images"] = torch.from_numpy(self.features.rows(i4))    # I4
+            batch["pos2_ids"], batch["pos2_lengths"] = self._caption_batch(t4)  # T4
+        return batch

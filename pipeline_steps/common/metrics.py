@@ -1,0 +1,218 @@
+"""Exact image-text retrieval ranks and recall metrics, computed block by block.
+
+Everything is driven by a *scorer*: a callable
+``score_block(img_start, img_stop, cap_start, cap_stop) -> Tensor (img_stop-img_start, cap_stop-cap_start)``
+giving similarities (higher = more similar) for a rectangle of the image x caption matrix, with
+indices inside the evaluated set. Embedding models and cross-attention models (which cannot
+produce one vector per item) are then evaluated by the same code.
+
+Conventions: ``n_img`` images and ``5 * n_img`` captions; caption ``c`` belongs to image ``c // 5``.
+The full ``n_img x 5 n_img`` matrix is never materialised: a block holds at most about
+``max_block_elems`` scores.
+"""
+import math
+
+import numpy as np
+import torch
+
+CAPS_PER_IMAGE = 5
+RECALL_KS = (1, 5, 10)
+DEFAULT_MAX_BLOCK_ELEMS = 2 ** 24  # 64 MiB of float32 scores per block
+
+
+def _to_float_tensor(x, device):
+    """numpy array or torch tensor -> detached float32 tensor on `device`."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    return t.to(device=device, dtype=torch.float32)
+
+
+def embedding_scorer(img_emb, cap_emb, device="cpu"):
+    """Scorer computing dot products between image and caption embeddings.
+
+    img_emb: (N_img, d), cap_emb: (N_cap, d), numpy arrays or torch tensors; both are kept whole
+    on `device` as float32 (eval sets are small: COCO 5K is 5,000 + 25,000 vectors).
+    Normalise the embeddings beforehand if cosine similarity is wanted.
+    Raises ValueError unless both are 2-D with the same d and N_cap == 5 * N_img.
+    """
+    img = _to_float_tensor(img_emb, device)  # (N_img, d)
+    cap = _to_float_tensor(cap_emb, device)  # (N_cap, d)
+    if img.ndim != 2 or cap.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shapes {tuple(img.shape)} and {tuple(cap.shape)}")
+    if img.shape[1] != cap.shape[1]:
+        raise ValueError(f"embedding dims differ: images d={img.shape[1]}, captions d={cap.shape[1]}")
+    if cap.shape[0] != CAPS_PER_IMAGE * img.shape[0]:
+        raise ValueError(f"expected {CAPS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
+                         f"for {img.shape[0]} images")
+
+    def score_block(img_start, img_stop, cap_start, cap_stop):
+        return img[img_start:img_stop] @ cap[cap_start:cap_stop].T  # (B_img, B_cap)
+
+    # Sizes travel with the scorer so retrieval_ranks can catch an n_img mismatch early.
+    score_block.n_img = img.shape[0]
+    return score_block
+
+
+def ensemble_scorer(scorers):
+    """Scorer returning the mean of the given scorers' blocks (an ensemble of K models).
+
+    Blocks are summed in float32 in the given order, then divided by K.
+    Raises ValueError for an empty list or members that declare different image counts.
+    """
+    scorers = list(scorers)
+    if not scorers:
+        raise ValueError("ensemble_scorer needs at least one scorer")
+    sizes = {getattr(s, "n_img", None) for s in scorers} - {None}
+    if len(sizes) > 1:
+        raise ValueError(f"ensemble members score different numbers of images: {sorted(sizes)}")
+
+    def score_block(img_start, img_stop, cap_start, cap_stop):
+        total = None
+        for s in scorers:
+            block = s(img_start, img_stop, cap_start, cap_stop).to(torch.float32)  # (B_img, B_cap)
+            total = block if total is None else total + block
+        return total / len(scorers)
+
+    score_block.n_img = sizes.pop() if sizes else None
+    return score_block
+
+
+def _offset_scorer(score_block, img_offset, n_img):
+    """Scorer restricted to images [img_offset, img_offset+n_img) and their captions."""
+    cap_offset = CAPS_PER_IMAGE * img_offset
+
+    def fold_block(img_start, img_stop, cap_start, cap_stop):
+        return score_block(img_offset + img_start, img_offset + img_stop,
+                           cap_offset + cap_start, cap_offset + cap_stop)
+
+    fold_block.n_img = n_img
+    return fold_block
+
+
+def _checked_block(score_block, i0, i1, c0, c1):
+    block = score_block(i0, i1, c0, c1)
+    if not isinstance(block, torch.Tensor):
+        block = torch.as_tensor(np.asarray(block))
+    if tuple(block.shape) != (i1 - i0, c1 - c0):
+        raise ValueError(f"scorer returned shape {tuple(block.shape)} for images [{i0},{i1}) x "
+                         f"captions [{c0},{c1}); expected {(i1 - i0, c1 - c0)}")
+    # NaN compares False with everything and would silently give rank 0.
+    if torch.isnan(block).any():
+        raise ValueError(f"scorer returned NaN in images [{i0},{i1}) x captions [{c0},{c1})")
+    return block
+
+
+def _queries_per_block(n_other, block_size, max_block_elems):
+    """Queries per block: at most `block_size` (if given) and at most max_block_elems / n_other."""
+    by_memory = max(1, max_block_elems // n_other)
+    return by_memory if block_size is None else max(1, min(int(block_size), by_memory))
+
+
+def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
+    """Exact 0-based retrieval ranks for `n_img` images and their 5 * n_img captions.
+
+    i2t rank of image q: number of captions scoring strictly higher than the best of q's 5
+    captions (= best position of any ground-truth caption in the sorted caption list).
+    t2i rank of caption c: number of images scoring strictly higher than image c // 5.
+    Ties are therefore resolved in favour of the ground truth.
+
+    i2t is computed from row blocks (images [a,b) x all captions), t2i from column blocks
+    (all images x captions [a,b)). `block_size` caps the number of queries per block; blocks also
+    hold at most about `max_block_elems` scores. Returns numpy int64 arrays
+    (i2t_ranks (n_img,), t2i_ranks (5 * n_img,)).
+    """
+    n_img = int(n_img)
+    if n_img < 1:
+        raise ValueError(f"n_img must be positive, got {n_img}")
+    declared = getattr(score_block, "n_img", None)
+    if declared is not None and declared != n_img:
+        raise ValueError(f"scorer holds {declared} images but n_img={n_img}")
+    n_cap = CAPS_PER_IMAGE * n_img
+    gt_offsets = torch.arange(CAPS_PER_IMAGE)
+
+    i2t = np.empty(n_img, dtype=np.int64)
+    rows = _queries_per_block(n_cap, block_size, max_block_elems)
+    with torch.no_grad():
+        for a in range(0, n_img, rows):
+            b = min(a + rows, n_img)
+            s = _checked_block(score_block, a, b, 0, n_cap)  # (B, N_cap)
+            q = torch.arange(a, b, device=s.device)
+            gt_cols = CAPS_PER_IMAGE * q[:, None] + gt_offsets.to(s.device)  # (B, 5)
+            # Positives are read from this very block, so they are compared with themselves exactly.
+            best_gt = s.gather(1, gt_cols).max(dim=1, keepdim=True).values  # (B, 1)
+            i2t[a:b] = (s > best_gt).sum(dim=1).cpu().numpy()
+
+        t2i = np.empty(n_cap, dtype=np.int64)
+        cols = _queries_per_block(n_img, block_size, max_block_elems)
+        for a in range(0, n_cap, cols):
+            b = min(a + cols, n_cap)
+            s = _checked_block(score_block, 0, n_img, a, b)  # (N_img, B)
+            gt_rows = (torch.arange(a, b, device=s.device) // CAPS_PER_IMAGE)[None, :]  # (1, B)
+            pos = s.gather(0, gt_rows)  # (1, B)
+            t2i[a:b] = (s > pos).sum(dim=0).cpu().numpy()
+    return i2t, t2i
+
+
+def _rank_summary(ranks, prefix):
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 1 or ranks.size == 0:
+        raise ValueError(f"{prefix} ranks must be a non-empty 1-D array, got shape {ranks.shape}")
+    out = {f"{prefix}_r{k}": float(100.0 * np.mean(ranks < k)) for k in RECALL_KS}
+    out[f"{prefix}_medr"] = float(math.floor(np.median(ranks)) + 1)
+    out[f"{prefix}_meanr"] = float(np.mean(ranks) + 1)
+    return out
+
+
+def recall_metrics(i2t_ranks, t2i_ranks):
+    """Recall metrics from 0-based ranks.
+
+    R@K = 100 * fraction of ranks < K (K = 1, 5, 10); medr = floor(median) + 1 (numpy median,
+    i.e. mean of the two middle values for an even count); meanr = mean + 1; rsum = sum of
+    the six R@K. Returns a dict of python floats with keys i2t_r1, i2t_r5, i2t_r10, i2t_medr,
+    i2t_meanr, the same for t2i, and rsum.
+    """
+    out = _rank_summary(i2t_ranks, "i2t")
+    out.update(_rank_summary(t2i_ranks, "t2i"))
+    out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
+    return out
+
+
+def evaluate(score_block, n_img, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
+    """Retrieval metrics of a scorer under an evaluation protocol.
+
+    'full': all n_img images against all 5 * n_img captions -> recall_metrics dict.
+    '5fold' (COCO 1K): n_img must be divisible by 5; fold f holds images
+    [f n/5, (f+1) n/5) and their captions, scored only against each other. Each metric is the
+    arithmetic mean over the 5 folds, rsum is the sum of the six mean recalls, and 'folds' holds
+    the 5 per-fold dicts.
+    """
+    n_img = int(n_img)
+    if n_img < 1:
+        raise ValueError(f"n_img must be positive, got {n_img}")
+    if protocol == "full":
+        return recall_metrics(*retrieval_ranks(score_block, n_img, block_size, max_block_elems))
+    if protocol != "5fold":
+        raise ValueError(f"unknown protocol {protocol!r}: expected 'full' or '5fold'")
+    n_folds = 5
+    if n_img % n_folds:
+        raise ValueError(f"protocol '5fold' needs n_img divisible by {n_folds}, got {n_img}")
+    declared = getattr(score_block, "n_img", None)
+    if declared is not None and declared != n_img:
+        raise ValueError(f"scorer holds {declared} images but n_img={n_img}")
+    fold_size = n_img // n_folds
+    folds = []
+    for f in range(n_folds):
+        fold_scorer = _offset_scorer(score_block, f * fold_size, fold_size)
+        ranks = retrieval_ranks(fold_scorer, fold_size, block_size, max_block_elems)
+        folds.append(recall_metrics(*ranks))
+    out = {key: float(np.mean([fold[key] for fold in folds])) for key in folds[0] if key != "rsum"}
+    out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
+    out["folds"] = folds
+    return out
+
+
+def val_score4(metrics):
+    """Model-selection score of the reference code: i2t R@1 + R@5 + t2i R@1 + R@5 (no R@10)."""
+    return float(metrics["i2t_r1"] + metrics["i2t_r5"] + metrics["t2i_r1"] + metrics["t2i_r5"])

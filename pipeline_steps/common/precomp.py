@@ -1,0 +1,118 @@
+"""SCAN precomp folders: validation and memory-mapped access to region features.
+
+A split is `{split}_ims.npy` float32 (rows, 36, D) plus `{split}_caps.txt` (5 captions per image).
+Two image-row layouts exist (spec §1.1): one row per image, or one row per caption (Flickr30K
+dev). Both are presented as one row per image without copying: image k reads row k * rows_per_image.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CAPTIONS_PER_IMAGE = 5
+REGIONS = 36
+# The reference uses only the first 5,000 dev captions (1,000 images) for validation.
+DEV_CAPTION_LIMIT = 5000
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    split: str
+    n_images: int           # images used (after the dev limit)
+    n_captions: int         # captions used = 5 * n_images
+    rows_per_image: int     # 1 (one row per image) or 5 (one row per caption)
+    img_dim: int
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def count_lines(path):
+    with open(path, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def open_features(path):
+    """Open `{split}_ims.npy` memory-mapped (never read whole); errors name the file."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file is missing") from None
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8):
+    """Check one split and return its SplitInfo; raise DataError naming the file on problems."""
+    folder = Path(folder)
+    ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
+    if not caps_path.exists():
+        raise DataError(f"{caps_path}: file is missing")
+    features = open_features(ims_path)
+    if features.ndim != 3 or features.shape[1] != REGIONS:
+        raise DataError(f"{ims_path}: expected shape (rows, {REGIONS}, D), found {features.shape}")
+    if features.dtype != np.float32:
+        raise DataError(f"{ims_path}: expected float32 features, found {features.dtype}")
+    if features.shape[2] != img_dim:
+        raise DataError(f"{ims_path}: feature width is {features.shape[2]}, config says img_dim={img_dim}")
+    n_caps = count_lines(caps_path)
+    if n_caps == 0 or n_caps % CAPTIONS_PER_IMAGE:
+        raise DataError(f"{caps_path}: {n_caps} caption lines, expected a positive multiple of "
+                        f"{CAPTIONS_PER_IMAGE} (5 consecutive captions per image)")
+    rows = features.shape[0]
+    if rows == n_caps:
+        rows_per_image = CAPTIONS_PER_IMAGE
+        _check_repeated_rows(features, ims_path, check_duplicates)
+    elif rows * CAPTIONS_PER_IMAGE == n_caps:
+        rows_per_image = 1
+    else:
+        raise DataError(f"{ims_path}: {rows} image rows do not match {n_caps} captions in "
+                        f"{caps_path.name} (expected {n_caps // CAPTIONS_PER_IMAGE} or {n_caps} rows)")
+    if split == "dev" and dev_limit:
+        n_caps = min(n_caps, DEV_CAPTION_LIMIT)
+    return SplitInfo(split, n_caps // CAPTIONS_PER_IMAGE, n_caps, rows_per_image, img_dim)
+
+
+def _check_repeated_rows(features, path, samples):
+    """In the one-row-per-caption layout, the 5 rows of an image must be identical."""
+    n_images = features.shape[0] // CAPTIONS_PER_IMAGE
+    for k in np.linspace(0, n_images - 1, num=min(samples, n_images)).astype(int):
+        block = np.asarray(features[k * CAPTIONS_PER_IMAGE:(k + 1) * CAPTIONS_PER_IMAGE])
+        if not (block == block[0]).all():
+            raise DataError(f"{path}: one row per caption, but the 5 rows of image {k} differ")
+
+
+class ImageFeatures:
+    """One row per image over a memory-mapped split, whatever its row layout."""
+
+    def __init__(self, folder, info):
+        self.path = Path(folder) / f"{info.split}_ims.npy"
+        self.rows_per_image = info.rows_per_image
+        self.n_images = info.n_images
+        self._array = None  # opened lazily, so DataLoader workers each map the file themselves
+
+    @property
+    def array(self):
+        if self._array is None:
+            self._array = open_features(self.path)
+        return self._array
+
+    def __len__(self):
+        return self.n_images
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    def rows(self, image_ids):
+        """Features of the given images as one float32 array (len, 36, D); reads only those rows."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        order = np.argsort(image_ids, kind="stable")  # sorted reads are kinder to the page cache
+        out = np.empty((len(image_ids),) + self.array.shape[1:], dtype=np.float32)
+        out[order] = self.array[image_ids[order] * self.rows_per_image]
+        return out

@@ -1,0 +1,76 @@
+"""Evaluate one model or an ensemble on a test split: R@1/5/10, medr, meanr both ways, rsum.
+
+Input:  one or more checkpoints (several = an ensemble scored with the mean of their similarity
+        matrices), the precomp and prepared folders.
+Output: a flat metrics JSON (spec README): i2t_r1 ... t2i_meanr, rsum, plus `protocol`, `split`,
+        `models` and, for 5-fold, `folds` (the per-fold rows).
+Protocols: `full` = every image against every caption of the split (Flickr30K 1K on `test`,
+COCO 5K on `testall`); `5fold` = COCO 1K: 5 folds of consecutive images of `testall`, each metric
+averaged over folds, rsum = sum of the six mean recalls.
+
+Example:
+    python -m pipeline_steps.evaluate --checkpoints a/model_best.pt b/model_best.pt \
+        --data results/demo_data/demo_precomp --prepared results/prepared/demo_precomp \
+        --split testall --protocol 5fold --out results/eval/x/coco1k.json
+"""
+import argparse
+import json
+import logging
+import sys
+
+from pipeline_steps.common.atomic import write_text_atomic
+from pipeline_steps.common.checkpoint import load_checkpoint, pick_device
+from pipeline_steps.common.encode import encode_split
+from pipeline_steps.common.metrics import embedding_scorer, ensemble_scorer, evaluate
+from pipeline_steps.common.splits import open_split
+
+log = logging.getLogger("evaluate")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoints", nargs="+", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--protocol", choices=["full", "5fold"], required=True)
+    p.add_argument("--name", default=None, help="evaluation name for the report (e.g. coco_1k)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    features, captions, info = open_split(args.data, args.prepared, args.split)
+    scorers, models = [], []
+    for path in args.checkpoints:
+        model, checkpoint = load_checkpoint(path, device)
+        images, caps = encode_split(model, features, captions, info.n_captions, args.batch_size, device)
+        scorers.append(embedding_scorer(images, caps, device=device))
+        variant = json.loads(checkpoint.get("loss_config", "{}")).get("variant", "baseline")
+        models.append({"checkpoint": str(path), "model": model.name, "variant": variant,
+                       "seed": checkpoint.get("seed"), "epoch": checkpoint.get("epoch")})
+    scorer = scorers[0] if len(scorers) == 1 else ensemble_scorer(scorers)
+    try:
+        metrics = evaluate(scorer, info.n_images, args.protocol)
+    except ValueError as err:
+        raise SystemExit(f"error: split {args.split}: {err}") from None
+    result = {**metrics, "evaluation": args.name or f"{args.split}_{args.protocol}",
+              "protocol": args.protocol, "split": args.split, "models": models}
+    write_text_atomic(args.out, json.dumps(result, indent=2))
+    log.info("EVAL split=%s protocol=%s models=%d %s", args.split, args.protocol, len(models),
+             " ".join(f"{k}={metrics[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
+                                                        "t2i_r5", "t2i_r10", "rsum")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

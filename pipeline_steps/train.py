@@ -1,0 +1,263 @@
+"""Train a matching model with the baseline (online triplet) loss or an AOQ variant.
+
+Inputs:  the precomp folder (features), the prepared folder (ids, manifest), for AOQ variants the
+         offline candidate files i2t / t2i.
+Outputs: `--out-best` (best dev checkpoint by i2t R@1+R@5 + t2i R@1+R@5), `--out-last`, and
+         `--out-log` (one CSV row per validation). Each validation also logs one line starting
+         with `VAL `. Resume state lives in `--resume-dir`, outside the declared outputs (Snakemake
+         deletes those when a job fails): a rerun after a kill continues from the last validation.
+
+Example:
+    python -m pipeline_steps.train --data results/demo_data/demo_precomp \
+        --prepared results/prepared/demo_precomp --model vsepp \
+        --model-config '{"embed_size": 256}' --train-config '{"epochs": 2}' \
+        --loss-config '{"variant": "baseline"}' --seed 0 --out-best best.pt --out-last last.pt \
+        --out-log val.csv --resume-dir /tmp/resume
+"""
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import create_model
+from models.losses import LossConfig, OfflineScores, retrieval_loss
+from pipeline_steps.common.atomic import atomic_path, write_text_atomic
+from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
+from pipeline_steps.common.checkpoint import pick_device, save_checkpoint
+from pipeline_steps.common.encode import encode_split
+from pipeline_steps.common.metrics import embedding_scorer, evaluate, val_score4
+from pipeline_steps.common.splits import open_split, read_manifest
+
+log = logging.getLogger("train")
+METRIC_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 2e-4
+    lr_update: int = 15          # lr x0.1 every lr_update epochs
+    grad_clip: float = 2.0       # total-norm clip; <= 0 disables
+    val_step: int = 500          # also validate every val_step iterations
+    offline_size: int = 300      # offline negatives drawn from the top offline_size candidates
+    eval_batch_size: int = 256
+    workers: int = 0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-config", default="{}", help="JSON: model config fields")
+    p.add_argument("--train-config", default="{}", help="JSON: TrainConfig fields")
+    p.add_argument("--loss-config", default="{}", help="JSON: LossConfig fields")
+    p.add_argument("--candidates-i2t")
+    p.add_argument("--candidates-t2i")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--out-best", required=True)
+    p.add_argument("--out-last", required=True)
+    p.add_argument("--out-log", required=True)
+    p.add_argument("--resume-dir", required=True)
+    return p.parse_args(argv)
+
+
+def _json_config(text, cls, what):
+    try:
+        return cls(**json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        known = ", ".join(f.name for f in fields(cls)) if hasattr(cls, "__dataclass_fields__") else ""
+        raise SystemExit(f"error: bad {what}: {err} (known fields: {known})") from None
+
+
+def fingerprint(args):
+    """What makes two runs the same run; resume state from a different run is not reused."""
+    keys = ["data", "prepared", "model", "model_config", "train_config", "loss_config",
+            "candidates_i2t", "candidates_t2i", "seed"]
+    text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lr_at_epoch(cfg, epoch):
+    return cfg.learning_rate * 0.1 ** (epoch // cfg.lr_update)
+
+
+def training_loss(model, batch, loss_cfg, device):
+    """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order."""
+    img = model.encode_images(batch["images"].to(device))                       # (B, d)
+    cap = model.encode_captions(batch["ids"].to(device), batch["lengths"])       # (B, d)
+    offline = None
+    if loss_cfg.needs_offline:
+        img3 = model.encode_images(batch["neg_images"].to(device))
+        cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
+        img4 = model.encode_images(batch["pos2_images"].to(device))
+        cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
+        offline = OfflineScores(off_t=model.score_paired(img, cap3), off_i=model.score_paired(img3, cap),
+                                quin_a=model.score_paired(img3, cap3), quin_b=model.score_paired(img4, cap4))
+    loss, terms = retrieval_loss(model.score_all(img, cap), offline, loss_cfg)
+    aux = model.auxiliary_loss(batch["images"], batch)
+    if aux is not None:
+        loss = loss + aux
+        terms["auxiliary"] = aux.detach()
+    return loss, terms
+
+
+def validate(model, dev, cfg, device):
+    features, captions, info = dev
+    imgs, caps = encode_split(model, features, captions, info.n_captions, cfg.eval_batch_size, device)
+    metrics = evaluate(embedding_scorer(imgs, caps, device=device), len(imgs), "full")
+    model.train()
+    return metrics
+
+
+class Run:
+    """Training state that a resume restores: weights, optimiser, position, best score, history."""
+
+    def __init__(self, args, model, optimizer, resume_dir):
+        self.args, self.model, self.optimizer = args, model, optimizer
+        self.dir = Path(resume_dir)
+        self.epoch, self.next_batch, self.iteration = 0, 0, 0
+        self.best_score, self.history = float("-inf"), []
+        self.fingerprint = fingerprint(args)
+
+    def try_resume(self):
+        state_path = self.dir / "state.pt"
+        if not state_path.exists():
+            return False
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("resume state in %s belongs to another configuration; starting over", self.dir)
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.next_batch = state["epoch"], state["next_batch"]
+        self.iteration, self.best_score = state["iteration"], state["best_score"]
+        self.history = state["history"]
+        log.info("resuming at epoch %d batch %d (iteration %d)", self.epoch, self.next_batch, self.iteration)
+        return True
+
+    def save_state(self):
+        with atomic_path(self.dir / "state.pt") as tmp:
+            torch.save({"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "epoch": self.epoch, "next_batch": self.next_batch, "iteration": self.iteration,
+                        "best_score": self.best_score, "history": self.history}, tmp)
+
+    def checkpoint(self, path, metrics):
+        save_checkpoint(path, self.model, epoch=self.epoch, iteration=self.iteration,
+                        val_score4=val_score4(metrics), metrics=metrics, seed=self.args.seed,
+                        train_config=self.args.train_config, loss_config=self.args.loss_config)
+
+
+def run_validation(run, dev, cfg, device, train_loss, lr, label):
+    metrics = validate(run.model, dev, cfg, device)
+    score = val_score4(metrics)
+    is_best = score > run.best_score  # strictly greater, as the reference
+    if is_best:
+        run.best_score = score
+        run.checkpoint(run.dir / "best.pt", metrics)
+    row = {"epoch": run.epoch, "iteration": run.iteration, "lr": lr, "train_loss": train_loss,
+           **{k: round(metrics[k], 4) for k in METRIC_KEYS}, "val_score4": round(score, 4),
+           "best": int(is_best)}
+    run.history.append(row)
+    log.info("VAL %s epoch=%d iter=%d lr=%.3g train_loss=%.4f %s val_score4=%.2f best=%d", label,
+             run.epoch, run.iteration, lr, train_loss,
+             " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_KEYS), score, int(is_best))
+
+
+def history_csv(history):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = _json_config(args.train_config, TrainConfig, "--train-config")
+    loss_cfg = _json_config(args.loss_config, LossConfig, "--loss-config")
+    if loss_cfg.needs_offline and not (args.candidates_i2t and args.candidates_t2i):
+        raise SystemExit(f"error: loss variant {loss_cfg.variant!r} needs --candidates-i2t and --candidates-t2i")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    features, captions, info = open_split(args.data, args.prepared, "train")
+    dev = open_split(args.data, args.prepared, "dev")
+    vocab_size = read_manifest(args.prepared)["vocab_size"]
+    model_cfg = json.loads(args.model_config) | {"vocab_size": vocab_size, "img_dim": info.img_dim}
+    model = create_model(args.model, **model_cfg).to(device)
+    candidates = None
+    if loss_cfg.needs_offline:
+        candidates = OfflineCandidates(args.candidates_i2t, args.candidates_t2i, info.n_images,
+                                       cfg.offline_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    run = Run(args, model, optimizer, args.resume_dir)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    run.try_resume()
+    label = f"model={args.model} variant={loss_cfg.variant} seed={args.seed}"
+
+    model.train()
+    while run.epoch < cfg.epochs:
+        lr = lr_at_epoch(cfg, run.epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = epoch_batches(info.n_captions, cfg.batch_size, args.seed, run.epoch)
+        dataset = TrainBatches(features, captions, batches, args.seed, run.epoch, candidates,
+                               first_batch=run.next_batch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
+                   mininterval=5, file=sys.stderr)
+        for batch in bar:
+            loss, _ = training_loss(model, batch, loss_cfg, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            run.iteration += 1
+            run.next_batch += 1
+            if run.iteration % cfg.val_step == 0 and run.next_batch < len(batches):
+                run_validation(run, dev, cfg, device, float(np.mean(losses)), lr, label)
+                losses = []
+                run.save_state()
+        bar.close()
+        run.epoch, run.next_batch = run.epoch + 1, 0
+        # The end-of-epoch validation belongs to the finished epoch.
+        run.epoch -= 1
+        run_validation(run, dev, cfg, device, float(np.mean(losses)) if losses else float("nan"), lr, label)
+        run.epoch += 1
+        run.save_state()
+
+    last_metrics = run.history[-1]
+    run.checkpoint(args.out_last, {k: last_metrics[k] for k in METRIC_KEYS})
+    with atomic_path(args.out_best) as tmp:
+        shutil.copyfile(run.dir / "best.pt", tmp)
+    write_text_atomic(args.out_log, history_csv(run.history))
+    shutil.rmtree(run.dir)  # finished: a forced rerun starts from scratch
+    log.info("done: best val_score4=%.2f", run.best_score)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Tests for pipeline_steps.make_demo_data (synthetic SCAN-precomp data set)."""
+import collections
+import json
+import re
+
+import numpy as np
+import pytest
+
+from pipeline_steps.make_demo_data import main
+
+SPLITS = ("train", "dev", "test", "testall")
+SMALL = ["--n-train", "150", "--n-dev", "20", "--n-test", "12", "--n-testall-per-fold", "3",
+         "--img-dim", "16"]
+IMAGES = {"train": 150, "dev": 20, "test": 12, "testall": 15}
+
+
+def _generate(out, *extra, seed=0):
+    main(["--out", str(out), "--seed", str(seed), *SMALL, *extra])
+    return out
+
+
+def _caps(out, split):
+    return (out / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
+
+
+def _words(caption):
+    return re.findall(r"[a-z]+", caption.lower())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _generate(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def meta(data):
+    return json.loads((data / "demo_meta.json").read_text(encoding="utf-8"))
+
+
+def test_files_shapes_and_dtypes(data, meta):
+    expected = {f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt")}
+    assert {p.name for p in data.iterdir()} == expected | {"demo_meta.json"}
+    for split in SPLITS:
+        ims = np.load(data / f"{split}_ims.npy")
+        assert ims.shape == (IMAGES[split], 36, 16) and ims.dtype == np.float32
+        assert ims.min() >= 0 and ims.max() > 0  # ReLU-like, not all zero
+        assert len(_caps(data, split)) == 5 * IMAGES[split]
+        assert meta["splits"][split]["images"] == IMAGES[split]
+        assert len(meta["splits"][split]["scenes"]) == IMAGES[split]
+    assert meta["sizes"]["testall"] == 5 * 3 and meta["seed"] == 0 and meta["img_dim"] == 16
+
+
+def test_dev_rows_per_caption(data, tmp_path):
+    out = _generate(tmp_path, "--dev-rows-per-caption")
+    dev = np.load(out / "dev_ims.npy")
+    assert dev.shape[0] == len(_caps(out, "dev")) == 5 * IMAGES["dev"]
+    groups = dev.reshape(IMAGES["dev"], 5, 36, 16)
+    assert (groups == groups[:, :1]).all()
+    # The repeated rows are exactly the per-image rows, and other splits are untouched.
+    assert np.array_equal(groups[:, 0], np.load(data / "dev_ims.npy"))
+    assert (out / "test_ims.npy").read_bytes() == (data / "test_ims.npy").read_bytes()
+    assert json.loads((out / "demo_meta.json").read_text())["splits"]["dev"]["rows"] == dev.shape[0]
+
+
+def test_deterministic_in_seed(data, tmp_path):
+    same = _generate(tmp_path / "same")
+    other = _generate(tmp_path / "other", seed=1)
+    for path in data.iterdir():
+        assert (same / path.name).read_bytes() == path.read_bytes(), path.name
+    for name in ("train_ims.npy", "train_caps.txt", "testall_ims.npy"):
+        assert (other / name).read_bytes() != (data / name).read_bytes(), name
+
+
+def test_caption_lengths_and_rare_words(data):
+    caps = _caps(data, "train") + _caps(data, "dev")
+    lengths = np.array([len(c.split()) for c in caps])
+    assert ((lengths >= 8) & (lengths <= 15)).mean() > 0.95
+    assert len(set(caps)) > 0.8 * len(caps)  # five varied captions, not one repeated
+    counts = collections.Counter(w for c in caps for w in _words(c))
+    rare = [w for w, n in counts.items() if n <= 3]
+    common = [w for w, n in counts.items() if n >= 4]
+    assert len(rare) >= 3 and len(common) >= 30  # a count >= 4 vocabulary threshold matters
+
+
+def test_captions_mention_only_their_scene_objects(data, meta):
+    word_to_class = {w: cls for cls, words in meta["lexicon"]["objects"].items() for w in words}
+    for split in ("train", "test"):
+        caps = _caps(data, split)
+        for k, scene in enumerate(meta["splits"][split]["scenes"]):
+            own = {obj[0] for obj in scene["objects"]}
+            for cap in caps[5 * k:5 * k + 5]:
+                mentioned = {word_to_class[w] for w in _words(cap) if w in word_to_class}
+                assert mentioned and mentioned <= own, (cap, own)
+
+
+def test_near_duplicate_families_are_close_in_feature_space(data, meta):
+    info = meta["splits"]["train"]
+    family = np.array(info["family"])
+    sizes = collections.Counter(family.tolist())
+    assert max(sizes.values()) >= 2 and 1 < len(sizes) < len(family)
+    # Relatives sit at scattered positions, not in consecutive blocks.
+    assert (family[1:] == family[:-1]).mean() < 0.3
+    pooled = np.load(data / "train_ims.npy").mean(axis=1)
+    dist = np.linalg.norm(pooled[:, None] - pooled[None], axis=-1)
+    same = (family[:, None] == family[None]) & ~np.eye(len(family), dtype=bool)
+    different = family[:, None] != family[None]
+    assert dist[same].mean() < 0.8 * dist[different].mean()
+
+
+def test_variants_differ_from_base_in_one_thing(meta):
+    info = meta["splits"]["train"]
+    bases = {f: s for f, s, c in zip(info["family"], info["scenes"], info["change"]) if c == "base"}
+    checked = 0
+    for fam, scene, change in zip(info["family"], info["scenes"], info["change"]):
+        if change == "base" or fam not in bases:
+            continue
+        base = bases[fam]
+        objs = sum(a != b for o, p in zip(scene["objects"], base["objects"]) for a, b in zip(o, p))
+        rels = sum(r != q for r, q in zip(scene["relations"], base["relations"]))
+        assert scene["setting"] == base["setting"] and objs + rels == 1, change
+        checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("bad", [
+    ["--n-train", "0"], ["--n-dev", "-3"], ["--n-test", "many"], ["--img-dim", "4"],
+    ["--n-testall-per-fold", "0"], ["--seed", "-1"],
+])
+def test_bad_arguments_exit_cleanly(tmp_path, bad, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(out), *bad])
+    assert exc.value.code == 2 and "error" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_is_required():
+    with pytest.raises(SystemExit):
+        main(["--seed", "0"])

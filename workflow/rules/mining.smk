@@ -1,0 +1,38 @@
+rule extract_embeddings:
+    input:
+        checkpoint=checkpoint_path("{model}", "baseline", "{seed}"),
+        manifest=f"{PREPARED}/manifest.json",
+    output:
+        f"{R}/embeddings/{{model}}/seed{{seed}}/train.h5",
+    params:
+        device=config["run"].get("device", "auto"),
+    threads: 4
+    log:
+        f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.log",
+    shell:
+        "python -m pipeline_steps.extract_embeddings --checkpoint {input.checkpoint} --data {DATA}"
+        " --prepared {PREPARED} --split train --out {output} --device {params.device}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule mine_candidates:
+    input:
+        f"{R}/embeddings/{{model}}/seed{{seed}}/train.h5",
+    output:
+        i2t=f"{R}/candidates/{{model}}/seed{{seed}}/i2t_{DS_PREFIX}.npy",
+        t2i=f"{R}/candidates/{{model}}/seed{{seed}}/t2i_{DS_PREFIX}.npy",
+    params:
+        k_i2t=config["mining"]["k_i2t"],
+        k_t2i=config["mining"]["k_t2i"],
+        dtype=config["mining"].get("dtype", "float32"),
+        block_mb=config["mining"].get("block_mb", 512),
+        device=config["run"].get("device", "auto"),
+    threads: 4
+    log:
+        f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.log",
+    benchmark:
+        f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.benchmark.tsv"
+    shell:
+        "python -m pipeline_steps.mine_candidates --embeddings {input} --out-i2t {output.i2t}"
+        " --out-t2i {output.t2i} --k-i2t {params.k_i2t} --k-t2i {params.k_t2i} --dtype {params.dtype}"
+        " --block-mb {params.block_mb} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,39 @@
+def train_inputs(wildcards):
+    inputs = {"manifest": f"{PREPARED}/manifest.json"}
+    if wildcards.variant != "baseline":
+        inputs.update(miner_candidates())
+    return inputs
+
+
+def candidate_flags(wildcards, input):
+    if wildcards.variant == "baseline":
+        return ""
+    return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}"
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        best=f"{train_dir()}/model_best.pt",
+        last=f"{train_dir()}/model_last.pt",
+        val_log=f"{train_dir()}/val_log.csv",
+    params:
+        model_config=lambda w: as_json(config["models"][w.model]),
+        train_config=lambda w: as_json(train_section(w.variant)),
+        loss_config=lambda w: as_json(loss_section(w.variant)),
+        candidates=candidate_flags,
+        device=config["run"].get("device", "auto"),
+        # Resume state survives a failed job because it is not a declared output.
+        resume=lambda w: f"results/.resume/{DATASET}/{w.model}/{w.variant}/seed{w.seed}",
+    threads: 4
+    log:
+        f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.log",
+    benchmark:
+        f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
+    shell:
+        "python -m pipeline_steps.train --data {DATA} --prepared {PREPARED} --model {wildcards.model}"
+        " --model-config {params.model_config:q} --train-config {params.train_config:q}"
+        " --loss-config {params.loss_config:q} {params.candidates} --seed {wildcards.seed}"
+        " --device {params.device} --threads {threads} --resume-dir {params.resume}"
+        " --out-best {output.best} --out-last {output.last} --out-log {output.val_log} > {log} 2>&1"
