@@ -2,8 +2,9 @@
 
 Input:  one or more checkpoints (several = an ensemble scored with the mean of their similarity
         matrices), the precomp and prepared folders.
-Output: a flat metrics JSON (spec README): i2t_r1 ... t2i_meanr, rsum, plus `protocol`, `split`,
-        `models` and, for 5-fold, `folds` (the per-fold rows).
+Output: per evaluation, a flat metrics JSON (spec README): i2t_r1 ... t2i_meanr, rsum, plus
+        `evaluation`, `protocol`, `split`, `models` and, for 5-fold, `folds` (the per-fold rows).
+        Several evaluations in one call share the encoding of their split.
 Protocols: `full` = every image against every caption of the split (Flickr30K 1K on `test`,
 COCO 5K on `testall`); `5fold` = COCO 1K: 5 folds of consecutive images of `testall`, each metric
 averaged over folds, rsum = sum of the six mean recalls.
@@ -11,7 +12,8 @@ averaged over folds, rsum = sum of the six mean recalls.
 Example:
     python -m pipeline_steps.evaluate --checkpoints a/model_best.pt b/model_best.pt \
         --data results/demo_data/demo_precomp --prepared results/prepared/demo_precomp \
-        --split testall --protocol 5fold --out results/eval/x/coco1k.json
+        --evaluation coco_1k testall 5fold results/eval/x/coco_1k.json \
+        --evaluation coco_5k testall full results/eval/x/coco_5k.json
 """
 import argparse
 import json
@@ -32,43 +34,54 @@ def parse_args(argv):
     p.add_argument("--checkpoints", nargs="+", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--prepared", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--protocol", choices=["full", "5fold"], required=True)
-    p.add_argument("--name", default=None, help="evaluation name for the report (e.g. coco_1k)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--evaluation", nargs=4, action="append", required=True,
+                   metavar=("NAME", "SPLIT", "PROTOCOL", "OUT"),
+                   help="one evaluation: its name, split, protocol (full | 5fold) and output JSON")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.threads > 0:
-        import torch
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    features, captions, info = open_split(args.data, args.prepared, args.split)
+def score_split(checkpoints, data, prepared, split, batch_size, device):
+    """Encode `split` with every model; return (ensemble scorer, n_images, model descriptions)."""
+    features, captions, info = open_split(data, prepared, split)
     scorers, models = [], []
-    for path in args.checkpoints:
+    for path in checkpoints:
         model, checkpoint = load_checkpoint(path, device)
-        images, caps = encode_split(model, features, captions, info.n_captions, args.batch_size, device)
+        images, caps = encode_split(model, features, captions, info.n_captions, batch_size, device)
         scorers.append(embedding_scorer(images, caps, device=device))
         variant = json.loads(checkpoint.get("loss_config", "{}")).get("variant", "baseline")
         models.append({"checkpoint": str(path), "model": model.name, "variant": variant,
                        "seed": checkpoint.get("seed"), "epoch": checkpoint.get("epoch")})
     scorer = scorers[0] if len(scorers) == 1 else ensemble_scorer(scorers)
-    try:
-        metrics = evaluate(scorer, info.n_images, args.protocol)
-    except ValueError as err:
-        raise SystemExit(f"error: split {args.split}: {err}") from None
-    result = {**metrics, "evaluation": args.name or f"{args.split}_{args.protocol}",
-              "protocol": args.protocol, "split": args.split, "models": models}
-    write_text_atomic(args.out, json.dumps(result, indent=2))
-    log.info("EVAL split=%s protocol=%s models=%d %s", args.split, args.protocol, len(models),
-             " ".join(f"{k}={metrics[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
-                                                        "t2i_r5", "t2i_r10", "rsum")))
+    return scorer, info.n_images, models
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name, split, protocol, _ in args.evaluation:
+        if protocol not in ("full", "5fold"):
+            raise SystemExit(f"error: evaluation {name}: protocol must be full or 5fold, not {protocol!r}")
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    for split in dict.fromkeys(e[1] for e in args.evaluation):
+        scorer, n_images, models = score_split(args.checkpoints, args.data, args.prepared, split,
+                                               args.batch_size, device)
+        for name, _, protocol, out in (e for e in args.evaluation if e[1] == split):
+            try:
+                metrics = evaluate(scorer, n_images, protocol)
+            except ValueError as err:
+                raise SystemExit(f"error: evaluation {name} on split {split}: {err}") from None
+            result = {**metrics, "evaluation": name, "protocol": protocol, "split": split,
+                      "models": models}
+            write_text_atomic(out, json.dumps(result, indent=2))
+            log.info("EVAL %s split=%s protocol=%s models=%d %s", name, split, protocol, len(models),
+                     " ".join(f"{k}={metrics[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
+                                                                "t2i_r5", "t2i_r10", "rsum")))
     return 0
 
 

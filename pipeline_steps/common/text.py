@@ -51,9 +51,16 @@ def make_tokenizer(kind="auto"):
 
 
 def read_caption_lines(path):
-    """Caption lines of a `{split}_caps.txt` as raw bytes (no decoding yet, see module doc)."""
+    """Caption lines of a `{split}_caps.txt` as raw bytes (no decoding yet, see module doc).
+
+    Lines end at b"\n" only, as the reference's line iteration and the validator's count: a
+    stray b"\r" inside a caption must not split it (that would shift every later caption).
+    """
     with open(path, "rb") as handle:
-        return handle.read().splitlines()
+        lines = handle.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]  # CRLF files
 
 
 def build_vocab(token_lists, threshold=4):
@@ -85,7 +92,7 @@ def load_vocab_json(path):
     if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
         raise ValueError(f"{path}: vocabulary json must be an object with a 'word2idx' object")
     word2idx = data["word2idx"]
-    ids = sorted(word2idx.values()) if all(isinstance(v, int) for v in word2idx.values()) else None
+    ids = sorted(word2idx.values()) if all(type(v) is int for v in word2idx.values()) else None
     if ids != list(range(len(word2idx))):
         raise ValueError(f"{path}: word2idx ids must be the integers 0..{len(word2idx) - 1}, each once")
     for i, token in enumerate(SPECIAL_TOKENS):

@@ -1,4 +1,14 @@
 import json
+import os
+import sys
+
+# Steps run as `python -m pipeline_steps.<step>`: make the repository importable whatever the
+# working directory (snakemake --directory, cluster jobs), and let `python` be the interpreter
+# that runs Snakemake (e.g. .venv/bin/snakemake without an activated venv). A rule's conda
+# environment (--sdm conda) still comes first, since activating it prepends its own bin folder.
+REPO = os.path.abspath(os.path.join(workflow.basedir, ".."))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
 
 DATASET = config["dataset"]["name"]
 DATA = config["dataset"]["path"]
@@ -15,7 +25,23 @@ wildcard_constraints:
     model="|".join(MODELS),
     variant="|".join(VARIANTS),
     seed=r"\d+",
-    evaluation="|".join(e["name"] for e in config["evaluation"]),
+
+
+def split_inputs(*splits):
+    """What a step reads of the data: features and cached ids of `splits`, and the manifest."""
+    return {
+        "ims": [f"{DATA}/{s}_ims.npy" for s in splits],
+        "ids": [f"{PREPARED}/{s}_ids.npz" for s in splits],
+        "manifest": f"{PREPARED}/manifest.json",
+    }
+
+
+def data_dir(wildcards, input):
+    return os.path.dirname(input.ims[0])
+
+
+def prepared_dir(wildcards, input):
+    return os.path.dirname(input.manifest)
 
 
 def as_json(value):
@@ -46,6 +72,19 @@ def loss_section(variant):
     if variant == "baseline":
         return {"variant": "baseline", "margin_online": config["baseline"].get("margin", 0.2)}
     return {"variant": variant, **config["aoq"]["loss"]}
+
+
+def train_inputs(wildcards):
+    inputs = split_inputs("train", "dev")
+    if wildcards.variant != "baseline":
+        inputs.update(miner_candidates())
+    return inputs
+
+
+def candidate_flags(wildcards, input):
+    if wildcards.variant == "baseline":
+        return ""
+    return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}"
 
 
 def evaluation_by_name(name):

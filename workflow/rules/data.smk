@@ -6,13 +6,16 @@ if config["demo"]["enabled"]:
             caps=expand(f"{DATA}/{{split}}_caps.txt", split=["train", "dev", "test", "testall"]),
             meta=f"{DATA}/demo_meta.json",
         params:
+            data=lambda w, output: os.path.dirname(output.meta),
             demo=config["demo"],
             img_dim=config["dataset"]["img_dim"],
             dev_layout=lambda w: "--dev-rows-per-caption" if config["demo"].get("dev_rows_per_caption") else "",
+        conda:
+            "../../envs/aoq.yaml"
         log:
             "logs/make_demo_data.log",
         shell:
-            "python -m pipeline_steps.make_demo_data --out {DATA} --seed {params.demo[seed]}"
+            "python -m pipeline_steps.make_demo_data --out {params.data} --seed {params.demo[seed]}"
             " --n-train {params.demo[n_train]} --n-dev {params.demo[n_dev]} --n-test {params.demo[n_test]}"
             " --n-testall-per-fold {params.demo[n_testall_per_fold]} --img-dim {params.img_dim}"
             " {params.dev_layout} > {log} 2>&1"
@@ -27,14 +30,18 @@ rule prepare_data:
         manifest=f"{PREPARED}/manifest.json",
         ids=expand(f"{PREPARED}/{{split}}_ids.npz", split=config["dataset"]["splits"]),
     params:
+        data=lambda w, input: os.path.dirname(input.ims[0]),
+        prepared=lambda w, output: os.path.dirname(output.manifest),
         splits=" ".join(config["dataset"]["splits"]),
         img_dim=config["dataset"]["img_dim"],
         vocab=f"--vocab-json {config['dataset']['vocab_json']}" if config["dataset"].get("vocab_json") else "",
         threshold=config["dataset"].get("vocab_threshold", 4),
         tokenizer=config["dataset"].get("tokenizer", "auto"),
+    conda:
+        "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/prepare_data.log",
     shell:
-        "python -m pipeline_steps.prepare_data --data {DATA} --out {PREPARED} --img-dim {params.img_dim}"
+        "python -m pipeline_steps.prepare_data --data {params.data} --out {params.prepared} --img-dim {params.img_dim}"
         " --splits {params.splits} {params.vocab} --vocab-threshold {params.threshold}"
         " --tokenizer {params.tokenizer} > {log} 2>&1"

@@ -1,18 +1,23 @@
 rule evaluate:
     input:
+        unpack(lambda w: split_inputs(*dict.fromkeys(e["split"] for e in config["evaluation"]))),
         checkpoints=lambda w: [checkpoint_path(w.model, w.variant, s) for s in SEEDS],
-        manifest=f"{PREPARED}/manifest.json",
     output:
-        f"{R}/eval/{{model}}/{{variant}}/{{evaluation}}.json",
+        metrics=[f"{R}/eval/{{model}}/{{variant}}/{e['name']}.json" for e in config["evaluation"]],
     params:
-        split=lambda w: evaluation_by_name(w.evaluation)["split"],
-        protocol=lambda w: evaluation_by_name(w.evaluation)["protocol"],
+        data=data_dir,
+        prepared=prepared_dir,
+        evaluations=lambda w, output: " ".join(
+            f"--evaluation {e['name']} {e['split']} {e['protocol']} {out}"
+            for e, out in zip(config["evaluation"], output.metrics)
+        ),
         device=config["run"].get("device", "auto"),
     threads: 4
+    conda:
+        "../../envs/aoq.yaml"
     log:
-        f"logs/{DATASET}/evaluate/{{model}}_{{variant}}_{{evaluation}}.log",
+        f"logs/{DATASET}/evaluate/{{model}}_{{variant}}.log",
     shell:
-        "python -m pipeline_steps.evaluate --checkpoints {input.checkpoints} --data {DATA}"
-        " --prepared {PREPARED} --split {params.split} --protocol {params.protocol}"
-        " --name {wildcards.evaluation} --out {output} --device {params.device}"
+        "python -m pipeline_steps.evaluate --checkpoints {input.checkpoints} --data {params.data}"
+        " --prepared {params.prepared} {params.evaluations} --device {params.device}"
         " --threads {threads} > {log} 2>&1"

@@ -1,17 +1,21 @@
 rule extract_embeddings:
     input:
+        unpack(lambda w: split_inputs("train")),
         checkpoint=checkpoint_path("{model}", "baseline", "{seed}"),
-        manifest=f"{PREPARED}/manifest.json",
     output:
         f"{R}/embeddings/{{model}}/seed{{seed}}/train.h5",
     params:
+        data=data_dir,
+        prepared=prepared_dir,
         device=config["run"].get("device", "auto"),
     threads: 4
+    conda:
+        "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.log",
     shell:
-        "python -m pipeline_steps.extract_embeddings --checkpoint {input.checkpoint} --data {DATA}"
-        " --prepared {PREPARED} --split train --out {output} --device {params.device}"
+        "python -m pipeline_steps.extract_embeddings --checkpoint {input.checkpoint} --data {params.data}"
+        " --prepared {params.prepared} --split train --out {output} --device {params.device}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -28,6 +32,8 @@ rule mine_candidates:
         block_mb=config["mining"].get("block_mb", 512),
         device=config["run"].get("device", "auto"),
     threads: 4
+    conda:
+        "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.log",
     benchmark:

@@ -10,6 +10,8 @@ rule report:
         png=f"{R}/report/curves.png",
     params:
         title=config.get("report", {}).get("title", "AOQ reproduction"),
+    conda:
+        "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/report.log",
     shell:

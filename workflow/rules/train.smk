@@ -1,16 +1,3 @@
-def train_inputs(wildcards):
-    inputs = {"manifest": f"{PREPARED}/manifest.json"}
-    if wildcards.variant != "baseline":
-        inputs.update(miner_candidates())
-    return inputs
-
-
-def candidate_flags(wildcards, input):
-    if wildcards.variant == "baseline":
-        return ""
-    return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}"
-
-
 rule train:
     input:
         unpack(train_inputs),
@@ -19,6 +6,8 @@ rule train:
         last=f"{train_dir()}/model_last.pt",
         val_log=f"{train_dir()}/val_log.csv",
     params:
+        data=data_dir,
+        prepared=prepared_dir,
         model_config=lambda w: as_json(config["models"][w.model]),
         train_config=lambda w: as_json(train_section(w.variant)),
         loss_config=lambda w: as_json(loss_section(w.variant)),
@@ -27,12 +16,14 @@ rule train:
         # Resume state survives a failed job because it is not a declared output.
         resume=lambda w: f"results/.resume/{DATASET}/{w.model}/{w.variant}/seed{w.seed}",
     threads: 4
+    conda:
+        "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.log",
     benchmark:
         f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
     shell:
-        "python -m pipeline_steps.train --data {DATA} --prepared {PREPARED} --model {wildcards.model}"
+        "python -m pipeline_steps.train --data {params.data} --prepared {params.prepared} --model {wildcards.model}"
         " --model-config {params.model_config:q} --train-config {params.train_config:q}"
         " --loss-config {params.loss_config:q} {params.candidates} --seed {wildcards.seed}"
         " --device {params.device} --threads {threads} --resume-dir {params.resume}"

@@ -1,0 +1,204 @@
+"""Tests for pipeline_steps.prepare_data on small hand-built SCAN precomp folders."""
+import json
+
+import nltk
+import numpy as np
+import pytest
+
+from pipeline_steps import prepare_data
+from pipeline_steps.common.precomp import ImageFeatures, SplitInfo
+from pipeline_steps.common.text import CaptionIds
+
+D = 8
+# (raw caption line, tokens worked out by hand: strip, ASCII lower-case, word_tokenize per line)
+PAIRS = [
+    (b"A dog runs on the grass.", ["a", "dog", "runs", "on", "the", "grass", "."]),
+    (b"Two Men ride bikes, fast!", ["two", "men", "ride", "bikes", ",", "fast", "!"]),
+    (b"  The cat doesn't sleep  ", ["the", "cat", "does", "n't", "sleep"]),
+    (b"A man. He rides a horse", ["a", "man.", "he", "rides", "a", "horse"]),
+    ("CAF\u00c9 sign (red)".encode(), ["caf\u00c9", "sign", "(", "red", ")"]),
+    (b"kids play", ["kids", "play"]),
+    (b"", []),
+]
+ZEBRA = (b"A zebra runs", ["a", "zebra", "runs"])  # only in test: "zebra" is not in the vocabulary
+N_IMAGES = {"train": 3, "dev": 2, "test": 2}
+
+
+@pytest.fixture(autouse=True)
+def no_punkt(monkeypatch, tmp_path):
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty_nltk_data")])
+
+
+def _captions(split):
+    n = 5 * N_IMAGES[split]
+    pairs = [PAIRS[(i + len(split)) % len(PAIRS)] for i in range(n)]
+    return pairs if split != "test" else pairs[:-1] + [ZEBRA]
+
+
+def _write_split(folder, split, feats, caps, eol=b"\n"):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"{split}_ims.npy", feats)
+    (folder / f"{split}_caps.txt").write_bytes(b"".join(line + eol for line in caps))
+
+
+def _make_folder(folder, seed=0):
+    """train/test one row per image, dev one row per caption (CRLF caption file)."""
+    rng = np.random.default_rng(seed)
+    per_image = {}
+    for split, n in N_IMAGES.items():
+        per_image[split] = rng.random((n, 36, D), dtype=np.float32)
+        feats = np.repeat(per_image[split], 5, axis=0) if split == "dev" else per_image[split]
+        _write_split(folder, split, feats, [raw for raw, _ in _captions(split)],
+                     eol=b"\r\n" if split == "dev" else b"\n")
+    return per_image
+
+
+def _run(data, out, *extra):
+    return prepare_data.main(["--data", str(data), "--out", str(out), "--img-dim", str(D),
+                              "--vocab-threshold", "1", *extra])
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    per_image = _make_folder(data)
+    assert _run(data, out) == 0
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    return data, out, per_image, manifest, vocab
+
+
+def test_outputs_and_manifest(prepared):
+    _, out, _, manifest, vocab = prepared
+    assert {p.name for p in out.iterdir()} == {"vocab.json", "manifest.json", "train_ids.npz",
+                                               "dev_ids.npz", "test_ids.npz"}
+    assert manifest["tokenizer"] == "nltk.word_tokenize(preserve_line=True)"
+    words = {t for s in ("train", "dev") for _, tokens in _captions(s) for t in tokens}
+    assert "zebra" not in words and "zebra" not in vocab["word2idx"]
+    assert manifest["vocab_size"] == len(vocab["word2idx"]) == 4 + len(words)
+    assert set(vocab["word2idx"]) == words | {"<pad>", "<start>", "<end>", "<unk>"}
+    for split, n in N_IMAGES.items():
+        entry = manifest["splits"][split]
+        assert entry["n_images"] == n and entry["n_captions"] == 5 * n
+        assert entry["rows_per_image"] == (5 if split == "dev" else 1)
+        assert entry["img_dim"] == D and entry["split"] == split
+    n_test_tokens = sum(len(tokens) for _, tokens in _captions("test"))
+    assert manifest["splits"]["test"]["unk_rate"] == pytest.approx(1 / n_test_tokens, abs=1e-5)
+    assert manifest["splits"]["train"]["unk_rate"] == 0
+
+
+@pytest.mark.parametrize("split", sorted(N_IMAGES))
+def test_ids_decode_back_to_tokens(prepared, split):
+    _, out, _, _, vocab = prepared
+    idx2word = vocab["idx2word"]
+    store = CaptionIds(out / f"{split}_ids.npz")
+    expected = [[t if t != "zebra" else "<unk>" for t in tokens] for _, tokens in _captions(split)]
+    assert len(store) == len(expected)
+    assert [[idx2word[str(i)] for i in store.tokens(k)] for k in range(len(store))] == expected
+
+
+@pytest.mark.parametrize("split", sorted(N_IMAGES))
+def test_image_features_rows_both_layouts(prepared, split):
+    data, _, per_image, manifest, _ = prepared
+    entry = manifest["splits"][split]
+    info = SplitInfo(split, entry["n_images"], entry["n_captions"], entry["rows_per_image"], D)
+    features = ImageFeatures(data, info)
+    raw = np.load(data / f"{split}_ims.npy")
+    order = [1, 0, 1] + ([2] if split == "train" else [])
+    got = features.rows(order)
+    assert len(features) == N_IMAGES[split] and got.dtype == np.float32
+    assert np.array_equal(got, raw[np.array(order) * entry["rows_per_image"]])
+    assert np.array_equal(got, per_image[split][order])
+
+
+def test_dev_limited_to_5000_captions(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _write_split(data, "train", np.zeros((1, 36, 2), np.float32), [b"a dog"] * 5)
+    caps = [b"a dog"] * 5000 + [b"extra words"] * 25
+    _write_split(data, "dev", np.ones((1005, 36, 2), np.float32), caps)
+    prepare_data.main(["--data", str(data), "--out", str(out), "--img-dim", "2",
+                       "--splits", "train", "dev", "--vocab-threshold", "1"])
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["splits"]["dev"]["n_captions"] == 5000
+    assert manifest["splits"]["dev"]["n_images"] == 1000
+    assert len(CaptionIds(out / "dev_ids.npz")) == 5000
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))["word2idx"]
+    assert "extra" not in vocab and vocab["a"] == 4  # captions past the limit are not counted
+
+
+def test_given_vocab_json_used_as_is(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _make_folder(data)
+    given = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "zebra": 4, "dog": 5, "a": 6}
+    path = tmp_path / "given.json"
+    path.write_text(json.dumps({"word2idx": given, "idx": 7}), encoding="utf-8")
+    _run(data, out, "--vocab-json", str(path))
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8"))["word2idx"] == given
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["vocab_size"] == 7 and "given.json" in manifest["vocab"]
+    for split in N_IMAGES:
+        store = CaptionIds(out / f"{split}_ids.npz")
+        for k, (_, tokens) in enumerate(_captions(split)):
+            assert store.tokens(k).tolist() == [given.get(t, 3) for t in tokens]
+
+
+def test_lone_cr_inside_a_caption_does_not_shift_captions(tmp_path):
+    # count_lines (validation) and the reference split on b"\n" only; a b"\r" inside caption 0
+    # must not push every later caption onto the wrong image.
+    data, out = tmp_path / "data", tmp_path / "out"
+    _make_folder(data)
+    caps = [raw for raw, _ in _captions("train")]
+    caps[0] = b"a dog\rruns"
+    _write_split(data, "train", np.load(data / "train_ims.npy"), caps)
+    _run(data, out)
+    idx2word = json.loads((out / "vocab.json").read_text(encoding="utf-8"))["idx2word"]
+    store = CaptionIds(out / "train_ids.npz")
+    decoded = [[idx2word[str(i)] for i in store.tokens(k)] for k in range(len(store))]
+    assert decoded == [["a", "dog", "runs"]] + [t for _, t in _captions("train")[1:]]
+
+
+def _bad_vocab(data):
+    (data / "bad_vocab.json").write_text("{oops", encoding="utf-8")
+    return ["--vocab-json", str(data / "bad_vocab.json")]
+
+
+def _shape(data, split, shape, dtype=np.float32, fill=lambda feats: None):
+    feats = np.zeros(shape, dtype)
+    fill(feats)
+    np.save(data / f"{split}_ims.npy", feats)
+
+
+def _set(feats):
+    feats[7, 0, 0] = 1.0  # image 1, its 3rd of 5 rows differs
+
+
+BAD = {  # name -> (break the folder, offending file, word about the problem)
+    "missing_ims": (lambda d: (d / "test_ims.npy").unlink(), "test_ims.npy", "missing"),
+    "missing_caps": (lambda d: (d / "dev_caps.txt").unlink(), "dev_caps.txt", "missing"),
+    "caps_not_multiple_of_5": (lambda d: (d / "test_caps.txt").write_bytes(b"a\n" * 9),
+                               "test_caps.txt", "multiple of 5"),
+    "rows_match_no_layout": (lambda d: _shape(d, "train", (4, 36, D)), "train_ims.npy", "rows"),
+    "wrong_width": (lambda d: _shape(d, "test", (2, 36, D + 1)), "test_ims.npy", "img_dim"),
+    "float64": (lambda d: _shape(d, "train", (3, 36, D), np.float64), "train_ims.npy", "float32"),
+    "35_regions": (lambda d: _shape(d, "dev", (10, 35, D)), "dev_ims.npy", "36"),
+    "dev_rows_differ": (lambda d: _shape(d, "dev", (10, 36, D), fill=_set), "dev_ims.npy",
+                        "differ"),
+    "bad_vocab_json": (_bad_vocab, "bad_vocab.json", "JSON"),
+    "caps_not_utf8": (lambda d: (d / "test_caps.txt").write_bytes(b"ok\n" * 4 + b"\xe9\n" * 6),
+                      "test_caps.txt", "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_cleanly(tmp_path, case):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _make_folder(data)
+    breaker, filename, problem = BAD[case]
+    extra = breaker(data)
+    extra = extra if isinstance(extra, list) else []
+    out.mkdir()
+    with pytest.raises(SystemExit) as info:
+        _run(data, out, *extra)
+    message = str(info.value.code)
+    assert filename in message and problem in message
+    assert list(out.rglob("*")) == []

@@ -1,0 +1,133 @@
+"""The training step on tiny generated data: outputs, seeding, and exact resume after a kill."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_steps import make_demo_data, prepare_data, train
+
+TRAIN = '{"epochs": 2, "batch_size": 32, "val_step": 4, "eval_batch_size": 64, "offline_size": 20}'
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data, prepared = root / "demo_precomp", root / "prepared"
+    make_demo_data.main(["--out", str(data), "--seed", "3", "--n-train", "30", "--n-dev", "10",
+                         "--n-test", "10", "--n-testall-per-fold", "4", "--img-dim", "16"])
+    prepare_data.main(["--data", str(data), "--out", str(prepared), "--img-dim", "16",
+                       "--splits", "train", "dev"])
+    rng = np.random.default_rng(0)
+    n_img = 30
+    i2t, t2i = root / "i2t_demo.npy", root / "t2i_demo.npy"
+    np.save(i2t, rng.integers(0, 5 * n_img, size=(n_img, 25)).astype(np.int32))
+    np.save(t2i, rng.integers(0, n_img, size=(5 * n_img, 5)).astype(np.int32))
+    return {"data": data, "prepared": prepared, "i2t": i2t, "t2i": t2i}
+
+
+def run_train(dataset, out, variant="baseline", seed=0, extra=()):
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]), "--model", "vsepp",
+            "--model-config", '{"embed_size": 16, "word_dim": 8}', "--train-config", TRAIN,
+            "--loss-config", f'{{"variant": "{variant}"}}', "--seed", str(seed), "--device", "cpu",
+            "--out-best", str(out / "best.pt"), "--out-last", str(out / "last.pt"),
+            "--out-log", str(out / "val.csv"), "--resume-dir", str(out / "resume")]
+    if variant != "baseline":
+        args += ["--candidates-i2t", str(dataset["i2t"]), "--candidates-t2i", str(dataset["t2i"])]
+    return train.main(args + list(extra))
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def read_log(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("variant", ["baseline", "adapoffquin"])
+def test_outputs_and_validation_rows(dataset, tmp_path, variant):
+    run_train(dataset, tmp_path, variant)
+    rows = read_log(tmp_path / "val.csv")
+    # 150 captions / 32 = 5 batches an epoch: validations at iteration 4 and each epoch end,
+    # plus iteration 8 in epoch 1.
+    assert [int(r["iteration"]) for r in rows] == [4, 5, 8, 10]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    scores = [float(r["val_score4"]) for r in rows]
+    assert best["val_score4"] == pytest.approx(max(scores), abs=1e-3)
+    assert best["iteration"] == int(rows[scores.index(max(scores))]["iteration"])
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 10
+    assert not (tmp_path / "resume").exists()  # finished runs leave no resume state
+
+
+def test_same_seed_same_numbers_other_seed_differs(dataset, tmp_path):
+    run_train(dataset, tmp_path / "a", seed=1)
+    run_train(dataset, tmp_path / "b", seed=1)
+    run_train(dataset, tmp_path / "c", seed=2)
+    assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    assert read_log(tmp_path / "a" / "val.csv") == read_log(tmp_path / "b" / "val.csv")
+    assert not same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("variant,kill_after_saves", [("baseline", 1), ("adapoffquin", 2)])
+def test_resume_after_kill_matches_uninterrupted_run(dataset, tmp_path, monkeypatch, variant,
+                                                     kill_after_saves):
+    run_train(dataset, tmp_path / "full", variant)
+    original, calls = train.Run.save_state, []
+
+    def save_then_die(self):
+        original(self)
+        calls.append(1)
+        if len(calls) == kill_after_saves:
+            raise Killed
+
+    monkeypatch.setattr(train.Run, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        run_train(dataset, tmp_path / "killed", variant)
+    assert not (tmp_path / "killed" / "last.pt").exists()
+    assert (tmp_path / "killed" / "resume" / "state.pt").exists()
+    monkeypatch.setattr(train.Run, "save_state", original)
+    run_train(dataset, tmp_path / "killed", variant)
+    for name in ("best.pt", "last.pt"):
+        assert same_weights(tmp_path / "full" / name, tmp_path / "killed" / name)
+    assert read_log(tmp_path / "full" / "val.csv") == read_log(tmp_path / "killed" / "val.csv")
+
+
+def test_resume_state_of_another_config_is_ignored(dataset, tmp_path, monkeypatch):
+    original = train.Run.save_state
+
+    def save_then_die(self):
+        original(self)
+        raise Killed
+
+    monkeypatch.setattr(train.Run, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        run_train(dataset, tmp_path / "x", seed=5)
+    monkeypatch.setattr(train.Run, "save_state", original)
+    run_train(dataset, tmp_path / "x", seed=6)  # same folder, other seed: must start over
+    run_train(dataset, tmp_path / "y", seed=6)
+    assert same_weights(tmp_path / "x" / "last.pt", tmp_path / "y" / "last.pt")
+    assert read_log(tmp_path / "x" / "val.csv") == read_log(tmp_path / "y" / "val.csv")
+
+
+def test_aoq_variant_without_candidates_is_refused(dataset, tmp_path):
+    with pytest.raises(SystemExit, match="needs --candidates"):
+        train.main(["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]),
+                    "--model", "vsepp", "--loss-config", '{"variant": "offtri"}', "--out-best", "b",
+                    "--out-last", "l", "--out-log", "v", "--resume-dir", str(tmp_path / "r")])
+
+
+def test_unknown_config_field_is_a_clear_error(dataset, tmp_path):
+    with pytest.raises(SystemExit, match="bad --train-config.*known fields"):
+        run_train(dataset, tmp_path, extra=["--train-config", '{"epochz": 3}'])

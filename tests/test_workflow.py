@@ -1,0 +1,129 @@
+"""The Snakemake workflow end to end on a tiny config: full run, no-op rerun, selective reruns, lint."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# Rules call `python`: the interpreter running the tests must be the one they find.
+ENV = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+
+pytestmark = pytest.mark.workflow
+
+
+def tiny_config():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["dataset"].update(img_dim=16)
+    config["demo"].update(n_train=40, n_dev=10, n_test=10, n_testall_per_fold=4)
+    config["models"]["vsepp"] = {"embed_size": 16, "word_dim": 8}
+    for section in (config["baseline"]["train"], config["aoq"]["train"]):
+        section.update(epochs=1, batch_size=50, val_step=100, eval_batch_size=64)
+    config["aoq"]["train"]["offline_size"] = 20
+    config["mining"].update(k_i2t=30, k_t2i=10)
+    return config
+
+
+def snakemake(workdir, config, *args):
+    path = workdir / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(path),
+                       "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def planned_jobs(result):
+    """(rule, wildcards) of every job a dry run plans."""
+    jobs, rule = [], None
+    for line in result.stdout.splitlines():
+        match = re.match(r"^(?:local)?rule (\w+):", line.strip())
+        if match:
+            rule = match.group(1)
+            jobs.append((rule, ""))
+        elif line.strip().startswith("wildcards:") and jobs:
+            jobs[-1] = (rule, line.strip()[len("wildcards:"):].strip())
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = tiny_config()
+    result = snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, config
+
+
+def test_full_run_writes_every_stage(finished_run):
+    workdir, config = finished_run
+    results = workdir / "results" / "demo_precomp"
+    report = (results / "report" / "report.md").read_text()
+    for label in ("baseline", "+OffTri", "+OffQuin", "+AdapOffQuin"):
+        assert f"| vsepp | {label} |" in report
+    assert (results / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (results / "embeddings" / "vsepp" / "seed0" / "train.h5").exists()
+    i2t = __import__("numpy").load(results / "candidates" / "vsepp" / "seed0" / "i2t_demo.npy")
+    assert i2t.shape == (40, 30) and i2t.dtype == "int32"
+    coco1k = json.loads((results / "eval" / "vsepp" / "adapoffquin" / "coco_1k.json").read_text())
+    assert coco1k["protocol"] == "5fold" and len(coco1k["folds"]) == 5
+    for rule in ("make_demo_data", "prepare_data", "train", "evaluate", "report"):
+        assert any((workdir / "logs").rglob("*.log")), rule
+    assert not list(results.rglob(".*.tmp-*")), "temporary files left behind"
+
+
+def test_second_run_does_nothing(finished_run):
+    workdir, config = finished_run
+    result = snakemake(workdir, config, "-n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_aoq_hyperparameter_reruns_only_aoq_and_downstream(finished_run):
+    workdir, config = finished_run
+    changed = copy.deepcopy(config)
+    changed["aoq"]["loss"]["alpha"] = 0.5
+    jobs = planned_jobs(snakemake(workdir, changed, "-n"))
+    rules = {rule for rule, _ in jobs}
+    assert rules == {"train", "evaluate", "report", "all"}, jobs
+    trained = {w for rule, w in jobs if rule == "train"}
+    assert all("baseline" not in w for w in trained) and len(trained) == 3, trained
+
+
+def test_baseline_change_reruns_mining_too(finished_run):
+    workdir, config = finished_run
+    changed = copy.deepcopy(config)
+    changed["baseline"]["train"]["learning_rate"] = 0.001
+    rules = {rule for rule, _ in planned_jobs(snakemake(workdir, changed, "-n"))}
+    assert {"extract_embeddings", "mine_candidates", "train"} <= rules
+    assert "prepare_data" not in rules and "make_demo_data" not in rules
+
+
+def test_lint_is_clean():
+    result = subprocess.run(SNAKEMAKE + ["-s", str(SNAKEFILE), "--lint"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert "good condition" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+def test_bad_config_is_rejected_by_the_schema(tmp_path):
+    config = tiny_config()
+    config["aoq"]["variants"] = ["offtri", "not_a_variant"]
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0
+    assert "not_a_variant" in result.stderr + result.stdout
+
+
+def test_readme_dag_picture_matches_the_rulegraph():
+    result = subprocess.run(SNAKEMAKE + ["-s", str(SNAKEFILE), "--rulegraph"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    labels = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', result.stdout, re.M))
+    graph = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", result.stdout, re.M)}
+    readme = (REPO / "README.md").read_text().split("```mermaid", 1)[1].split("```", 1)[0]
+    drawn = set(re.findall(r"(\w+) -->(?:\|[^|]*\|)? (\w+)", readme))
+    assert graph and drawn == graph
