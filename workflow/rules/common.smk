@@ -7,8 +7,10 @@ import sys
 # that runs Snakemake (e.g. .venv/bin/snakemake without an activated venv). A rule's conda
 # environment (--sdm conda) still comes first, since activating it prepends its own bin folder.
 REPO = os.path.abspath(os.path.join(workflow.basedir, ".."))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.getenv("PYTHONPATH")])),
+    PATH=os.pathsep.join([os.path.dirname(sys.executable), os.getenv("PATH", "")]),
+)
 
 DATASET = config["dataset"]["name"]
 DATA = config["dataset"]["path"]
