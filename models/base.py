@@ -6,7 +6,13 @@ A model encodes images and captions into representations and scores them:
 Single-vector models (VSE++, VSRN) score with dot products of l2-normalised embeddings and can be
 used for offline mining (`single_vector = True`). Cross-attention models (SCAN, BFAN) keep region
 and word features and only provide scores; the loss never sees anything but scores.
+
+Representations may be tensors or tuples of tensors (e.g. padded word features and lengths);
+`concat_representations` and `slice_representation` let evaluation store a whole split and score
+it block by block without knowing their structure.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -20,6 +26,8 @@ class MatchingModel(nn.Module):
     name = None
     config_class = None
     single_vector = True
+    # True for models whose training batches must carry captioning labels and masks (VSRN).
+    needs_caption_targets = False
 
     def encode_images(self, images):
         """images (B, 36, D) float -> image representation."""
@@ -37,9 +45,31 @@ class MatchingModel(nn.Module):
         """(B,) scores of image b against caption b."""
         return (img * cap).sum(dim=-1)
 
-    def auxiliary_loss(self, images, batch):
-        """An extra training loss of the anchor batch (VSRN's captioning branch); None if absent."""
-        return None
+    def anchor_forward(self, batch, device):
+        """Training pass over the anchor batch: (image repr, caption repr, auxiliary loss or None).
+
+        VSRN overrides this to add its captioning loss, which needs the anchor's region features.
+        """
+        img = self.encode_images(batch["images"].to(device))
+        cap = self.encode_captions(batch["ids"].to(device), batch["lengths"])
+        return img, cap, None
+
+    def offline_pass(self):
+        """Context for the AOQ passes over the offline pairs (a model may freeze BN statistics)."""
+        return contextlib.nullcontext()
+
+    def parameter_groups(self):
+        """Named parameter lists; the trainer may treat groups differently (VSRN's 'caption')."""
+        return {"main": list(self.parameters())}
+
+    @staticmethod
+    def concat_representations(reps):
+        """Join representations of consecutive batches (tensors along dim 0)."""
+        return torch.cat(reps)
+
+    @staticmethod
+    def slice_representation(rep, start, stop):
+        return rep[start:stop]
 
     @property
     def config_dict(self):

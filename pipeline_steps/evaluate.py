@@ -22,8 +22,8 @@ import sys
 
 from pipeline_steps.common.atomic import write_text_atomic
 from pipeline_steps.common.checkpoint import load_checkpoint, pick_device
-from pipeline_steps.common.encode import encode_split
-from pipeline_steps.common.metrics import embedding_scorer, ensemble_scorer, evaluate
+from pipeline_steps.common.encode import encode_split, representation_scorer
+from pipeline_steps.common.metrics import ensemble_scorer, evaluate
 from pipeline_steps.common.splits import open_split
 
 log = logging.getLogger("evaluate")
@@ -50,7 +50,7 @@ def score_split(checkpoints, data, prepared, split, batch_size, device):
     for path in checkpoints:
         model, checkpoint = load_checkpoint(path, device)
         images, caps = encode_split(model, features, captions, info.n_captions, batch_size, device)
-        scorers.append(embedding_scorer(images, caps, device=device))
+        scorers.append(representation_scorer(model, images, caps, info.n_images))
         variant = json.loads(checkpoint.get("loss_config", "{}")).get("variant", "baseline")
         models.append({"checkpoint": str(path), "model": model.name, "variant": variant,
                        "seed": checkpoint.get("seed"), "epoch": checkpoint.get("epoch")})

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline_steps.common.atomic import atomic_path
 from pipeline_steps.common.checkpoint import load_checkpoint, pick_device
-from pipeline_steps.common.encode import iter_caption_embeddings, iter_image_embeddings
+from pipeline_steps.common.encode import iter_caption_representations, iter_image_representations
 from pipeline_steps.common.splits import open_split
 
 log = logging.getLogger("extract_embeddings")
@@ -51,13 +51,15 @@ def main(argv=None):
                          "mine with an embedding model (see config: aoq.miner)")
     features, captions, info = open_split(args.data, args.prepared, args.split)
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as h5:
-        blocks = {"images": (iter_image_embeddings(model, features, args.batch_size, device), info.n_images),
-                  "captions": (iter_caption_embeddings(model, captions, info.n_captions,
-                                                       args.batch_size, device), info.n_captions)}
+        blocks = {"images": (iter_image_representations(model, features, args.batch_size, device),
+                             info.n_images),
+                  "captions": (iter_caption_representations(model, captions, info.n_captions,
+                                                            args.batch_size, device), info.n_captions)}
         for name, (blocks_iter, rows) in blocks.items():
             dataset = None
             for start, emb in tqdm(blocks_iter, desc=name, total=-(-rows // args.batch_size),
                                    mininterval=5, file=sys.stderr):
+                emb = emb.float().cpu().numpy()  # (b, d)
                 if dataset is None:
                     dataset = h5.create_dataset(name, shape=(rows, emb.shape[1]), dtype="float32",
                                                 chunks=(min(rows, 1024), emb.shape[1]))

@@ -35,8 +35,9 @@ from models.losses import LossConfig, OfflineScores, retrieval_loss
 from pipeline_steps.common.atomic import atomic_path, write_text_atomic
 from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
 from pipeline_steps.common.checkpoint import pick_device, save_checkpoint
-from pipeline_steps.common.encode import encode_split
-from pipeline_steps.common.metrics import embedding_scorer, evaluate, val_score4
+from pipeline_steps.common.encode import encode_split, representation_scorer
+from pipeline_steps.common.metrics import evaluate, val_score4
+from pipeline_steps.common.optim import Optimizers
 from pipeline_steps.common.splits import open_split, read_manifest
 
 log = logging.getLogger("train")
@@ -54,6 +55,7 @@ class TrainConfig:
     offline_size: int = 300      # offline negatives drawn from the top offline_size candidates
     eval_batch_size: int = 256
     workers: int = 0
+    allow_tf32: bool = False     # the reference ran in full fp32 (Q-TF32); True is faster on GPUs
 
 
 def parse_args(argv):
@@ -97,19 +99,22 @@ def lr_at_epoch(cfg, epoch):
 
 
 def training_loss(model, batch, loss_cfg, device):
-    """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order."""
-    img = model.encode_images(batch["images"].to(device))                       # (B, d)
-    cap = model.encode_captions(batch["ids"].to(device), batch["lengths"])       # (B, d)
+    """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order.
+
+    The order matters for models with BatchNorm: each train-mode pass updates the running
+    statistics, anchor first (spec §4.3).
+    """
+    img, cap, aux = model.anchor_forward(batch, device)
     offline = None
     if loss_cfg.needs_offline:
-        img3 = model.encode_images(batch["neg_images"].to(device))
-        cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
-        img4 = model.encode_images(batch["pos2_images"].to(device))
-        cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
+        with model.offline_pass():
+            img3 = model.encode_images(batch["neg_images"].to(device))
+            cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
+            img4 = model.encode_images(batch["pos2_images"].to(device))
+            cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
         offline = OfflineScores(off_t=model.score_paired(img, cap3), off_i=model.score_paired(img3, cap),
                                 quin_a=model.score_paired(img3, cap3), quin_b=model.score_paired(img4, cap4))
     loss, terms = retrieval_loss(model.score_all(img, cap), offline, loss_cfg)
-    aux = model.auxiliary_loss(batch["images"], batch)
     if aux is not None:
         loss = loss + aux
         terms["auxiliary"] = aux.detach()
@@ -119,7 +124,7 @@ def training_loss(model, batch, loss_cfg, device):
 def validate(model, dev, cfg, device):
     features, captions, info = dev
     imgs, caps = encode_split(model, features, captions, info.n_captions, cfg.eval_batch_size, device)
-    metrics = evaluate(embedding_scorer(imgs, caps, device=device), len(imgs), "full")
+    metrics = evaluate(representation_scorer(model, imgs, caps, info.n_images), info.n_images, "full")
     model.train()
     return metrics
 
@@ -209,7 +214,12 @@ def main(argv=None):
     if loss_cfg.needs_offline:
         candidates = OfflineCandidates(args.candidates_i2t, args.candidates_t2i, info.n_images,
                                        cfg.offline_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    # VSRN parity (Q-DUP): the captioning parameters get two Adam steps per iteration.
+    double = "caption" if getattr(model.config, "caption_double_step", False) else None
+    optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
+    caption_targets = model.caption_targets if model.needs_caption_targets else None
     run = Run(args, model, optimizer, args.resume_dir)
     run.dir.mkdir(parents=True, exist_ok=True)
     run.try_resume()
@@ -218,21 +228,20 @@ def main(argv=None):
     model.train()
     while run.epoch < cfg.epochs:
         lr = lr_at_epoch(cfg, run.epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.set_lr(lr)
         batches = epoch_batches(info.n_captions, cfg.batch_size, args.seed, run.epoch)
         dataset = TrainBatches(features, captions, batches, args.seed, run.epoch, candidates,
-                               first_batch=run.next_batch)
+                               first_batch=run.next_batch, caption_targets=caption_targets)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
         losses = []
         bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
                    mininterval=5, file=sys.stderr)
         for batch in bar:
             loss, _ = training_loss(model, batch, loss_cfg, device)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.clip(cfg.grad_clip)
             optimizer.step()
             losses.append(loss.item())
             run.iteration += 1

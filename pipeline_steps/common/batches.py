@@ -59,9 +59,12 @@ class OfflineCandidates:
 class TrainBatches(torch.utils.data.Dataset):
     """Dataset whose item b is the whole batch b of one epoch (one memmap read per batch)."""
 
-    def __init__(self, features, captions, batches, seed, epoch, candidates=None, first_batch=0):
+    def __init__(self, features, captions, batches, seed, epoch, candidates=None, first_batch=0,
+                 caption_targets=None):
         self.features, self.captions, self.candidates = features, captions, candidates
         self.batches, self.seed, self.epoch, self.first_batch = batches, seed, epoch, first_batch
+        # word ids -> (labels, mask) of a captioning branch (VSRN); built for anchors only.
+        self.caption_targets = caption_targets
 
     def __len__(self):
         return len(self.batches) - self.first_batch
@@ -76,6 +79,10 @@ class TrainBatches(torch.utils.data.Dataset):
         batch = {"index": torch.from_numpy(items.astype(np.int64)),
                  "images": torch.from_numpy(self.features.rows(items // CAPTIONS_PER_IMAGE)),
                  "ids": ids, "lengths": lengths}
+        if self.caption_targets is not None:
+            labels, masks = zip(*(self.caption_targets(self.captions.tokens(c)) for c in items))
+            batch["cap_labels"] = torch.from_numpy(np.stack(labels))  # (B, max_len + 1)
+            batch["cap_masks"] = torch.from_numpy(np.stack(masks))
         if self.candidates is not None:
             rng = np.random.default_rng([self.seed, self.epoch, number])
             t3, i3, t4, i4 = self.candidates.sample(items, rng)

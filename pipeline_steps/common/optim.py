@@ -1,0 +1,72 @@
+"""Optimisers and gradient clipping, including the reference's doubled captioning update (Q-DUP).
+
+VSRN/AOQ list every captioning parameter twice in one Adam param group (spec §2.9). Under
+PyTorch 0.4.1 that meant: the clip norm counts their gradients twice, clipping scales them by
+coef**2, and Adam updates them twice per iteration with the same gradient. Modern PyTorch does not
+reproduce that reliably from a duplicated list, so the parity mode does it explicitly: a second
+Adam over the captioning parameters, stepped twice. Without parity every parameter is listed once.
+"""
+import math
+
+import torch
+
+
+class Optimizers:
+    """One or more Adam optimisers, each stepped `repeats` times per iteration."""
+
+    def __init__(self, model, lr, double_step_group=None):
+        groups = model.parameter_groups()
+        if double_step_group and double_step_group in groups:
+            main = [p for name, ps in groups.items() if name != double_step_group for p in ps]
+            self.parts = [(torch.optim.Adam(main, lr=lr), 1),
+                          (torch.optim.Adam(groups[double_step_group], lr=lr), 2)]
+        else:
+            self.parts = [(torch.optim.Adam(model.parameters(), lr=lr), 1)]
+
+    def set_lr(self, lr):
+        for optimizer, _ in self.parts:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def zero_grad(self):
+        for optimizer, _ in self.parts:
+            optimizer.zero_grad(set_to_none=True)
+
+    def clip(self, max_norm):
+        """Total-norm clipping as the reference: parameters count as often as they are listed."""
+        listed = [(group["params"], repeats) for optimizer, repeats in self.parts
+                  for group in optimizer.param_groups]
+        return clip_grad_norm_listed(listed, max_norm)
+
+    def step(self):
+        for optimizer, repeats in self.parts:
+            for _ in range(repeats):
+                optimizer.step()
+
+    def state_dict(self):
+        return [optimizer.state_dict() for optimizer, _ in self.parts]
+
+    def load_state_dict(self, states):
+        if len(states) != len(self.parts):
+            raise ValueError("optimiser state does not match the optimiser layout")
+        for (optimizer, _), state in zip(self.parts, states):
+            optimizer.load_state_dict(state)
+
+
+@torch.no_grad()
+def clip_grad_norm_listed(listed, max_norm):
+    """Clip gradients of `listed` = [(params, times)] as a list naming each param `times` times.
+
+    total = sqrt(sum times * ||g||^2); coef = max_norm / (total + 1e-6); if coef < 1 every
+    gradient is multiplied by coef once per listing (coef**times). Returns the total norm.
+    """
+    squares = [times * float(p.grad.pow(2).sum()) for params, times in listed
+               for p in params if p.grad is not None]
+    total = math.sqrt(sum(squares))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        for params, times in listed:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef ** times)
+    return total
