@@ -34,6 +34,7 @@ def parse_args(argv):
     p.add_argument("--checkpoints", nargs="+", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--prepared", required=True)
+    p.add_argument("--label", default=None, help="what is evaluated, for the report (default: model names)")
     p.add_argument("--evaluation", nargs=4, action="append", required=True,
                    metavar=("NAME", "SPLIT", "PROTOCOL", "OUT"),
                    help="one evaluation: its name, split, protocol (full | 5fold) and output JSON")
@@ -76,8 +77,9 @@ def main(argv=None):
                 metrics = evaluate(scorer, n_images, protocol)
             except ValueError as err:
                 raise SystemExit(f"error: evaluation {name} on split {split}: {err}") from None
-            result = {**metrics, "evaluation": name, "protocol": protocol, "split": split,
-                      "models": models}
+            label = args.label or "+".join(dict.fromkeys(m["model"] for m in models))
+            result = {**metrics, "evaluation": name, "label": label, "protocol": protocol,
+                      "split": split, "models": models}
             write_text_atomic(out, json.dumps(result, indent=2))
             log.info("EVAL %s split=%s protocol=%s models=%d %s", name, split, protocol, len(models),
                      " ".join(f"{k}={metrics[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline_steps.common.atomic import atomic_path, write_text_atomic
 from pipeline_steps.common.precomp import DataError, validate_split
+from pipeline_steps.common.reference_files import load_vocab_pickle
 from pipeline_steps.common.text import (build_vocab, encode, load_vocab_json, make_tokenizer,
                                         read_caption_lines, vocab_json_text)
 
@@ -32,7 +33,10 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--img-dim", type=int, required=True, help="expected feature width D")
     parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
-    parser.add_argument("--vocab-json", default=None, help="use this SCAN vocab json instead of building one")
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab-json", default=None, help="use this SCAN vocab json instead of building one")
+    vocab.add_argument("--vocab-pkl", default=None,
+                       help="use this VSRN/AOQ vocabulary pickle (Python 2, loaded without unpickling code)")
     parser.add_argument("--vocab-threshold", type=int, default=4)
     parser.add_argument("--tokenizer", choices=["auto", "punkt", "preserve_line"], default="auto")
     return parser.parse_args(argv)
@@ -45,7 +49,11 @@ def main(argv=None):
         raise SystemExit("--splits must include train")
     try:
         infos = {s: validate_split(args.data, s, args.img_dim) for s in args.splits}
-        word2idx = load_vocab_json(args.vocab_json) if args.vocab_json else None
+        word2idx = None
+        if args.vocab_json:
+            word2idx = load_vocab_json(args.vocab_json)
+        elif args.vocab_pkl:
+            word2idx = load_vocab_pickle(args.vocab_pkl)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     except ValueError as err:  # malformed vocabulary json
@@ -67,7 +75,7 @@ def main(argv=None):
         word2idx = build_vocab(counted, args.vocab_threshold)
         vocab_source = f"built: count >= {args.vocab_threshold} over train+dev"
     else:
-        vocab_source = f"loaded: {args.vocab_json}"
+        vocab_source = f"loaded: {args.vocab_json or args.vocab_pkl}"
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

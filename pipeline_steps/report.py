@@ -42,7 +42,7 @@ def metrics_table(paths):
         result = json.loads(Path(path).read_text(encoding="utf-8"))
         variants = {m["variant"] for m in result["models"]}
         rows.append({"evaluation": result["evaluation"], "split": result["split"],
-                     "protocol": result["protocol"], "model": result["models"][0]["model"],
+                     "protocol": result["protocol"], "model": result.get("label", result["models"][0]["model"]),
                      "variant": variants.pop() if len(variants) == 1 else "mixed",
                      "ensemble_size": len(result["models"]),
                      **{k: result[k] for k in COLUMNS + ["i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]}})

@@ -23,7 +23,7 @@ def tiny_config():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["dataset"].update(img_dim=16)
     config["demo"].update(n_train=40, n_dev=10, n_test=10, n_testall_per_fold=4)
-    config["models"]["vsepp"] = {"embed_size": 16, "word_dim": 8}
+    config["models"] = {"vsepp": {"arch": "vsepp", "embed_size": 16, "word_dim": 8}}
     for section in (config["baseline"]["train"], config["aoq"]["train"]):
         section.update(epochs=1, batch_size=50, val_step=100, eval_batch_size=64)
     config["aoq"]["train"]["offline_size"] = 20
@@ -57,7 +57,7 @@ def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
     config = tiny_config()
     result = snakemake(workdir, config)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return workdir, config
 
 
@@ -127,3 +127,17 @@ def test_readme_dag_picture_matches_the_rulegraph():
     readme = (REPO / "README.md").read_text().split("```mermaid", 1)[1].split("```", 1)[0]
     drawn = set(re.findall(r"(\w+) -->(?:\|[^|]*\|)? (\w+)", readme))
     assert graph and drawn == graph
+
+
+def test_download_rule_is_planned_for_real_data(tmp_path):
+    config = tiny_config()
+    config["demo"]["enabled"] = False
+    config["dataset"].update(name="f30k_precomp", path="resources/data/f30k_precomp",
+                             splits=["train", "dev", "test"])
+    config["download"] = {"enabled": True, "urls": ["http://127.0.0.1:9/data.zip"],
+                          "archive": "resources/scan_data.zip", "extract": "data/f30k_precomp"}
+    config["evaluation"] = [{"name": "f30k_1k", "split": "test", "protocol": "full"}]
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rules = {rule for rule, _ in planned_jobs(result)}
+    assert "download_data" in rules and "make_demo_data" not in rules

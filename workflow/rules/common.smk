@@ -18,15 +18,61 @@ R = f"results/{DATASET}"
 PREPARED = f"{R}/prepared"
 # Offline candidate files are named after the dataset prefix, as the authors' (i2t_coco.npy).
 DS_PREFIX = DATASET.split("_")[0]
-VARIANTS = ["baseline"] + config["aoq"]["variants"]
 SEEDS = config["run"]["seeds"]
-MODELS = list(config["models"])
+# Model instances: name -> {arch: registered model, train: overrides, variants: overrides, ...config}.
+MODELS = config["models"]
+# What evaluation scores: every model alone (the ensemble of its seeds) and the configured
+# ensembles of several models (each with all its seeds), e.g. SCAN t-i AVG + i-t LSE.
+ENSEMBLES = {name: [name] for name in MODELS} | config.get("ensembles", {})
+MODEL_KEYS = ("arch", "train", "variants")
+for _name, _members in config.get("ensembles", {}).items():
+    if _name in MODELS or not set(_members) <= set(MODELS):
+        raise ValueError(f"config: ensemble {_name!r} must not reuse a model name and may only "
+                         f"list models of `models:` (got {_members})")
+
+
+def variants_of(model):
+    return ["baseline"] + MODELS[model].get("variants", config["aoq"]["variants"])
+
+
+def ensemble_variants(name):
+    """Methods every member of an ensemble was trained with, in the paper's order."""
+    members = [set(variants_of(m)) for m in ENSEMBLES[name]]
+    return [v for v in variants_of(ENSEMBLES[name][0]) if all(v in m for m in members)]
 
 
 wildcard_constraints:
     model="|".join(MODELS),
-    variant="|".join(VARIANTS),
+    name="|".join(ENSEMBLES),
+    variant="baseline|offtri|offquin|adapoffquin",
     seed=r"\d+",
+
+
+def download_source_flags(wildcards):
+    """Where the data comes from: an existing folder, an archive on disk, or the mirrors."""
+    d = config["download"]
+    if d.get("adopt_folder"):
+        return f"--adopt-folder {d['adopt_folder']} --extract {d['extract']}"
+    if d.get("adopt_archive"):
+        return f"--adopt-archive {d['adopt_archive']} --extract {d['extract']}"
+    return f"--urls {' '.join(d['urls'])} --archive {d['archive']} --extract {d['extract']}"
+
+
+if config.get("download", {}).get("enabled"):
+    if config["demo"]["enabled"]:
+        raise ValueError("config: demo.enabled and download.enabled exclude each other")
+    if os.path.basename(config["download"]["extract"].rstrip("/")) != os.path.basename(DATA):
+        raise ValueError("config: download.extract must end in the dataset folder of dataset.path "
+                         f"({config['download']['extract']!r} vs {DATA!r})")
+
+
+def vocab_flags(wildcards):
+    """A released vocabulary instead of building one: SCAN json or the VSRN/AOQ Python-2 pickle."""
+    if config["dataset"].get("vocab_json"):
+        return f"--vocab-json {config['dataset']['vocab_json']}"
+    if config["dataset"].get("vocab_pkl"):
+        return f"--vocab-pkl {config['dataset']['vocab_pkl']}"
+    return ""
 
 
 def split_inputs(*splits):
@@ -65,8 +111,13 @@ def miner_candidates():
     return {"i2t": f"{folder}/i2t_{DS_PREFIX}.npy", "t2i": f"{folder}/t2i_{DS_PREFIX}.npy"}
 
 
-def train_section(variant):
-    return config["baseline"]["train"] if variant == "baseline" else config["aoq"]["train"]
+def model_config(model):
+    return {k: v for k, v in MODELS[model].items() if k not in MODEL_KEYS}
+
+
+def train_section(model, variant):
+    section = config["baseline"]["train"] if variant == "baseline" else config["aoq"]["train"]
+    return section | MODELS[model].get("train", {})
 
 
 def loss_section(variant):
@@ -91,6 +142,16 @@ def candidate_flags(wildcards, input):
 
 def evaluation_by_name(name):
     return next(e for e in config["evaluation"] if e["name"] == name)
+
+
+def trained_runs():
+    """(model, variant, seed) of every training run the configuration asks for."""
+    return [(m, v, s) for m in MODELS for v in variants_of(m) for s in SEEDS]
+
+
+def evaluation_outputs():
+    return [f"{R}/eval/{name}/{variant}/{e['name']}.json" for name in ENSEMBLES
+            for variant in ensemble_variants(name) for e in config["evaluation"]]
 
 
 def report_outputs():

@@ -21,6 +21,26 @@ if config["demo"]["enabled"]:
             " {params.dev_layout} > {log} 2>&1"
 
 
+if config.get("download", {}).get("enabled"):
+
+    rule download_data:
+        output:
+            ims=expand(f"{DATA}/{{split}}_ims.npy", split=config["dataset"]["splits"]),
+            caps=expand(f"{DATA}/{{split}}_caps.txt", split=config["dataset"]["splits"]),
+            stamp=f"{DATA}.download.json",
+        params:
+            source=download_source_flags,
+            sha=lambda w: f"--sha256 {config['download']['sha256']}" if config["download"].get("sha256") else "",
+            dest=lambda w, output: os.path.dirname(output.stamp),
+        conda:
+            "../../envs/aoq.yaml"
+        log:
+            f"logs/{DATASET}/download_data.log",
+        shell:
+            "python -m pipeline_steps.download_data {params.source} {params.sha} --dest {params.dest}"
+            " --stamp {output.stamp} > {log} 2>&1"
+
+
 rule prepare_data:
     input:
         ims=expand(f"{DATA}/{{split}}_ims.npy", split=config["dataset"]["splits"]),
@@ -34,7 +54,7 @@ rule prepare_data:
         prepared=lambda w, output: os.path.dirname(output.manifest),
         splits=" ".join(config["dataset"]["splits"]),
         img_dim=config["dataset"]["img_dim"],
-        vocab=f"--vocab-json {config['dataset']['vocab_json']}" if config["dataset"].get("vocab_json") else "",
+        vocab=vocab_flags,
         threshold=config["dataset"].get("vocab_threshold", 4),
         tokenizer=config["dataset"].get("tokenizer", "auto"),
     conda:

@@ -1,9 +1,9 @@
 rule evaluate:
     input:
         unpack(lambda w: split_inputs(*dict.fromkeys(e["split"] for e in config["evaluation"]))),
-        checkpoints=lambda w: [checkpoint_path(w.model, w.variant, s) for s in SEEDS],
+        checkpoints=lambda w: [checkpoint_path(m, w.variant, s) for m in ENSEMBLES[w.name] for s in SEEDS],
     output:
-        metrics=[f"{R}/eval/{{model}}/{{variant}}/{e['name']}.json" for e in config["evaluation"]],
+        metrics=[f"{R}/eval/{{name}}/{{variant}}/{e['name']}.json" for e in config["evaluation"]],
     params:
         data=data_dir,
         prepared=prepared_dir,
@@ -16,8 +16,8 @@ rule evaluate:
     conda:
         "../../envs/aoq.yaml"
     log:
-        f"logs/{DATASET}/evaluate/{{model}}_{{variant}}.log",
+        f"logs/{DATASET}/evaluate/{{name}}_{{variant}}.log",
     shell:
         "python -m pipeline_steps.evaluate --checkpoints {input.checkpoints} --data {params.data}"
-        " --prepared {params.prepared} {params.evaluations} --device {params.device}"
+        " --prepared {params.prepared} --label {wildcards.name} {params.evaluations} --device {params.device}"
         " --threads {threads} > {log} 2>&1"

@@ -1,9 +1,7 @@
 rule report:
     input:
-        metrics=expand(f"{R}/eval/{{model}}/{{variant}}/{{evaluation}}.json", model=MODELS,
-                       variant=VARIANTS, evaluation=[e["name"] for e in config["evaluation"]]),
-        val_logs=expand(f"{R}/train/{{model}}/{{variant}}/seed{{seed}}/val_log.csv", model=MODELS,
-                        variant=VARIANTS, seed=SEEDS),
+        metrics=evaluation_outputs(),
+        val_logs=[f"{train_dir(m, v, s)}/val_log.csv" for m, v, s in trained_runs()],
     output:
         md=f"{R}/report/report.md",
         csv=f"{R}/report/report.csv",

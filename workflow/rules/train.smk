@@ -8,8 +8,9 @@ rule train:
     params:
         data=data_dir,
         prepared=prepared_dir,
-        model_config=lambda w: as_json(config["models"][w.model]),
-        train_config=lambda w: as_json(train_section(w.variant)),
+        arch=lambda w: MODELS[w.model]["arch"],
+        model_config=lambda w: as_json(model_config(w.model)),
+        train_config=lambda w: as_json(train_section(w.model, w.variant)),
         loss_config=lambda w: as_json(loss_section(w.variant)),
         candidates=candidate_flags,
         device=config["run"].get("device", "auto"),
@@ -23,7 +24,7 @@ rule train:
     benchmark:
         f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
     shell:
-        "python -m pipeline_steps.train --data {params.data} --prepared {params.prepared} --model {wildcards.model}"
+        "python -m pipeline_steps.train --data {params.data} --prepared {params.prepared} --model {params.arch}"
         " --model-config {params.model_config:q} --train-config {params.train_config:q}"
         " --loss-config {params.loss_config:q} {params.candidates} --seed {wildcards.seed}"
         " --device {params.device} --threads {threads} --resume-dir {params.resume}"

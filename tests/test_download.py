@@ -1,0 +1,282 @@
+"""Tests for pipeline_steps.download_data against a local HTTP server on 127.0.0.1 (no internet)."""
+import hashlib
+import io
+import json
+import socket
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from pipeline_steps import download_data
+
+WANTED = {f"{split}_{kind}" for split in ("train", "dev", "test") for kind in ("ims.npy", "caps.txt")}
+
+
+def _npy(rows, seed):
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(seed).random((rows, 36, 8), dtype=np.float32))
+    return buf.getvalue()
+
+
+def _release_files():
+    """SCAN layout: data/f30k_precomp (wanted) and data/coco_precomp (must not be extracted)."""
+    files = {}
+    for i, split in enumerate(("train", "dev", "test")):
+        for ds in ("f30k_precomp", "coco_precomp"):
+            files[f"data/{ds}/{split}_ims.npy"] = _npy(2, i)
+            files[f"data/{ds}/{split}_caps.txt"] = "".join(f"{ds} caption {k}\n" for k in range(10)).encode()
+    return files
+
+
+def _zip_bytes(files):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+ZIP = _zip_bytes(_release_files())
+
+
+class Server:
+    """Serves `routes` {path: bytes}; mode: 'range' (honours Range), 'ignore' (always 200 full),
+    'cut' (first request: half the body under a full Content-Length, then the connection closes;
+    later requests honour Range), 'cut-ignore' (cut first, then ignore Range)."""
+
+    def __init__(self, routes, mode="range"):
+        self.routes, self.mode, self.requests = routes, mode, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, self.headers.get("Range")))
+                body = outer.routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                first = len(outer.requests) == 1
+                rng = self.headers.get("Range")
+                if rng and outer.mode in ("range", "cut") and not (first and outer.mode == "cut"):
+                    start = int(rng.split("=")[1].rstrip("-"))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    body = body[start:]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if first and outer.mode.startswith("cut"):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                else:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(routes, mode="range"):
+        servers.append(Server(routes, mode))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _run(tmp_path, source, *extra, extract=("data/f30k_precomp",)):
+    argv = [*source, "--dest", str(tmp_path / "data"), "--stamp", str(tmp_path / "stamp.json"),
+            "--timeout", "5", *extra]
+    if extract:
+        argv += ["--extract", *extract]
+    return download_data.main(argv)
+
+
+def _dl(tmp_path, urls, *extra):
+    return _run(tmp_path, ["--urls", *urls, "--archive", str(tmp_path / "res" / "scan.zip")], *extra)
+
+
+def _assert_extracted(tmp_path):
+    folder = tmp_path / "data" / "f30k_precomp"
+    files = _release_files()
+    assert {p.name for p in folder.iterdir()} == WANTED
+    for name in WANTED:
+        assert (folder / name).read_bytes() == files[f"data/f30k_precomp/{name}"]
+    assert not (tmp_path / "data" / "coco_precomp").exists()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["f30k_precomp"]  # no temp left
+    return json.loads((tmp_path / "stamp.json").read_text())
+
+
+def test_download_checks_sha_and_extracts_only_wanted_folder(tmp_path, serve):
+    server = serve({"/data.zip": ZIP})
+    assert _dl(tmp_path, [server.url("/data.zip")], "--sha256", _sha(ZIP).upper()) == 0
+    stamp = _assert_extracted(tmp_path)
+    assert (tmp_path / "res" / "scan.zip").read_bytes() == ZIP
+    assert not (tmp_path / "res" / "scan.zip.part").exists()
+    assert stamp["mode"] == "download" and stamp["source"] == server.url("/data.zip")
+    assert stamp["sha256"] == _sha(ZIP)
+    assert stamp["extracted"] == {"data/f30k_precomp": str(tmp_path / "data" / "f30k_precomp")}
+    files = _release_files()
+    assert stamp["files"] == {f"f30k_precomp/{n}": len(files[f"data/f30k_precomp/{n}"]) for n in WANTED}
+
+
+def test_cut_download_resumes_with_range(tmp_path, serve):
+    server = serve({"/data.zip": ZIP}, mode="cut")
+    assert _dl(tmp_path, [server.url("/data.zip")], "--sha256", _sha(ZIP)) == 0
+    assert server.requests == [("/data.zip", None), ("/data.zip", f"bytes={len(ZIP) // 2}-")]
+    assert (tmp_path / "res" / "scan.zip").read_bytes() == ZIP
+    _assert_extracted(tmp_path)
+
+
+def test_cut_download_resumes_in_next_run(tmp_path, serve):
+    server = serve({"/data.zip": ZIP}, mode="cut")
+    with pytest.raises(SystemExit, match="every mirror failed"):
+        _dl(tmp_path, [server.url("/data.zip")], "--retries", "1")
+    part = tmp_path / "res" / "scan.zip.part"
+    assert part.read_bytes() == ZIP[: len(ZIP) // 2]
+    assert not (tmp_path / "res" / "scan.zip").exists() and not (tmp_path / "stamp.json").exists()
+    assert _dl(tmp_path, [server.url("/data.zip")], "--retries", "1") == 0
+    assert server.requests[1] == ("/data.zip", f"bytes={len(ZIP) // 2}-")
+    assert (tmp_path / "res" / "scan.zip").read_bytes() == ZIP and not part.exists()
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path, serve):
+    server = serve({"/data.zip": ZIP}, mode="cut-ignore")
+    assert _dl(tmp_path, [server.url("/data.zip")], "--sha256", _sha(ZIP)) == 0
+    assert server.requests[1] == ("/data.zip", f"bytes={len(ZIP) // 2}-")
+    assert (tmp_path / "res" / "scan.zip").read_bytes() == ZIP
+    # A stale .part of foreign bytes must not be appended to when the range is ignored.
+    (tmp_path / "res" / "scan.zip").unlink()
+    (tmp_path / "res" / "scan.zip.part").write_bytes(b"x" * 100)
+    server.mode = "ignore"
+    assert _dl(tmp_path, [server.url("/data.zip")]) == 0
+    assert (tmp_path / "res" / "scan.zip").read_bytes() == ZIP
+
+
+def test_checksum_mismatch_leaves_nothing(tmp_path, serve):
+    server = serve({"/data.zip": ZIP})
+    wrong = _sha(b"something else")
+    with pytest.raises(SystemExit) as err:
+        _dl(tmp_path, [server.url("/data.zip")], "--sha256", wrong)
+    msg = str(err.value)
+    assert msg.startswith("error: ") and "sha256" in msg
+    assert server.url("/data.zip") in msg and wrong in msg and _sha(ZIP) in msg
+    assert not (tmp_path / "res" / "scan.zip").exists()
+    assert not (tmp_path / "res" / "scan.zip.part").exists()
+    assert not (tmp_path / "data").exists() and not (tmp_path / "stamp.json").exists()
+
+
+def test_mirror_fallback(tmp_path, serve, caplog):
+    server = serve({"/data.zip": ZIP})
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{sock.getsockname()[1]}/data.zip"
+    urls = [server.url("/missing.zip"), refused, server.url("/data.zip")]
+    assert _dl(tmp_path, urls, "--sha256", _sha(ZIP)) == 0
+    assert _assert_extracted(tmp_path)["source"] == urls[2]
+    failed = [r.getMessage() for r in caplog.records if "mirror failed" in r.getMessage()]
+    assert len(failed) == 2 and "404" in failed[0] and refused in failed[1]
+
+
+def _tar_with_link(target, through=False):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in _release_files().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("data/f30k_precomp/link")
+        link.type, link.linkname = tarfile.SYMTYPE, target
+        tf.addfile(link)
+        if through:  # an entry whose path goes through a symlink entry (basis of link-chain escapes)
+            evil = tarfile.TarInfo("data/f30k_precomp/link/evil.txt")
+            tf.addfile(evil, io.BytesIO(b""))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind, entry", [
+    ("zip", "data/f30k_precomp/../../evil.txt"), ("zip", "ABSOLUTE"),
+    ("tar", "../../../evil.txt"), ("tar", "../coco_precomp/train_caps.txt"), ("tar", "/etc/passwd"),
+    ("tar-through", ".")])
+def test_unsafe_entries_are_refused(tmp_path, kind, entry):
+    entry = str(tmp_path / "evil.txt") if entry == "ABSOLUTE" else entry
+    if kind == "zip":
+        archive, data = tmp_path / "bad.zip", _zip_bytes({**_release_files(), entry: b"evil"})
+    else:
+        archive, data = tmp_path / "bad.tar", _tar_with_link(entry, through=kind == "tar-through")
+    archive.write_bytes(data)
+    with pytest.raises(SystemExit) as err:
+        _run(tmp_path, ["--adopt-archive", str(archive)])
+    assert str(archive) in str(err.value) and ("link" if kind != "zip" else entry) in str(err.value)
+    assert not list(tmp_path.rglob("evil.txt")) and not list(tmp_path.rglob("link"))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "stamp.json").exists()
+
+
+def test_present_archive_is_not_fetched_again(tmp_path, serve):
+    server = serve({"/data.zip": ZIP})
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "scan.zip").write_bytes(ZIP)
+    assert _dl(tmp_path, [server.url("/data.zip")], "--sha256", _sha(ZIP)) == 0
+    assert server.requests == []
+    _assert_extracted(tmp_path)
+
+
+def test_adopt_folder_links_without_copy(tmp_path):
+    src = tmp_path / "scratch" / "my_f30k"
+    src.mkdir(parents=True)
+    for name in WANTED:
+        (src / name).write_bytes(b"12345")
+    for _ in range(2):  # a rerun replaces the link in place
+        assert _run(tmp_path, ["--adopt-folder", str(src)]) == 0
+    link = tmp_path / "data" / "f30k_precomp"
+    assert link.is_symlink() and link.resolve() == src.resolve()
+    stamp = json.loads((tmp_path / "stamp.json").read_text())
+    assert stamp["mode"] == "adopt-folder" and stamp["source"] == str(src.resolve())
+    assert stamp["files"] == {f"f30k_precomp/{n}": 5 for n in WANTED}
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_adopt_archive_extracts_without_copy(tmp_path, suffix):
+    archive = tmp_path / "staged" / f"data{suffix}"
+    archive.parent.mkdir()
+    if suffix == ".zip":
+        archive.write_bytes(ZIP)
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for name, data in _release_files().items():
+                info = tarfile.TarInfo(f"./{name}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    sha = _sha(archive.read_bytes())
+    assert _run(tmp_path, ["--adopt-archive", str(archive), "--sha256", sha]) == 0
+    stamp = _assert_extracted(tmp_path)
+    assert stamp["mode"] == "adopt-archive" and stamp["sha256"] == sha
+    assert {p.name for p in tmp_path.iterdir()} == {"data", "stamp.json", "staged"}
+    assert [p.name for p in archive.parent.iterdir()] == [archive.name]
+    with pytest.raises(SystemExit, match="sha256 mismatch"):
+        _run(tmp_path, ["--adopt-archive", str(archive), "--sha256", "0" * 64])
