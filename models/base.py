@@ -54,6 +54,10 @@ class MatchingModel(nn.Module):
         cap = self.encode_captions(batch["ids"].to(device), batch["lengths"])
         return img, cap, None
 
+    def caption_targets_of(self, token_ids):
+        """(labels, mask) numpy arrays of a caption's word ids; only if needs_caption_targets."""
+        raise NotImplementedError(f"{self.name} has no captioning branch")
+
     def offline_pass(self):
         """Context for the AOQ passes over the offline pairs (a model may freeze BN statistics)."""
         return contextlib.nullcontext()

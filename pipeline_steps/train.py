@@ -219,7 +219,7 @@ def main(argv=None):
     # VSRN parity (Q-DUP): the captioning parameters get two Adam steps per iteration.
     double = "caption" if getattr(model.config, "caption_double_step", False) else None
     optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
-    caption_targets = model.caption_targets if model.needs_caption_targets else None
+    caption_targets = model.caption_targets_of if model.needs_caption_targets else None
     run = Run(args, model, optimizer, args.resume_dir)
     run.dir.mkdir(parents=True, exist_ok=True)
     run.try_resume()
@@ -232,7 +232,10 @@ def main(argv=None):
         batches = epoch_batches(info.n_captions, cfg.batch_size, args.seed, run.epoch)
         dataset = TrainBatches(features, captions, batches, args.seed, run.epoch, candidates,
                                first_batch=run.next_batch, caption_targets=caption_targets)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
+        # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
+        # resumed run, which creates one mid-epoch, would diverge from an uninterrupted one.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+                                             generator=torch.Generator().manual_seed(args.seed))
         losses = []
         bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
                    mininterval=5, file=sys.stderr)

@@ -26,10 +26,16 @@ def dataset(tmp_path_factory):
     return {"data": data, "prepared": prepared, "i2t": i2t, "t2i": t2i}
 
 
-def run_train(dataset, out, variant="baseline", seed=0, extra=()):
+MODEL_CONFIGS = {
+    "vsepp": '{"embed_size": 16, "word_dim": 8}',
+    "vsrn": '{"embed_size": 16, "word_dim": 8, "dim_hidden": 8, "dim_word": 8, "max_len": 20}',
+}
+
+
+def run_train(dataset, out, variant="baseline", seed=0, extra=(), model="vsepp"):
     out.mkdir(parents=True, exist_ok=True)
-    args = ["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]), "--model", "vsepp",
-            "--model-config", '{"embed_size": 16, "word_dim": 8}', "--train-config", TRAIN,
+    args = ["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]), "--model", model,
+            "--model-config", MODEL_CONFIGS[model], "--train-config", TRAIN,
             "--loss-config", f'{{"variant": "{variant}"}}', "--seed", str(seed), "--device", "cpu",
             "--out-best", str(out / "best.pt"), "--out-last", str(out / "last.pt"),
             "--out-log", str(out / "val.csv"), "--resume-dir", str(out / "resume")]
@@ -52,9 +58,10 @@ def read_log(path):
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("variant", ["baseline", "adapoffquin"])
-def test_outputs_and_validation_rows(dataset, tmp_path, variant):
-    run_train(dataset, tmp_path, variant)
+@pytest.mark.parametrize("model,variant", [("vsepp", "baseline"), ("vsepp", "adapoffquin"),
+                                           ("vsrn", "adapoffquin")])
+def test_outputs_and_validation_rows(dataset, tmp_path, model, variant):
+    run_train(dataset, tmp_path, variant, model=model)
     rows = read_log(tmp_path / "val.csv")
     # 150 captions / 32 = 5 batches an epoch: validations at iteration 4 and each epoch end,
     # plus iteration 8 in epoch 1.
@@ -80,10 +87,11 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("variant,kill_after_saves", [("baseline", 1), ("adapoffquin", 2)])
-def test_resume_after_kill_matches_uninterrupted_run(dataset, tmp_path, monkeypatch, variant,
+@pytest.mark.parametrize("model,variant,kill_after_saves", [
+    ("vsepp", "baseline", 1), ("vsepp", "adapoffquin", 2), ("vsrn", "adapoffquin", 1)])
+def test_resume_after_kill_matches_uninterrupted_run(dataset, tmp_path, monkeypatch, model, variant,
                                                      kill_after_saves):
-    run_train(dataset, tmp_path / "full", variant)
+    run_train(dataset, tmp_path / "full", variant, model=model)
     original, calls = train.Run.save_state, []
 
     def save_then_die(self):
@@ -94,11 +102,11 @@ def test_resume_after_kill_matches_uninterrupted_run(dataset, tmp_path, monkeypa
 
     monkeypatch.setattr(train.Run, "save_state", save_then_die)
     with pytest.raises(Killed):
-        run_train(dataset, tmp_path / "killed", variant)
+        run_train(dataset, tmp_path / "killed", variant, model=model)
     assert not (tmp_path / "killed" / "last.pt").exists()
     assert (tmp_path / "killed" / "resume" / "state.pt").exists()
     monkeypatch.setattr(train.Run, "save_state", original)
-    run_train(dataset, tmp_path / "killed", variant)
+    run_train(dataset, tmp_path / "killed", variant, model=model)
     for name in ("best.pt", "last.pt"):
         assert same_weights(tmp_path / "full" / name, tmp_path / "killed" / name)
     assert read_log(tmp_path / "full" / "val.csv") == read_log(tmp_path / "killed" / "val.csv")
