@@ -8,18 +8,26 @@ def register_model(cls):
     return cls
 
 
-def create_model(name, **config):
-    """Instantiate the registered model `name` from keyword config (its config dataclass fields)."""
+def model_class(name):
+    """The registered class of model `name`."""
     _load_builtin_models()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {sorted(_REGISTRY)}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create_model(name, **config):
+    """Instantiate the registered model `name` from keyword config (its config dataclass fields)."""
+    cls = model_class(name)
     return cls(cls.config_class(**config))
 
 
 def _load_builtin_models():
     # Imported here, not at module top, so `models.registry` has no import cycle with the models.
     import models.vsepp  # noqa: F401
+    import models.scan  # noqa: F401
+    import models.bfan  # noqa: F401
+    import models.vsrn  # noqa: F401
 
 
 def model_names():

@@ -255,6 +255,21 @@ class VSRN(MatchingModel):
         return [{k: v.detach().clone() for k, v in module.state_dict().items()}
                 for _, module in self._reference_parts()]
 
+    @classmethod
+    def config_from_reference(cls, opt, states):
+        """VSRNConfig of a released checkpoint: sizes from the weights, the rest from its options."""
+        image, text = states[0], states[1]
+        config = dict(vocab_size=text["embed.weight"].shape[0], word_dim=text["embed.weight"].shape[1],
+                      embed_size=image["fc.weight"].shape[0], img_dim=image["fc.weight"].shape[1],
+                      gcn_layers=sum(1 for k in image if k.startswith("Rs_GCN_") and k.endswith(".g.weight")),
+                      f30k_layout="bn.weight" in image, captioning=len(states) > 2,
+                      max_len=int(opt.get("max_len", 60)))
+        if len(states) > 2:
+            caption = states[2]
+            config.update(dim_hidden=caption["encoder.vid2hid.weight"].shape[0],
+                          dim_word=caption["decoder.embedding.weight"].shape[1])
+        return cls.config_class(**config)
+
     def load_reference_state(self, states):
         """Load the reference's list of state dicts. Two entries (a VSRN checkpoint) leave the
         caption branch as it is; BN num_batches_tracked may be absent; any other missing or

@@ -141,3 +141,27 @@ def test_download_rule_is_planned_for_real_data(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     rules = {rule for rule, _ in planned_jobs(result)}
     assert "download_data" in rules and "make_demo_data" not in rules
+
+
+def test_released_checkpoints_evaluate_as_an_ensemble(finished_run):
+    import torch
+    from tests.test_import_checkpoint import write_reference
+    from models import create_model
+
+    workdir, config = finished_run
+    prepared = workdir / "results" / "demo_precomp" / "prepared"
+    vocab = json.loads((prepared / "manifest.json").read_text())["vocab_size"]
+    released = copy.deepcopy(config)
+    released["released"] = {"checkpoints": {}, "ensembles": {"aoq_vsrn": ["run1", "run2"]}}
+    for seed, name in enumerate(("run1", "run2")):
+        torch.manual_seed(seed)
+        model = create_model("vsrn", vocab_size=vocab, img_dim=16, embed_size=12, word_dim=8,
+                             dim_hidden=8, dim_word=6, max_len=14)
+        write_reference(workdir / f"{name}.pth.tar", model, "coco_precomp")
+        released["released"]["checkpoints"][name] = {"path": str(workdir / f"{name}.pth.tar"), "arch": "vsrn"}
+    result = snakemake(workdir, released, "released")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    metrics = json.loads((workdir / "results" / "demo_precomp" / "eval" / "released" / "aoq_vsrn"
+                          / "coco_5k.json").read_text())
+    assert len(metrics["models"]) == 2 and metrics["label"] == "released:aoq_vsrn"
+    assert {m["variant"] for m in metrics["models"]} == {"released"}

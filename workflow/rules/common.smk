@@ -18,17 +18,32 @@ R = f"results/{DATASET}"
 PREPARED = f"{R}/prepared"
 # Offline candidate files are named after the dataset prefix, as the authors' (i2t_coco.npy).
 DS_PREFIX = DATASET.split("_")[0]
-SEEDS = config["run"]["seeds"]
-# Model instances: name -> {arch: registered model, train: overrides, variants: overrides, ...config}.
-MODELS = config["models"]
+# Model instances: name -> {arch: registered model, train / variants / seeds: overrides, ...config};
+# run.models selects some of them (presets define many).
+MODELS = {name: entry for name, entry in config["models"].items()
+          if name in config["run"].get("models", config["models"])}
 # What evaluation scores: every model alone (the ensemble of its seeds) and the configured
-# ensembles of several models (each with all its seeds), e.g. SCAN t-i AVG + i-t LSE.
-ENSEMBLES = {name: [name] for name in MODELS} | config.get("ensembles", {})
-MODEL_KEYS = ("arch", "train", "variants")
+# ensembles of several models (each with all its seeds), e.g. SCAN t-i AVG + i-t LSE; an ensemble
+# with an unselected member is left out.
+ENSEMBLES = {name: [name] for name in MODELS} | {
+    name: members for name, members in config.get("ensembles", {}).items()
+    if set(members) <= set(MODELS)
+}
+MODEL_KEYS = ("arch", "train", "variants", "seeds")
 for _name, _members in config.get("ensembles", {}).items():
-    if _name in MODELS or not set(_members) <= set(MODELS):
+    if _name in config["models"] or not set(_members) <= set(config["models"]):
         raise ValueError(f"config: ensemble {_name!r} must not reuse a model name and may only "
                          f"list models of `models:` (got {_members})")
+
+
+# Released checkpoints (name -> {path, arch}) and the ensembles of them to evaluate; every
+# checkpoint alone is an ensemble of one.
+RELEASED = config.get("released", {}).get("checkpoints", {})
+RELEASED_ENSEMBLES = {c: [c] for c in RELEASED} | config.get("released", {}).get("ensembles", {})
+
+
+def seeds_of(model):
+    return MODELS[model].get("seeds", config["run"]["seeds"])
 
 
 def variants_of(model):
@@ -44,6 +59,8 @@ def ensemble_variants(name):
 wildcard_constraints:
     model="|".join(MODELS),
     name="|".join(ENSEMBLES),
+    ckpt="|".join(RELEASED) or "^$",
+    ens="|".join(RELEASED_ENSEMBLES) or "^$",
     variant="baseline|offtri|offquin|adapoffquin",
     seed=r"\d+",
 
@@ -140,13 +157,19 @@ def candidate_flags(wildcards, input):
     return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}"
 
 
+def evaluation_flags(outputs):
+    """--evaluation NAME SPLIT PROTOCOL OUT for every configured evaluation."""
+    return " ".join(f"--evaluation {e['name']} {e['split']} {e['protocol']} {out}"
+                    for e, out in zip(config["evaluation"], outputs))
+
+
 def evaluation_by_name(name):
     return next(e for e in config["evaluation"] if e["name"] == name)
 
 
 def trained_runs():
     """(model, variant, seed) of every training run the configuration asks for."""
-    return [(m, v, s) for m in MODELS for v in variants_of(m) for s in SEEDS]
+    return [(m, v, s) for m in MODELS for v in variants_of(m) for s in seeds_of(m)]
 
 
 def evaluation_outputs():

@@ -1,16 +1,13 @@
 rule evaluate:
     input:
         unpack(lambda w: split_inputs(*dict.fromkeys(e["split"] for e in config["evaluation"]))),
-        checkpoints=lambda w: [checkpoint_path(m, w.variant, s) for m in ENSEMBLES[w.name] for s in SEEDS],
+        checkpoints=lambda w: [checkpoint_path(m, w.variant, s) for m in ENSEMBLES[w.name] for s in seeds_of(m)],
     output:
         metrics=[f"{R}/eval/{{name}}/{{variant}}/{e['name']}.json" for e in config["evaluation"]],
     params:
         data=data_dir,
         prepared=prepared_dir,
-        evaluations=lambda w, output: " ".join(
-            f"--evaluation {e['name']} {e['split']} {e['protocol']} {out}"
-            for e, out in zip(config["evaluation"], output.metrics)
-        ),
+        evaluations=lambda w, output: evaluation_flags(output.metrics),
         device=config["run"].get("device", "auto"),
     threads: 4
     conda:

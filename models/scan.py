@@ -1,0 +1,143 @@
+"""SCAN (Lee et al., Stacked Cross Attention) over bottom-up region features.
+
+Spec: /work/shared/spec/scan_bfan_vsepp_data.md §A.2 (image encoder), A.3 (text encoder),
+A.4-A.5 (cross attention, in models/cross_attention.py).
+
+Image: per-region Linear (Xavier-uniform, zero bias; or whole-matrix weight norm) -> l2norm per
+region -> (B, k, d). Text: Embedding U(-0.1, 0.1) -> GRU (bi-GRU directions averaged) -> per-token
+l2norm -> CaptionFeatures(words (B, L, d) zero beyond each length, lengths (B,)).
+`RegionWordModel` holds these encoders and the caption representation helpers; BFAN reuses it.
+"""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models import cross_attention as xattn
+from models.base import MatchingModel
+from models.registry import register_model
+
+PRECOMP_ENC_TYPES = ("basic", "weight_norm")
+
+
+class CaptionFeatures(NamedTuple):
+    """Caption representation: words (B, L, d), zero beyond each length; lengths (B,) int64 (CPU)."""
+    words: torch.Tensor
+    lengths: torch.Tensor
+
+
+class RegionWordModel(MatchingModel):
+    """Region-feature image encoder + GRU word encoder shared by SCAN and BFAN (no scoring)."""
+    single_vector = False
+
+    def __init__(self, config, bi_gru):
+        super().__init__()
+        self.config = config
+        if config.precomp_enc_type not in PRECOMP_ENC_TYPES:
+            raise ValueError(f"unknown precomp_enc_type {config.precomp_enc_type!r}; "
+                             f"choose from {PRECOMP_ENC_TYPES}")
+        self.img_fc = nn.Linear(config.img_dim, config.embed_size)
+        if config.precomp_enc_type == "basic":
+            # Xavier-uniform weights, zero bias (weight_norm keeps the framework default init).
+            r = math.sqrt(6.0) / math.sqrt(config.img_dim + config.embed_size)
+            nn.init.uniform_(self.img_fc.weight, -r, r)
+            nn.init.zeros_(self.img_fc.bias)
+        else:
+            # W = g V / ||V||_F with one scalar g over the whole matrix (dim=None).
+            self.img_fc = weight_norm(self.img_fc, dim=None)
+        self.embed = nn.Embedding(config.vocab_size, config.word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.bi_gru = bool(bi_gru)
+        self.rnn = nn.GRU(config.word_dim, config.embed_size, batch_first=True, bidirectional=self.bi_gru)
+
+    def encode_images(self, images):
+        """images (B, k, img_dim) -> (B, k, embed_size), each region l2-normalised."""
+        regions = self.img_fc(images)
+        return regions if self.config.no_imgnorm else xattn.l2norm(regions, dim=-1)
+
+    def encode_captions(self, ids, lengths):
+        """ids (B, L) padded, lengths (B,) -> CaptionFeatures((B, max length, d), lengths)."""
+        lengths_cpu = torch.as_tensor(lengths, dtype=torch.long).cpu()
+        packed = pack_padded_sequence(self.embed(ids), lengths_cpu, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True)  # padded positions are zeros
+        if self.bi_gru:
+            half = out.shape[-1] // 2
+            out = (out[..., :half] + out[..., half:]) / 2  # average the two directions
+        if not self.config.no_txtnorm:
+            out = xattn.l2norm(out, dim=-1)
+        # lengths stay on the CPU: the kernels read them without a device sync
+        return CaptionFeatures(out, lengths_cpu)
+
+    @staticmethod
+    def concat_representations(reps):
+        """Join caption representations of consecutive batches, padding words to the longest L;
+        plain tensors (image representations) are concatenated along dim 0."""
+        reps = list(reps)
+        if not isinstance(reps[0], tuple):
+            return torch.cat(reps)
+        max_len = max(words.shape[1] for words, _ in reps)
+        words = torch.cat([nn.functional.pad(w, (0, 0, 0, max_len - w.shape[1])) for w, _ in reps])
+        return CaptionFeatures(words, torch.cat([torch.as_tensor(n) for _, n in reps]))
+
+    @staticmethod
+    def slice_representation(rep, start, stop):
+        """Rows [start, stop); a caption slice is trimmed to its own longest caption."""
+        if not isinstance(rep, tuple):
+            return rep[start:stop]
+        words, lengths = rep[0][start:stop], rep[1][start:stop]
+        if len(lengths):
+            words = words[:, :int(lengths.max())]
+        return CaptionFeatures(words, lengths)
+
+
+@dataclass
+class SCANConfig:
+    vocab_size: int
+    img_dim: int = 2048
+    embed_size: int = 1024
+    word_dim: int = 300
+    bi_gru: bool = True
+    precomp_enc_type: str = "basic"
+    no_imgnorm: bool = False
+    no_txtnorm: bool = False
+    cross_attn: str = "t2i"
+    raw_feature_norm: str = "clipped_l2norm"
+    agg_func: str = "LogSumExp"
+    lambda_lse: float = 6.0
+    lambda_softmax: float = 9.0
+    chunk: int = 32  # captions scored at a time in score_all (memory bound; results unchanged)
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.cross_attn, xattn.DIRECTIONS, "cross_attn"),
+                                     (self.raw_feature_norm, xattn.RAW_FEATURE_NORMS, "raw_feature_norm"),
+                                     (self.agg_func, xattn.AGG_FUNCS, "agg_func"),
+                                     (self.precomp_enc_type, PRECOMP_ENC_TYPES, "precomp_enc_type")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
+
+
+@register_model
+class SCAN(RegionWordModel):
+    name = "scan"
+    config_class = SCANConfig
+
+    def __init__(self, config):
+        super().__init__(config, bi_gru=config.bi_gru)
+
+    def _scores(self, img, cap, paired):
+        c = self.config
+        return xattn.scan_scores(img, cap[0], cap[1], direction=c.cross_attn,
+                                 raw_feature_norm=c.raw_feature_norm, agg_func=c.agg_func,
+                                 lambda_softmax=c.lambda_softmax, lambda_lse=c.lambda_lse,
+                                 paired=paired, chunk=c.chunk)
+
+    def score_all(self, img, cap):
+        return self._scores(img, cap, paired=False)
+
+    def score_paired(self, img, cap):
+        return self._scores(img, cap, paired=True)
