@@ -16,6 +16,7 @@ Example:
 """
 import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -56,6 +57,12 @@ class TrainConfig:
     eval_batch_size: int = 256
     workers: int = 0
     allow_tf32: bool = False     # the reference ran in full fp32 (Q-TF32); True is faster on GPUs
+    # Epochs at the start that sum the online hinge over all in-batch negatives (VSE0) instead of
+    # taking the hardest one. 0 = the reference. From random init on weak features the hardest
+    # negative can collapse every embedding onto one point; a warm-up epoch (as VSE-infinity's
+    # `vse_mean_warmup_epochs`) avoids that. AdapOffQuin's weights need the hardest negative, so
+    # its warm-up runs as OffQuin.
+    max_violation_warmup_epochs: int = 0
 
 
 def parse_args(argv):
@@ -92,6 +99,14 @@ def fingerprint(args):
             "candidates_i2t", "candidates_t2i", "seed"]
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def loss_config_at_epoch(loss_cfg, cfg, epoch):
+    """The loss of `epoch`: during the warm-up, no hardest negative and no adaptive weights."""
+    if epoch >= cfg.max_violation_warmup_epochs:
+        return loss_cfg
+    variant = "offquin" if loss_cfg.variant == "adapoffquin" else loss_cfg.variant
+    return dataclasses.replace(loss_cfg, variant=variant, max_violation=False)
 
 
 def lr_at_epoch(cfg, epoch):
@@ -229,6 +244,7 @@ def main(argv=None):
     while run.epoch < cfg.epochs:
         lr = lr_at_epoch(cfg, run.epoch)
         optimizer.set_lr(lr)
+        epoch_loss = loss_config_at_epoch(loss_cfg, cfg, run.epoch)
         batches = epoch_batches(info.n_captions, cfg.batch_size, args.seed, run.epoch)
         dataset = TrainBatches(features, captions, batches, args.seed, run.epoch, candidates,
                                first_batch=run.next_batch, caption_targets=caption_targets)
@@ -240,7 +256,7 @@ def main(argv=None):
         bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
                    mininterval=5, file=sys.stderr)
         for batch in bar:
-            loss, _ = training_loss(model, batch, loss_cfg, device)
+            loss, _ = training_loss(model, batch, epoch_loss, device)
             optimizer.zero_grad()
             loss.backward()
             if cfg.grad_clip > 0:

@@ -139,3 +139,22 @@ def test_aoq_variant_without_candidates_is_refused(dataset, tmp_path):
 def test_unknown_config_field_is_a_clear_error(dataset, tmp_path):
     with pytest.raises(SystemExit, match="bad --train-config.*known fields"):
         run_train(dataset, tmp_path, extra=["--train-config", '{"epochz": 3}'])
+
+
+@pytest.mark.parametrize("variant,warm_variant", [("baseline", "baseline"), ("offtri", "offtri"),
+                                                  ("adapoffquin", "offquin")])
+def test_warmup_epochs_use_all_negatives_without_adaptive_weights(variant, warm_variant):
+    from models.losses import LossConfig
+    loss = LossConfig(variant=variant, alpha=0.4)
+    cfg = train.TrainConfig(max_violation_warmup_epochs=2)
+    for epoch in (0, 1):
+        warm = train.loss_config_at_epoch(loss, cfg, epoch)
+        assert (warm.variant, warm.max_violation, warm.alpha) == (warm_variant, False, 0.4)
+    assert train.loss_config_at_epoch(loss, cfg, 2) == loss
+    assert train.loss_config_at_epoch(loss, train.TrainConfig(), 0) == loss  # reference default
+
+
+def test_warmup_changes_training(dataset, tmp_path):
+    run_train(dataset, tmp_path / "ref")
+    run_train(dataset, tmp_path / "warm", extra=["--train-config", TRAIN[:-1] + ', "max_violation_warmup_epochs": 1}'])
+    assert not same_weights(tmp_path / "ref" / "last.pt", tmp_path / "warm" / "last.pt")

@@ -16,7 +16,7 @@ class Optimizers:
 
     def __init__(self, model, lr, double_step_group=None):
         groups = model.parameter_groups()
-        if double_step_group and double_step_group in groups:
+        if double_step_group and groups.get(double_step_group):
             main = [p for name, ps in groups.items() if name != double_step_group for p in ps]
             self.parts = [(torch.optim.Adam(main, lr=lr), 1),
                           (torch.optim.Adam(groups[double_step_group], lr=lr), 2)]
