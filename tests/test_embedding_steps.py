@@ -7,20 +7,17 @@ import pytest
 import torch
 
 from models import create_model
-from pipeline_steps import evaluate, extract_embeddings, make_demo_data, mine_candidates, prepare_data
+from pipeline_steps import evaluate, extract_embeddings, mine_candidates
 from pipeline_steps.common.checkpoint import save_checkpoint
 from pipeline_steps.common.encode import encode_split
 from pipeline_steps.common.splits import open_split
+from tests.helpers import make_prepared_demo
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("steps")
-    data, prepared = root / "demo_precomp", root / "prepared"
-    make_demo_data.main(["--out", str(data), "--seed", "1", "--n-train", "24", "--n-dev", "6",
-                         "--n-test", "12", "--n-testall-per-fold", "4", "--img-dim", "16"])
-    prepare_data.main(["--data", str(data), "--out", str(prepared), "--img-dim", "16",
-                       "--splits", "train", "dev", "test", "testall"])
+    data, prepared = make_prepared_demo(root, 1, 24, 6, 12, ["train", "dev", "test", "testall"])
     vocab = json.loads((prepared / "manifest.json").read_text())["vocab_size"]
     checkpoints = []
     for seed in (0, 1):  # two differently initialised models: an ensemble

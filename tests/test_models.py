@@ -7,6 +7,7 @@ import models
 from models.base import MatchingModel
 from models.losses import LossConfig, retrieval_loss
 from pipeline_steps.common.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import random_caption_batch, random_images
 
 CFG = dict(vocab_size=40, img_dim=12, embed_size=16, word_dim=8)
 
@@ -17,20 +18,12 @@ def model():
     return models.create_model("vsepp", **CFG)
 
 
-def caption_batch(seed=1, batch=7, extra_pad=2):
-    """Random ids with random lengths (1 included), zero-padded beyond each length and
-    `extra_pad` columns wider than the longest caption."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 10, (batch,), generator=g)
-    lengths[0] = 1
-    ids = torch.randint(1, CFG["vocab_size"], (batch, int(lengths.max()) + extra_pad), generator=g)
-    ids[torch.arange(ids.shape[1])[None, :] >= lengths[:, None]] = 0
-    return ids, lengths
+def caption_batch(seed=1, batch=7, max_len=9, extra_pad=2):
+    return random_caption_batch(CFG["vocab_size"], seed, batch, max_len, extra_pad)
 
 
 def images(seed=2, batch=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 36, CFG["img_dim"], generator=g)
+    return random_images(CFG["img_dim"], seed, batch)
 
 
 def test_caption_encoding_matches_each_caption_alone(model):

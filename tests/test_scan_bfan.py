@@ -11,23 +11,17 @@ from models.bfan import BFAN, BFANConfig
 from models.losses import LossConfig, OfflineScores, retrieval_loss
 from models.scan import SCAN, CaptionFeatures, SCANConfig
 from pipeline_steps.common.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import random_caption_batch, random_images
 
 CFG = dict(vocab_size=40, img_dim=12, embed_size=16, word_dim=8)
 
 
 def caption_batch(seed=1, batch=6, max_len=9, extra_pad=2):
-    """Random ids with random lengths (1 included), zero-padded, wider than the longest caption."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, max_len + 1, (batch,), generator=g)
-    lengths[0] = 1
-    ids = torch.randint(1, CFG["vocab_size"], (batch, int(lengths.max()) + extra_pad), generator=g)
-    ids[torch.arange(ids.shape[1])[None, :] >= lengths[:, None]] = 0
-    return ids, lengths
+    return random_caption_batch(CFG["vocab_size"], seed, batch, max_len, extra_pad)
 
 
 def images(seed=2, batch=6):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 36, CFG["img_dim"], generator=g)
+    return random_images(CFG["img_dim"], seed, batch)
 
 
 def make(name, **extra):

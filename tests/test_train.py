@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps import make_demo_data, prepare_data, train
+from pipeline_steps import train
+from tests.helpers import make_prepared_demo
 
 TRAIN = '{"epochs": 2, "batch_size": 32, "val_step": 4, "eval_batch_size": 64, "offline_size": 20}'
 
@@ -13,11 +14,7 @@ TRAIN = '{"epochs": 2, "batch_size": 32, "val_step": 4, "eval_batch_size": 64, "
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    data, prepared = root / "demo_precomp", root / "prepared"
-    make_demo_data.main(["--out", str(data), "--seed", "3", "--n-train", "30", "--n-dev", "10",
-                         "--n-test", "10", "--n-testall-per-fold", "4", "--img-dim", "16"])
-    prepare_data.main(["--data", str(data), "--out", str(prepared), "--img-dim", "16",
-                       "--splits", "train", "dev"])
+    data, prepared = make_prepared_demo(root, 3, 30, 10, 10, ["train", "dev"])
     rng = np.random.default_rng(0)
     n_img = 30
     i2t, t2i = root / "i2t_demo.npy", root / "t2i_demo.npy"
