@@ -165,3 +165,17 @@ def test_released_checkpoints_evaluate_as_an_ensemble(finished_run):
                           / "coco_5k.json").read_text())
     assert len(metrics["models"]) == 2 and metrics["label"] == "released:aoq_vsrn"
     assert {m["variant"] for m in metrics["models"]} == {"released"}
+
+
+def test_authors_candidate_files_replace_mining(tmp_path):
+    import numpy as np
+
+    config = tiny_config()
+    files = {k: tmp_path / f"{k}_demo.npy" for k in ("i2t", "t2i")}
+    for path in files.values():
+        np.save(path, np.zeros((1, 1), dtype=np.int32))
+    config["mining"]["candidate_files"] = {k: str(v) for k, v in files.items()}
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rules = {rule for rule, _ in planned_jobs(result)}
+    assert "adopt_candidates" in rules and not rules & {"extract_embeddings", "mine_candidates"}

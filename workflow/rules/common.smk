@@ -122,9 +122,13 @@ def checkpoint_path(model, variant, seed):
 
 
 def miner_candidates():
-    """The i2t / t2i files every AOQ run trains with (mined by the configured baseline)."""
+    """The i2t / t2i files every AOQ run trains with: mined by the configured baseline, or the
+    authors' files (mining.candidate_files) once checked."""
     m = config["mining"]
-    folder = f"{R}/candidates/{m['model']}/seed{m['seed']}"
+    if m.get("candidate_files"):
+        folder = f"{R}/candidates/authors"
+    else:
+        folder = f"{R}/candidates/{m['model']}/seed{m['seed']}"
     return {"i2t": f"{folder}/i2t_{DS_PREFIX}.npy", "t2i": f"{folder}/t2i_{DS_PREFIX}.npy"}
 
 

@@ -42,3 +42,26 @@ rule mine_candidates:
         "python -m pipeline_steps.mine_candidates --embeddings {input} --out-i2t {output.i2t}"
         " --out-t2i {output.t2i} --k-i2t {params.k_i2t} --k-t2i {params.k_t2i} --dtype {params.dtype}"
         " --block-mb {params.block_mb} --device {params.device} --threads {threads} > {log} 2>&1"
+
+
+if config["mining"].get("candidate_files"):
+
+    rule adopt_candidates:
+        input:
+            i2t=config["mining"]["candidate_files"]["i2t"],
+            t2i=config["mining"]["candidate_files"]["t2i"],
+            manifest=f"{PREPARED}/manifest.json",
+        output:
+            i2t=f"{R}/candidates/authors/i2t_{DS_PREFIX}.npy",
+            t2i=f"{R}/candidates/authors/t2i_{DS_PREFIX}.npy",
+        params:
+            prepared=prepared_dir,
+            offline_size=config["aoq"]["train"].get("offline_size", 300),
+        conda:
+            "../../envs/aoq.yaml"
+        log:
+            f"logs/{DATASET}/adopt_candidates.log",
+        shell:
+            "python -m pipeline_steps.adopt_candidates --i2t {input.i2t} --t2i {input.t2i}"
+            " --prepared {params.prepared} --offline-size {params.offline_size}"
+            " --out-i2t {output.i2t} --out-t2i {output.t2i} > {log} 2>&1"
