@@ -54,6 +54,43 @@ class RegionWordModel(MatchingModel):
         self.bi_gru = bool(bi_gru)
         self.rnn = nn.GRU(config.word_dim, config.embed_size, batch_first=True, bidirectional=self.bi_gru)
 
+    # The reference layout (SCAN, BFAN and AOQ's BFAN): [image encoder state, text encoder state],
+    # with the image encoder's linear map named `fc`.
+    def reference_state(self):
+        own = self.state_dict()
+        image = {"fc." + k[len("img_fc."):]: v.clone() for k, v in own.items() if k.startswith("img_fc.")}
+        text = {k: v.clone() for k, v in own.items() if not k.startswith("img_fc.")}
+        return [image, text]
+
+    def load_reference_state(self, states):
+        """Load [image encoder state, text encoder state]; ValueError names any key that differs."""
+        if len(states) != 2:
+            raise ValueError(f"expected 2 state dicts [image encoder, text encoder], got {len(states)}")
+        image, text = states
+        ours = {"img_fc." + k[len("fc."):] if k.startswith("fc.") else f"image encoder: {k}": v
+                for k, v in image.items()}
+        ours.update(text)
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(ours)), sorted(set(ours) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"missing keys {missing}, unexpected keys {unexpected}")
+        for key, value in ours.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        self.load_state_dict(ours)
+
+    @classmethod
+    def config_from_reference(cls, opt, states):
+        """Config of a released checkpoint: sizes from the weights, options from its argparse opt."""
+        image, text = states
+        sizes = dict(vocab_size=text["embed.weight"].shape[0], word_dim=text["embed.weight"].shape[1],
+                     embed_size=image["fc.weight"].shape[0], img_dim=image["fc.weight"].shape[1])
+        if "bi_gru" in cls.config_class.__dataclass_fields__:
+            sizes["bi_gru"] = "rnn.weight_ih_l0_reverse" in text
+        options = {k: v for k, v in opt.items()
+                   if k in cls.config_class.__dataclass_fields__ and k not in sizes}
+        return cls.config_class(**sizes, **options)
+
     def encode_images(self, images):
         """images (B, k, img_dim) -> (B, k, embed_size), each region l2-normalised."""
         regions = self.img_fc(images)

@@ -63,3 +63,30 @@ def test_vocabulary_mismatch_is_refused(tmp_path, prepared):
         import_checkpoint.main(["--reference", str(path), "--arch", "vsrn", "--prepared",
                                 str(prepared), "--out", str(tmp_path / "x.pt")])
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("arch,opt", [
+    ("bfan", {"focal_type": "prob", "lambda_softmax": 20.0}),
+    ("scan", {"cross_attn": "i2t", "agg_func": "LogSumExp", "lambda_lse": 5.0, "lambda_softmax": 4.0}),
+])
+def test_imported_cross_attention_model_scores_like_the_reference(tmp_path, prepared, arch, opt):
+    torch.manual_seed(1)
+    reference = create_model(arch, vocab_size=40, img_dim=16, embed_size=12, word_dim=8, **opt).eval()
+    states = [OrderedDict(s) for s in reference.reference_state()]
+    assert "fc.weight" in states[0] and "rnn.weight_ih_l0_reverse" in states[1]
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 2, "model": states, "best_rsum": 300.0, "Eiters": 9,
+                "opt": argparse.Namespace(data_name="f30k_precomp", margin=0.2, **opt)}, path,
+               _use_new_zipfile_serialization=False, pickle_protocol=2)
+    out = tmp_path / "imported.pt"
+    import_checkpoint.main(["--reference", str(path), "--arch", arch, "--prepared", str(prepared),
+                            "--out", str(out)])
+    model, _ = load_checkpoint(out)
+    for key, value in opt.items():
+        assert getattr(model.config, key) == value
+    images, ids = torch.rand(3, 36, 16), torch.randint(4, 40, (4, 7))
+    lengths = torch.tensor([7, 4, 2, 3])
+    with torch.no_grad():
+        ours = model.score_all(model.encode_images(images), model.encode_captions(ids, lengths))
+        theirs = reference.score_all(reference.encode_images(images), reference.encode_captions(ids, lengths))
+    torch.testing.assert_close(ours, theirs)
