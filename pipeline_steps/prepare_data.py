@@ -33,6 +33,8 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--img-dim", type=int, required=True, help="expected feature width D")
     parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
+    parser.add_argument("--dataset-name", default=None,
+                        help="coco_precomp / f30k_precomp: also check the release's split sizes")
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--vocab-json", default=None, help="use this SCAN vocab json instead of building one")
     vocab.add_argument("--vocab-pkl", default=None,
@@ -48,7 +50,8 @@ def main(argv=None):
     if "train" not in args.splits:
         raise SystemExit("--splits must include train")
     try:
-        infos = {s: validate_split(args.data, s, args.img_dim) for s in args.splits}
+        infos = {s: validate_split(args.data, s, args.img_dim, dataset=args.dataset_name)
+                 for s in args.splits}
         word2idx = None
         if args.vocab_json:
             word2idx = load_vocab_json(args.vocab_json)

@@ -202,3 +202,14 @@ def test_bad_input_fails_cleanly(tmp_path, case):
     message = str(info.value.code)
     assert filename in message and problem in message
     assert list(out.rglob("*")) == []
+
+
+def test_known_release_split_sizes_are_enforced(tmp_path):
+    from pipeline_steps.common.precomp import DataError, validate_split
+    folder = tmp_path / "coco_precomp"
+    folder.mkdir()
+    np.save(folder / "test_ims.npy", np.zeros((2, 36, 4), dtype=np.float32))
+    (folder / "test_caps.txt").write_text("a cat\n" * 10)
+    with pytest.raises(DataError, match="test_caps.txt: 10 captions, but coco_precomp test has 5000"):
+        validate_split(folder, "test", 4, dataset="coco_precomp")
+    assert validate_split(folder, "test", 4, dataset="demo_precomp").n_images == 2  # unknown: no table

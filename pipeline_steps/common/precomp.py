@@ -15,6 +15,14 @@ REGIONS = 36
 DEV_CAPTION_LIMIT = 5000
 
 
+# Caption lines of SCAN's release per (dataset, split) (Karpathy splits; spec tables). A folder
+# named like a known dataset is held to them, so a truncated or mixed-up download fails early.
+KNOWN_CAPTION_COUNTS = {
+    "coco_precomp": {"train": 566_435, "dev": 25_000, "test": 5_000, "testall": 25_000},
+    "f30k_precomp": {"train": 145_000, "dev": 5_070, "test": 5_000},
+}
+
+
 class DataError(ValueError):
     """A dataset file is missing or malformed; the message names the file and the problem."""
 
@@ -46,8 +54,11 @@ def open_features(path):
         raise DataError(f"{path}: not a readable .npy array ({err})") from None
 
 
-def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8):
-    """Check one split and return its SplitInfo; raise DataError naming the file on problems."""
+def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, dataset=None):
+    """Check one split and return its SplitInfo; raise DataError naming the file on problems.
+
+    `dataset` (e.g. "coco_precomp") additionally checks the caption count of a known release.
+    """
     folder = Path(folder)
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
     if not caps_path.exists():
@@ -63,6 +74,10 @@ def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8):
     if n_caps == 0 or n_caps % CAPTIONS_PER_IMAGE:
         raise DataError(f"{caps_path}: {n_caps} caption lines, expected a positive multiple of "
                         f"{CAPTIONS_PER_IMAGE} (5 consecutive captions per image)")
+    expected = KNOWN_CAPTION_COUNTS.get(dataset, {}).get(split)
+    if expected is not None and n_caps != expected:
+        raise DataError(f"{caps_path}: {n_caps} captions, but {dataset} {split} has {expected} "
+                        "in SCAN's release (truncated or mixed-up files?)")
     rows = features.shape[0]
     if rows == n_caps:
         rows_per_image = CAPTIONS_PER_IMAGE

@@ -57,6 +57,7 @@ rule prepare_data:
         vocab=vocab_flags,
         threshold=config["dataset"].get("vocab_threshold", 4),
         tokenizer=config["dataset"].get("tokenizer", "auto"),
+        name=DATASET,
     conda:
         "../../envs/aoq.yaml"
     log:
@@ -64,4 +65,4 @@ rule prepare_data:
     shell:
         "python -m pipeline_steps.prepare_data --data {params.data} --out {params.prepared} --img-dim {params.img_dim}"
         " --splits {params.splits} {params.vocab} --vocab-threshold {params.threshold}"
-        " --tokenizer {params.tokenizer} > {log} 2>&1"
+        " --tokenizer {params.tokenizer} --dataset-name {params.name} > {log} 2>&1"
