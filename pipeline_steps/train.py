@@ -165,6 +165,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.next_batch = state["epoch"], state["next_batch"]
         self.iteration, self.best_score = state["iteration"], state["best_score"]
         self.history = state["history"]
@@ -175,6 +177,7 @@ class Run:
         with atomic_path(self.dir / "state.pt") as tmp:
             torch.save({"fingerprint": self.fingerprint, "model": self.model.state_dict(),
                         "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                         "epoch": self.epoch, "next_batch": self.next_batch, "iteration": self.iteration,
                         "best_score": self.best_score, "history": self.history}, tmp)
 
@@ -270,11 +273,8 @@ def main(argv=None):
                 losses = []
                 run.save_state()
         bar.close()
-        run.epoch, run.next_batch = run.epoch + 1, 0
-        # The end-of-epoch validation belongs to the finished epoch.
-        run.epoch -= 1
         run_validation(run, dev, cfg, device, float(np.mean(losses)) if losses else float("nan"), lr, label)
-        run.epoch += 1
+        run.epoch, run.next_batch = run.epoch + 1, 0
         run.save_state()
 
     last_metrics = run.history[-1]
