@@ -75,13 +75,18 @@ def plot_curves(log_paths, target):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.get_cmap("tab20").colors  # more runs than the default cycle's 10 colours
+    for axis in axes:
+        axis.set_prop_cycle(color=colours)
     for path in log_paths:
         log = pd.read_csv(path)
         label = "/".join(Path(path).parent.parts[-3:])  # model/variant/seed
         axes[0].plot(log["iteration"], log["val_score4"], marker=".", label=label)
         axes[1].plot(log["iteration"], log["train_loss"], marker=".", label=label)
     axes[0].set(xlabel="iteration", ylabel="dev i2t R@1+R@5 + t2i R@1+R@5", title="validation")
-    axes[1].set(xlabel="iteration", ylabel="mean training loss since last validation", title="training")
+    # Log scale: warm-up epochs sum the hinge over all negatives and are orders of magnitude larger.
+    axes[1].set(xlabel="iteration", ylabel="mean training loss since last validation", title="training",
+                yscale="log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(target) as tmp:
