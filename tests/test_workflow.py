@@ -179,3 +179,35 @@ def test_authors_candidate_files_replace_mining(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     rules = {rule for rule, _ in planned_jobs(result)}
     assert "adopt_candidates" in rules and not rules & {"extract_embeddings", "mine_candidates"}
+
+
+def test_whole_dag_on_a_scan_layout_folder_with_a_vocab_json(tmp_path):
+    """Real-data mode: no demo rule; an existing SCAN-layout folder and a SCAN vocab json."""
+    from pipeline_steps import make_demo_data
+    from pipeline_steps.common.text import build_vocab, make_tokenizer, read_caption_lines, vocab_json_text
+
+    folder = tmp_path / "data" / "scanlike_precomp"
+    make_demo_data.main(["--out", str(folder), "--seed", "5", "--n-train", "40", "--n-dev", "10",
+                         "--n-test", "10", "--n-testall-per-fold", "4", "--img-dim", "16",
+                         "--dev-rows-per-caption"])
+    (folder / "demo_meta.json").unlink()
+    for split in ("train", "dev", "test"):  # SCAN's release also ships ids files
+        (folder / f"{split}_ids.txt").write_text("".join(f"{i}\n" for i in range(100)))
+    tokenize, _ = make_tokenizer()
+    words = build_vocab([tokenize(line) for line in read_caption_lines(folder / "train_caps.txt")], 1)
+    vocab = tmp_path / "scanlike_precomp_vocab.json"
+    vocab.write_text(vocab_json_text(words))
+    config = tiny_config()
+    config["demo"]["enabled"] = False
+    config["dataset"].update(name="scanlike_precomp", path=str(folder), splits=["train", "dev", "test"],
+                             vocab_json=str(vocab))
+    config["aoq"]["variants"] = ["adapoffquin"]
+    config["evaluation"] = [{"name": "f30k_1k", "split": "test", "protocol": "full"}]
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    results = tmp_path / "results" / "scanlike_precomp"
+    manifest = json.loads((results / "prepared" / "manifest.json").read_text())
+    assert manifest["vocab_size"] == len(words) and manifest["vocab"].startswith("loaded")
+    assert manifest["splits"]["dev"]["rows_per_image"] == 5
+    assert (results / "candidates" / "vsepp" / "seed0" / "t2i_scanlike.npy").exists()
+    assert "| vsepp | +AdapOffQuin |" in (results / "report" / "report.md").read_text()
