@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .text import SPECIAL_TOKENS, load_vocab_json, vocab_json_text
+from .text import check_word2idx, load_vocab_json, vocab_json_text
 
 
 class ReferenceFileError(ValueError):
@@ -105,14 +105,7 @@ def load_vocab_pickle(path):
     word2idx = {_text(word): i for word, i in raw.items()}
     if len(word2idx) != len(raw) or not all(isinstance(w, str) for w in word2idx):
         raise ReferenceFileError(f"{path}: word2idx words must be distinct strings")
-    # Same checks as text.load_vocab_json (which only takes a path).
-    ids = sorted(word2idx.values()) if all(type(i) is int for i in word2idx.values()) else None
-    if ids != list(range(len(word2idx))):
-        raise ReferenceFileError(
-            f"{path}: word2idx ids must be the integers 0..{len(word2idx) - 1}, each once")
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if word2idx.get(token) != i:
-            raise ReferenceFileError(f"{path}: special token {token!r} must have id {i}")
+    check_word2idx(word2idx, path, ReferenceFileError)
     idx2word = fields.get("idx2word")
     if idx2word is not None and (not isinstance(idx2word, dict)
                                  or {i: _text(w) for i, w in idx2word.items()}

@@ -82,6 +82,16 @@ def vocab_json_text(word2idx):
                       ensure_ascii=False, indent=0)
 
 
+def check_word2idx(word2idx, path, error=ValueError):
+    """Ids are exactly 0..V-1 and the special tokens hold 0..3; else `error` naming `path`."""
+    ids = sorted(word2idx.values()) if all(type(v) is int for v in word2idx.values()) else None
+    if ids != list(range(len(word2idx))):
+        raise error(f"{path}: word2idx ids must be the integers 0..{len(word2idx) - 1}, each once")
+    for i, token in enumerate(SPECIAL_TOKENS):
+        if word2idx.get(token) != i:
+            raise error(f"{path}: special token {token!r} must have id {i}")
+
+
 def load_vocab_json(path):
     """Load and check a SCAN vocab json; raise ValueError naming the file on any problem."""
     path = Path(path)
@@ -92,12 +102,7 @@ def load_vocab_json(path):
     if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
         raise ValueError(f"{path}: vocabulary json must be an object with a 'word2idx' object")
     word2idx = data["word2idx"]
-    ids = sorted(word2idx.values()) if all(type(v) is int for v in word2idx.values()) else None
-    if ids != list(range(len(word2idx))):
-        raise ValueError(f"{path}: word2idx ids must be the integers 0..{len(word2idx) - 1}, each once")
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if word2idx.get(token) != i:
-            raise ValueError(f"{path}: special token {token!r} must have id {i}")
+    check_word2idx(word2idx, path)
     if "idx" in data and data["idx"] != len(word2idx):
         raise ValueError(f"{path}: 'idx' is {data['idx']} but word2idx has {len(word2idx)} words")
     return word2idx
