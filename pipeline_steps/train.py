@@ -89,7 +89,7 @@ def _json_config(text, cls, what):
     try:
         return cls(**json.loads(text))
     except (json.JSONDecodeError, TypeError, ValueError) as err:
-        known = ", ".join(f.name for f in fields(cls)) if hasattr(cls, "__dataclass_fields__") else ""
+        known = ", ".join(f.name for f in fields(cls))  # both configs are dataclasses
         raise SystemExit(f"error: bad {what}: {err} (known fields: {known})") from None
 
 
