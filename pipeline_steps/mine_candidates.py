@@ -3,10 +3,12 @@
 Input:  HDF5 embeddings (`images` (N, d), `captions` (5N, d)) of the training split.
 Output: `i2t_<ds>.npy` int32 (N, K_i2t): caption ids per image, own 5 captions excluded;
         `t2i_<ds>.npy` int32 (5N, K_t2i): image ids per caption, own image excluded.
-        Rows are sorted by decreasing similarity (the authors' layout). Queries are scored a block
-        at a time and results written into memory-mapped files, so memory stays bounded.
-        Scores are fp32 by default (the reference used fp16 on GPU; its tie order cannot be
-        reproduced anyway, spec §4.1).
+        Rows are sorted by decreasing similarity (the authors' layout). Both directions come from
+        one pass over the score matrix (each tile of scores feeds both selections; see
+        pipeline_steps/common/mining.py), results are written into memory-mapped files, so
+        memory stays bounded. Scores are fp32 by default (the reference used fp16 on GPU; its
+        tie order cannot be reproduced anyway, spec §4.1); on CPU, equal scores are ordered by
+        lower id.
 
 Example:
     python -m pipeline_steps.mine_candidates --embeddings results/embeddings/vsepp/seed0/train.h5 \
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline_steps.common.atomic import atomic_path
 from pipeline_steps.common.checkpoint import pick_device
-from pipeline_steps.common.mining import mine_i2t, mine_t2i
+from pipeline_steps.common.mining import ENGINES, mine_both, t2i_queue_bytes
 
 log = logging.getLogger("mine_candidates")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,16 +44,9 @@ def parse_args(argv):
                    help="score precision; float16/bfloat16 only on GPU")
     p.add_argument("--block-mb", type=int, default=512, help="memory for one block of scores")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="selection engine: native (compiled, CPU), torch (CPU or GPU), auto")
     return p.parse_args(argv)
-
-
-def mine_to_file(mine, path, rows, k, desc, **kwargs):
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(rows, k))
-        with tqdm(total=rows, desc=desc, mininterval=5, file=sys.stderr) as bar:
-            mine(out=out, k=k, progress=bar.update, **kwargs)
-        out.flush()
-        del out
 
 
 def main(argv=None):
@@ -63,14 +58,24 @@ def main(argv=None):
     max_block_elems = args.block_mb * 2**20 // 4
     with h5py.File(args.embeddings, "r") as h5:
         images, captions = h5["images"], h5["captions"]
-        common = dict(img=images, cap=captions, device=device, dtype=DTYPES[args.dtype],
-                      max_block_elems=max_block_elems)
-        try:
-            mine_to_file(mine_i2t, args.out_i2t, images.shape[0], args.k_i2t, "i2t", **common)
-            mine_to_file(mine_t2i, args.out_t2i, captions.shape[0], args.k_t2i, "t2i", **common)
-        except ValueError as err:
-            raise SystemExit(f"error: {args.embeddings}: {err}") from None
         n_img, n_cap = images.shape[0], captions.shape[0]
+        log.info("mining %d images x %d captions on %s (t2i lists: %.0f MiB on CPU)", n_img, n_cap,
+                 device, t2i_queue_bytes(n_cap, args.k_t2i) / 2**20)
+        with atomic_path(args.out_i2t) as tmp_i2t, atomic_path(args.out_t2i) as tmp_t2i:
+            out_i2t = np.lib.format.open_memmap(tmp_i2t, mode="w+", dtype=np.int32,
+                                                shape=(n_img, args.k_i2t))
+            out_t2i = np.lib.format.open_memmap(tmp_t2i, mode="w+", dtype=np.int32,
+                                                shape=(n_cap, args.k_t2i))
+            try:
+                with tqdm(total=n_img, desc="mining", unit="img", mininterval=5, file=sys.stderr) as bar:
+                    mine_both(images, captions, args.k_i2t, args.k_t2i, out_i2t, out_t2i,
+                              device=device, dtype=DTYPES[args.dtype], max_block_elems=max_block_elems,
+                              engine=args.engine, progress=bar.update)
+            except ValueError as err:
+                raise SystemExit(f"error: {args.embeddings}: {err}") from None
+            out_i2t.flush()
+            out_t2i.flush()
+            del out_i2t, out_t2i
     log.info("wrote %s (%d x %d) and %s (%d x %d)", args.out_i2t, n_img, args.k_i2t,
              args.out_t2i, n_cap, args.k_t2i)
     return 0

@@ -11,13 +11,17 @@ The full ``n_img x 5 n_img`` matrix is never materialised: a block holds at most
 ``max_block_elems`` scores.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from pipeline_steps.common import topk_native
+
 CAPS_PER_IMAGE = 5
 RECALL_KS = (1, 5, 10)
 DEFAULT_MAX_BLOCK_ELEMS = 2 ** 24  # 64 MiB of float32 scores per block
+POSITIVE_BLOCK_IMAGES = 64  # images per diagonal block when reading the positives first
 
 
 def _to_float_tensor(x, device):
@@ -98,8 +102,9 @@ def _checked_block(score_block, i0, i1, c0, c1):
     if tuple(block.shape) != (i1 - i0, c1 - c0):
         raise ValueError(f"scorer returned shape {tuple(block.shape)} for images [{i0},{i1}) x "
                          f"captions [{c0},{c1}); expected {(i1 - i0, c1 - c0)}")
-    # NaN compares False with everything and would silently give rank 0.
-    if torch.isnan(block).any():
+    # NaN compares False with everything and would silently give rank 0. A sum is a cheap first
+    # test (NaN propagates); only a suspicious block is searched (inf - inf is NaN too).
+    if torch.isnan(block.sum()) and torch.isnan(block).any():
         raise ValueError(f"scorer returned NaN in images [{i0},{i1}) x captions [{c0},{c1})")
     return block
 
@@ -110,6 +115,37 @@ def _queries_per_block(n_other, block_size, max_block_elems):
     return by_memory if block_size is None else max(1, min(int(block_size), by_memory))
 
 
+def _positive_scores(score_block, n_img, block_size, max_block_elems):
+    """(5 n_img,) score of every caption with its own image, from small diagonal blocks."""
+    g = min(POSITIVE_BLOCK_IMAGES, max(1, math.isqrt(max_block_elems // CAPS_PER_IMAGE)))
+    if block_size is not None:
+        g = max(1, min(g, int(block_size)))
+    parts = []
+    for a in range(0, n_img, g):
+        b = min(a + g, n_img)
+        s = _checked_block(score_block, a, b, CAPS_PER_IMAGE * a, CAPS_PER_IMAGE * b)  # (g, 5g)
+        own = (CAPS_PER_IMAGE * torch.arange(b - a, device=s.device)[:, None]
+               + torch.arange(CAPS_PER_IMAGE, device=s.device))  # (g, 5)
+        parts.append(s.gather(1, own).reshape(-1))
+    return torch.cat(parts)
+
+
+def _count_above_native(lib, s, best_gt, pos, pool, threads):
+    """(row counts (B,), column counts (C,)) of one CPU block with the compiled kernel."""
+    tile = s.to(torch.float32).contiguous().numpy()
+    row_thr = best_gt.to(torch.float32).contiguous().numpy()
+    col_thr = pos.to(torch.float32).contiguous().numpy()
+    rows = np.zeros(tile.shape[0], dtype=np.int64)
+    edges = np.linspace(0, tile.shape[0], threads + 1).round().astype(int)
+    cols = [np.zeros(tile.shape[1], dtype=np.int32) for _ in range(threads)]
+    jobs = [pool.submit(topk_native.count_above, lib, tile[lo:hi], row_thr[lo:hi], col_thr,
+                        rows[lo:hi], cols[t])
+            for t, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if hi > lo]
+    for job in jobs:
+        job.result()
+    return torch.from_numpy(rows), torch.from_numpy(np.sum(cols, axis=0, dtype=np.int64))
+
+
 def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
     """Exact 0-based retrieval ranks for `n_img` images and their 5 * n_img captions.
 
@@ -118,10 +154,14 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
     t2i rank of caption c: number of images scoring strictly higher than image c // 5.
     Ties are therefore resolved in favour of the ground truth.
 
-    i2t is computed from row blocks (images [a,b) x all captions), t2i from column blocks
-    (all images x captions [a,b)). `block_size` caps the number of queries per block; blocks also
-    hold at most about `max_block_elems` scores. Returns numpy int64 arrays
-    (i2t_ranks (n_img,), t2i_ranks (5 * n_img,)).
+    One pass over row blocks (images [a,b) x all captions) gives both directions: each block's
+    rows count captions above their best positive (i2t) and its columns add the images above each
+    caption's positive (t2i), so every score is computed once. The positives themselves are read
+    first from small diagonal blocks (about 64 / n_img of the work); an image is never counted
+    against its own caption, whatever rounding a different block shape gives. On CPU the counts
+    come from the compiled kernel when it builds (topk_native), else from torch.
+    `block_size` caps the number of images per block; blocks also hold at most about
+    `max_block_elems` scores. Returns numpy int64 arrays (i2t_ranks (n_img,), t2i_ranks (5 n_img,)).
     """
     n_img = int(n_img)
     if n_img < 1:
@@ -131,28 +171,35 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
         raise ValueError(f"scorer holds {declared} images but n_img={n_img}")
     n_cap = CAPS_PER_IMAGE * n_img
     gt_offsets = torch.arange(CAPS_PER_IMAGE)
-
     i2t = np.empty(n_img, dtype=np.int64)
+    t2i = None
     rows = _queries_per_block(n_cap, block_size, max_block_elems)
-    with torch.no_grad():
+    lib = topk_native.load_kernel()
+    threads = max(1, torch.get_num_threads())
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=threads) as pool:
+        pos = _positive_scores(score_block, n_img, block_size, max_block_elems)  # (N_cap,)
         for a in range(0, n_img, rows):
             b = min(a + rows, n_img)
             s = _checked_block(score_block, a, b, 0, n_cap)  # (B, N_cap)
-            q = torch.arange(a, b, device=s.device)
-            gt_cols = CAPS_PER_IMAGE * q[:, None] + gt_offsets.to(s.device)  # (B, 5)
-            # Positives are read from this very block, so they are compared with themselves exactly.
-            best_gt = s.gather(1, gt_cols).max(dim=1, keepdim=True).values  # (B, 1)
-            i2t[a:b] = (s > best_gt).sum(dim=1).cpu().numpy()
-
-        t2i = np.empty(n_cap, dtype=np.int64)
-        cols = _queries_per_block(n_img, block_size, max_block_elems)
-        for a in range(0, n_cap, cols):
-            b = min(a + cols, n_cap)
-            s = _checked_block(score_block, 0, n_img, a, b)  # (N_img, B)
-            gt_rows = (torch.arange(a, b, device=s.device) // CAPS_PER_IMAGE)[None, :]  # (1, B)
-            pos = s.gather(0, gt_rows)  # (1, B)
-            t2i[a:b] = (s > pos).sum(dim=0).cpu().numpy()
-    return i2t, t2i
+            pos = pos.to(s.device)
+            local = torch.arange(b - a, device=s.device)
+            gt_cols = CAPS_PER_IMAGE * (local + a)[:, None] + gt_offsets.to(s.device)  # (B, 5)
+            # i2t positives are read from this very block, so they are compared with themselves.
+            own = s.gather(1, gt_cols)  # (B, 5)
+            best_gt = own.max(dim=1).values  # (B,)
+            if lib is not None and s.device.type == "cpu":
+                row_counts, col_counts = _count_above_native(lib, s, best_gt, pos, pool, threads)
+            else:
+                row_counts = (s > best_gt[:, None]).sum(dim=1)
+                col_counts = (s > pos[None, :]).sum(dim=0)
+            i2t[a:b] = row_counts.cpu().numpy()
+            # Never count an image against its own caption (its score here may differ from the
+            # diagonal block's by rounding).
+            own_above = (own > pos[CAPS_PER_IMAGE * a:CAPS_PER_IMAGE * b].view(b - a, CAPS_PER_IMAGE))
+            col_counts = col_counts.to(s.device)
+            col_counts[CAPS_PER_IMAGE * a:CAPS_PER_IMAGE * b] -= own_above.reshape(-1).to(col_counts.dtype)
+            t2i = col_counts if t2i is None else t2i + col_counts
+    return i2t, t2i.cpu().numpy().astype(np.int64)
 
 
 def _rank_summary(ranks, prefix):

@@ -1,17 +1,29 @@
 """Offline hard-negative candidate mining (AOQ): top-k most similar non-matching items.
 
 Inputs are training-split embeddings: images (N, d) and captions (5N, d), caption c belonging
-to image c // 5, as numpy arrays or h5py datasets. Queries are read in row blocks; the other
-side (the keys) is loaded whole, since every query block is scored against all of it.
-Results are written block by block into a caller-provided int32 array (numpy array or
-np.lib.format.open_memmap), so memory stays bounded at COCO scale (113,287 x 566,435 scores).
+to image c // 5, as numpy arrays or h5py datasets. Results are written block by block into
+caller-provided int32 arrays (numpy arrays or np.lib.format.open_memmap), so memory stays bounded
+at COCO scale (113,287 x 566,435 scores).
 
-Scores are dot products (higher = more similar). Each item's positives get score -inf before
-torch.topk, so they can never be selected. Order among exactly tied scores is unspecified
-(whatever torch.topk returns on the device used).
+`mine_both` is what the pipeline runs: i2t and t2i come from the same score matrix, so each tile
+of scores is computed once and feeds both selections (rows: the images' top K_i2t captions;
+columns: each caption's running top K_t2i images, kept across image blocks). On CPU the selection
+is the compiled running-top-k kernel (topk_native); on CUDA, or where no C compiler exists, it is
+torch.topk on row blocks plus a running column merge.
+
+`mine_i2t` / `mine_t2i` are the plain one-direction searches (one matrix product and torch.topk
+per query block); tests and benchmarks use them as the straightforward baseline.
+
+Scores are dot products (higher = more similar); positives are never selected. Ties: the native
+kernel returns exactly the first k of a stable descending sort (equal scores: lower id first);
+the torch paths leave the order among exactly tied scores unspecified.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
+
+from pipeline_steps.common import topk_native
 
 CAPS_PER_IMAGE = 5
 DEFAULT_MAX_BLOCK_ELEMS = 2 ** 26  # 256 MiB of float32 scores per block
@@ -133,3 +145,168 @@ def mine_t2i(img, cap, k, out, block_rows=None, device="cpu", dtype=torch.float3
         return (q // CAPS_PER_IMAGE)[:, None]  # (B, 1)
 
     return _mine(cap, img, int(k), out, own_image, block_rows, device, dtype, max_block_elems, progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Both directions from one pass over the score matrix.
+
+ENGINES = ("auto", "native", "torch")
+NATIVE_TILE_COLS = 2048      # captions per tile: a 512 x 2048 float32 tile (4 MiB) stays in cache
+NATIVE_BLOCK_ROWS = 512      # images per block (the i2t queues live for one block)
+FINAL_ROWS = 65536           # t2i rows finalised and written per step
+
+
+def queue_capacity(k):
+    """Slots per running queue: room for k more before a compaction (amortised O(1) per entry)."""
+    return 2 * int(k)
+
+
+def t2i_queue_bytes(n_cap, k_t2i):
+    """Memory the native engine holds for the caption queues during the whole pass."""
+    return n_cap * topk_native.Queues.bytes_per_queue(queue_capacity(k_t2i))
+
+
+def _resolve_engine(engine, device):
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if device.type == "cuda":
+        if engine == "native":
+            raise ValueError("engine 'native' runs on the CPU; use 'torch' (or 'auto') on CUDA")
+        return "torch", None
+    if engine == "torch":
+        return "torch", None
+    lib = topk_native.load_kernel()
+    if lib is None:
+        if engine == "native":
+            raise ValueError("engine 'native' requested but the C kernel could not be built "
+                             "(see the log); use engine 'torch'")
+        return "torch", None
+    return "native", lib
+
+
+def _split(n, parts):
+    """`parts` contiguous (lo, hi) ranges covering [0, n) (some may be empty)."""
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols,
+                      threads, progress):
+    n_img, n_cap = img.shape[0], cap_t.shape[0]
+    caps = _queues(n_cap, k_t2i)
+    images = _queues(min(block_rows, n_img), k_i2t)
+    pool = ThreadPoolExecutor(max_workers=threads)
+    tile_buf = torch.empty((min(block_rows, n_img), min(tile_cols, n_cap)))
+    try:
+        for a in range(0, n_img, block_rows):
+            b = min(a + block_rows, n_img)
+            q = _load_rows(img, a, b, "cpu", torch.float32)  # (R, d)
+            images.reset()
+            row_parts = _split(b - a, threads)
+            for c0 in range(0, n_cap, tile_cols):
+                c1 = min(c0 + tile_cols, n_cap)
+                # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
+                tile_t = tile_buf[:b - a, :c1 - c0]
+                if not tile_t.is_contiguous():
+                    tile_t = torch.empty((b - a, c1 - c0))
+                torch.matmul(q, cap_t[c0:c1].T, out=tile_t)
+                tile = tile_t.numpy()  # (R, W), C-contiguous float32
+                col_parts = _split(c1 - c0, threads)
+                jobs = [pool.submit(topk_native.scan_tile, lib, tile, a, c0, CAPS_PER_IMAGE,
+                                    images, rows, caps, cols)
+                        for rows, cols in zip(row_parts, col_parts)]
+                for job in jobs:
+                    job.result()
+            top = np.empty((b - a, k_i2t), dtype=np.int32)
+            jobs = [pool.submit(_finalize_rows, lib, images, lo, hi, top) for lo, hi in row_parts]
+            for job in jobs:
+                job.result()
+            out_i2t[a:b] = top
+            if progress is not None:
+                progress(b - a)
+        for c0 in range(0, n_cap, FINAL_ROWS):
+            c1 = min(c0 + FINAL_ROWS, n_cap)
+            top = np.empty((c1 - c0, k_t2i), dtype=np.int32)
+            jobs = [pool.submit(_finalize_rows, lib, caps, c0 + lo, c0 + hi, top, c0)
+                    for lo, hi in _split(c1 - c0, threads)]
+            for job in jobs:
+                job.result()
+            out_t2i[c0:c1] = top
+    finally:
+        pool.shutdown()
+
+
+def _queues(n, k):
+    return topk_native.Queues(n, k, queue_capacity(k))
+
+
+def _finalize_rows(lib, queues, q_lo, q_hi, top, offset=0):
+    topk_native.finalize(lib, queues, q_lo, q_hi, top[q_lo - offset:q_hi - offset])
+
+
+def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, dtype, progress):
+    n_img, n_cap = img.shape[0], cap_t.shape[0]
+    offsets = torch.arange(CAPS_PER_IMAGE, device=device)
+    best_v = torch.full((k_t2i, n_cap), float("-inf"), device=device, dtype=dtype)
+    best_i = torch.zeros((k_t2i, n_cap), device=device, dtype=torch.long)
+    for a in range(0, n_img, rows):
+        b = min(a + rows, n_img)
+        q = _load_rows(img, a, b, device, dtype)
+        scores = q @ cap_t.T  # (R, n_cap)
+        # An image's own captions are exactly the (image, caption) positives of both directions.
+        own = CAPS_PER_IMAGE * torch.arange(b - a, device=device)[:, None] + offsets + CAPS_PER_IMAGE * a
+        scores.scatter_(1, own, float("-inf"))
+        top = torch.topk(scores, k_i2t, dim=1, largest=True, sorted=True).indices
+        out_i2t[a:b] = top.to(device="cpu", dtype=torch.int32).numpy()
+        block_v, block_i = torch.topk(scores, min(k_t2i, b - a), dim=0, largest=True, sorted=False)
+        merged_v = torch.cat([best_v, block_v])
+        merged_i = torch.cat([best_i, block_i + a])
+        best_v, pick = torch.topk(merged_v, k_t2i, dim=0, largest=True, sorted=True)
+        best_i = merged_i.gather(0, pick)
+        if progress is not None:
+            progress(b - a)
+    for c0 in range(0, n_cap, FINAL_ROWS):
+        c1 = min(c0 + FINAL_ROWS, n_cap)
+        out_t2i[c0:c1] = best_i[:, c0:c1].T.to(device="cpu", dtype=torch.int32).numpy()
+
+
+def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torch.float32,
+              max_block_elems=DEFAULT_MAX_BLOCK_ELEMS, block_rows=None, engine="auto",
+              threads=None, progress=None):
+    """i2t and t2i candidates from one pass over the image x caption scores.
+
+    img (N, d), cap (5N, d): numpy arrays or h5py datasets (images read in row blocks, captions
+    loaded whole). out_i2t: writable int32 (N, k_i2t); out_t2i: writable int32 (5N, k_t2i); rows
+    sorted by decreasing score, positives excluded, as mine_i2t / mine_t2i.
+
+    engine 'native' (CPU only): tiles of NATIVE_BLOCK_ROWS (or block_rows) images x
+    NATIVE_TILE_COLS captions feed the compiled running top-k; memory beyond the embeddings is
+    t2i_queue_bytes(5N, k_t2i) (5N x 2 k_t2i x 8 bytes: 1.8 GB for COCO, k_t2i = 400). Exact:
+    ties are broken by lower id. engine 'torch' (CPU or CUDA): image blocks of at most
+    max_block_elems scores; the t2i running lists take k_t2i x 5N x 12 bytes on the device.
+    'auto': native on CPU when the kernel builds, else torch. threads: CPU threads of the native
+    engine (default torch.get_num_threads()). dtype: float32, or float16/bfloat16 on CUDA.
+    progress: callable receiving the number of images finished by each block.
+    """
+    n_img = img.shape[0] if len(img.shape) == 2 else 0
+    _check_inputs(img, cap, k_i2t, out_i2t, n_img, CAPS_PER_IMAGE * (n_img - 1), "mine_both (i2t)")
+    _check_inputs(img, cap, k_t2i, out_t2i, CAPS_PER_IMAGE * n_img, n_img - 1, "mine_both (t2i)")
+    device = _check_device(device, dtype)
+    engine, lib = _resolve_engine(engine, device)
+    n_cap = CAPS_PER_IMAGE * n_img
+    if block_rows is not None and int(block_rows) < 1:
+        raise ValueError(f"block_rows must be positive, got {block_rows}")
+    with torch.no_grad():
+        cap_t = _load_rows(cap, 0, n_cap, device, dtype if engine == "torch" else torch.float32)
+        if engine == "native":
+            rows = int(block_rows) if block_rows is not None else NATIVE_BLOCK_ROWS
+            threads = max(1, int(threads or torch.get_num_threads()))
+            _mine_both_native(lib, img, cap_t, int(k_i2t), int(k_t2i), out_i2t, out_t2i, rows,
+                              NATIVE_TILE_COLS, threads, progress)
+        else:
+            rows = max(1, max_block_elems // n_cap)
+            if block_rows is not None:
+                rows = min(rows, int(block_rows))
+            _mine_both_torch(img, cap_t, int(k_i2t), int(k_t2i), out_i2t, out_t2i, rows, device,
+                             dtype, progress)
+    return out_i2t, out_t2i

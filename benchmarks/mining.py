@@ -1,0 +1,194 @@
+"""Offline candidate mining, both directions: ours (one pass) against faiss-cpu and a pure GEMM.
+
+At Flickr30K's training size (29,000 images, 145,000 captions, d = 1024, float32), i2t top 2000
+and t2i top 400 with positives excluded. Side by side in one run, each method in its own forked
+process (so its peak RSS is its own), repeated --runs times in rotation; prints the medians and
+the ratios:
+  ours      mine_both (compiled running top-k fed by one GEMM per tile)
+  faiss     IndexFlatIP: captions searched by the images (k_i2t + 5) and images by the captions
+            (k_t2i + 1): the two searches a faiss user would run. Only the two searches are
+            timed (dropping the positives afterwards is not), in faiss's favour
+  gemm      the score matrix alone, in the same tiles, nothing selected (a floor for any method)
+Correctness: every method's lists are checked against a float64 brute force on a sample of
+queries (equal, except where the k-th and (k+1)-th scores are within 1e-5: fp32 rounding).
+
+    python benchmarks/mining.py                # the issue's size; about 8 minutes on 2 cores
+    python benchmarks/mining.py --quick        # 2,000 images, seconds
+Needs faiss-cpu (envs/benchmarks.txt).
+"""
+import argparse
+import os
+import pickle
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline_steps.common import mining  # noqa: E402
+
+CAPS = 5
+
+
+def embeddings(n_img, d, seed=0):
+    """Unit-norm float32 embeddings; captions near their image so positives are realistic."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((n_img, d), dtype=np.float32)
+    cap = np.repeat(img, CAPS, axis=0) * 0.5 + rng.standard_normal((CAPS * n_img, d), dtype=np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
+    return img, cap
+
+
+def run_ours(img, cap, k_i2t, k_t2i, threads):
+    out_i = np.empty((img.shape[0], k_i2t), np.int32)
+    out_t = np.empty((cap.shape[0], k_t2i), np.int32)
+    mining.mine_both(img, cap, k_i2t, k_t2i, out_i, out_t, engine="native", threads=threads)
+    return out_i, out_t
+
+
+def drop_positives(found, own_of, k):
+    """Rows of search results with each query's positives removed, cut to k."""
+    out = np.empty((found.shape[0], k), np.int32)
+    for q in range(found.shape[0]):
+        row = found[q]
+        out[q] = row[~np.isin(row, own_of(q))][:k]
+    return out
+
+
+def run_faiss(img, cap, k_i2t, k_t2i, threads):
+    import faiss
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    index = faiss.IndexFlatIP(cap.shape[1])
+    index.add(cap)
+    _, i2t = index.search(img, k_i2t + CAPS)
+    index = faiss.IndexFlatIP(img.shape[1])
+    index.add(img)
+    _, t2i = index.search(cap, k_t2i + 1)
+    seconds = time.perf_counter() - start
+    return Timed(seconds, (drop_positives(i2t, lambda q: np.arange(CAPS * q, CAPS * q + CAPS), k_i2t),
+                           drop_positives(t2i, lambda c: np.array([c // CAPS]), k_t2i)))
+
+
+def run_gemm(img, cap, k_i2t, k_t2i, threads):
+    q_all, c_all = torch.from_numpy(img), torch.from_numpy(cap)
+    tile = torch.empty((mining.NATIVE_BLOCK_ROWS, mining.NATIVE_TILE_COLS))
+    checksum = 0.0
+    for a in range(0, img.shape[0], mining.NATIVE_BLOCK_ROWS):
+        q = q_all[a:a + mining.NATIVE_BLOCK_ROWS]
+        for c0 in range(0, cap.shape[0], mining.NATIVE_TILE_COLS):
+            c = c_all[c0:c0 + mining.NATIVE_TILE_COLS]
+            out = tile[:q.shape[0], :c.shape[0]]
+            if not out.is_contiguous():
+                out = torch.empty((q.shape[0], c.shape[0]))
+            torch.matmul(q, c.T, out=out)
+            checksum += float(out[0, 0])
+    return None
+
+
+class Timed:
+    """A result that brings its own timing (of the part that counts)."""
+
+    def __init__(self, seconds, result):
+        self.seconds, self.result = seconds, result
+
+
+METHODS = {"ours": run_ours, "faiss": run_faiss, "gemm": run_gemm}
+
+
+def in_child(fn, *args):
+    """Run fn in a forked child; return (seconds, peak RSS MiB of the child, result)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        start = time.perf_counter()
+        result = fn(*args)
+        seconds = time.perf_counter() - start
+        if isinstance(result, Timed):
+            seconds, result = result.seconds, result.result
+        with os.fdopen(write, "wb") as f:
+            pickle.dump((seconds, result), f)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        seconds, result = pickle.load(f)
+    _, status, usage = os.wait4(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{fn.__name__} failed in its child process")
+    return seconds, usage.ru_maxrss / 1024, result
+
+
+def sample_errors(img, cap, out_i, out_t, k_i2t, k_t2i, n_sample=64, tol=1e-5):
+    """Queries whose lists differ from a float64 brute force beyond fp32 rounding at the cut."""
+    rng = np.random.default_rng(1)
+    bad = 0
+    for q in rng.choice(img.shape[0], n_sample, replace=False):
+        s = cap.astype(np.float64) @ img[q].astype(np.float64)
+        s[CAPS * q:CAPS * q + CAPS] = -np.inf
+        bad += _differs(s, out_i[q], k_i2t, tol)
+    for c in rng.choice(cap.shape[0], n_sample, replace=False):
+        s = img.astype(np.float64) @ cap[c].astype(np.float64)
+        s[c // CAPS] = -np.inf
+        bad += _differs(s, out_t[c], k_t2i, tol)
+    return bad
+
+
+def _differs(scores, got, k, tol):
+    want = np.argsort(-scores, kind="stable")[:k]
+    if set(want.tolist()) == set(got.tolist()):
+        return 0
+    kth = scores[want[-1]]
+    # Only items scoring within tol of the k-th may be swapped by fp32 rounding.
+    swapped = set(want.tolist()) ^ set(got.tolist())
+    return int(any(abs(scores[j] - kth) > tol for j in swapped))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-img", type=int, default=29_000)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--k-i2t", type=int, default=2000)
+    p.add_argument("--k-t2i", type=int, default=400)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--methods", default="ours,faiss,gemm")
+    p.add_argument("--quick", action="store_true", help="2,000 images (k scaled down), 1 run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_img, args.k_i2t, args.k_t2i, args.runs = 2000, 140, 28, 1
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    img, cap = embeddings(args.n_img, args.dim)
+    print(f"mining {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
+          f"k_i2t={args.k_i2t}, k_t2i={args.k_t2i}, {args.threads} threads, {args.runs} runs, "
+          f"torch {torch.__version__}", flush=True)
+    times = {m: [] for m in methods}
+    rss = {}
+    for run in range(args.runs):
+        for m in methods:
+            seconds, peak, result = in_child(METHODS[m], img, cap, args.k_i2t, args.k_t2i, args.threads)
+            times[m].append(seconds)
+            rss[m] = max(rss.get(m, 0), peak)
+            if run == 0 and result is not None:
+                bad = sample_errors(img, cap, *result, args.k_i2t, args.k_t2i)
+                print(f"  {m}: sampled lists differing from float64 brute force: {bad}", flush=True)
+            print(f"  run {run + 1} {m:6s} {seconds:8.2f} s", flush=True)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    for m in methods:
+        print(f"{m:6s} median {med[m]:8.2f} s  peak RSS {rss[m]:8.0f} MiB  runs "
+              + " ".join(f"{t:.2f}" for t in times[m]))
+    if "ours" in med and "faiss" in med:
+        print(f"ratio ours / faiss = {med['ours'] / med['faiss']:.2f}  (target <= 0.6)")
+    if "ours" in med and "gemm" in med:
+        print(f"ratio ours / gemm  = {med['ours'] / med['gemm']:.2f}")
+    print(f"process peak RSS (parent) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
