@@ -154,3 +154,16 @@ def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path):
             run(img, cap, 6, 4, engine="native")
     finally:
         topk_native.load_kernel.cache_clear()
+
+
+@needs_kernel
+def test_caption_groups_when_queues_exceed_the_budget(monkeypatch):
+    """A budget smaller than the t2i queues: extra passes over caption groups, same result."""
+    monkeypatch.setattr(mining, "NATIVE_TILE_COLS", 16)
+    img, cap, S = continuous_data(11, 50, 8)
+    per_caption = mining.t2i_queue_bytes(1, 6)
+    budget = 40 * per_caption  # 40 captions' queues -> groups of 32 captions (whole tiles)
+    assert mining.caption_groups(250, 6, 16, budget)[:2] == [(0, 32), (32, 64)]
+    out_i, out_t = run(img, cap, 12, 6, engine="native", block_rows=9, max_queue_bytes=budget)
+    np.testing.assert_array_equal(out_i, stable_topk(S, own_caps, 12))
+    np.testing.assert_array_equal(out_t, stable_topk(S.T, own_img, 6))

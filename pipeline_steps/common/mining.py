@@ -18,6 +18,7 @@ Scores are dot products (higher = more similar); positives are never selected. T
 kernel returns exactly the first k of a stable descending sort (equal scores: lower id first);
 the torch paths leave the order among exactly tied scores unspecified.
 """
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 
 from pipeline_steps.common import topk_native
 
+log = logging.getLogger(__name__)
 CAPS_PER_IMAGE = 5
 DEFAULT_MAX_BLOCK_ELEMS = 2 ** 26  # 256 MiB of float32 scores per block
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -190,50 +192,78 @@ def _split(n, parts):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols,
-                      threads, progress):
-    n_img, n_cap = img.shape[0], cap_t.shape[0]
-    caps = _queues(n_cap, k_t2i)
-    images = _queues(min(block_rows, n_img), k_i2t)
-    pool = ThreadPoolExecutor(max_workers=threads)
-    tile_buf = torch.empty((min(block_rows, n_img), min(tile_cols, n_cap)))
+def available_memory_bytes():
+    """MemAvailable from /proc/meminfo (Linux), else None."""
     try:
-        for a in range(0, n_img, block_rows):
-            b = min(a + block_rows, n_img)
-            q = _load_rows(img, a, b, "cpu", torch.float32)  # (R, d)
-            images.reset()
-            row_parts = _split(b - a, threads)
-            for c0 in range(0, n_cap, tile_cols):
-                c1 = min(c0 + tile_cols, n_cap)
-                # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
-                tile_t = tile_buf[:b - a, :c1 - c0]
-                if not tile_t.is_contiguous():
-                    tile_t = torch.empty((b - a, c1 - c0))
-                torch.matmul(q, cap_t[c0:c1].T, out=tile_t)
-                tile = tile_t.numpy()  # (R, W), C-contiguous float32
-                col_parts = _split(c1 - c0, threads)
-                jobs = [pool.submit(topk_native.scan_tile, lib, tile, a, c0, CAPS_PER_IMAGE,
-                                    images, rows, caps, cols)
-                        for rows, cols in zip(row_parts, col_parts)]
-                for job in jobs:
-                    job.result()
-            top = np.empty((b - a, k_i2t), dtype=np.int32)
-            jobs = [pool.submit(_finalize_rows, lib, images, lo, hi, top) for lo, hi in row_parts]
-            for job in jobs:
-                job.result()
-            out_i2t[a:b] = top
-            if progress is not None:
-                progress(b - a)
-        for c0 in range(0, n_cap, FINAL_ROWS):
-            c1 = min(c0 + FINAL_ROWS, n_cap)
-            top = np.empty((c1 - c0, k_t2i), dtype=np.int32)
-            jobs = [pool.submit(_finalize_rows, lib, caps, c0 + lo, c0 + hi, top, c0)
-                    for lo, hi in _split(c1 - c0, threads)]
-            for job in jobs:
-                job.result()
-            out_t2i[c0:c1] = top
-    finally:
-        pool.shutdown()
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def caption_groups(n_cap, k_t2i, tile_cols, max_queue_bytes):
+    """Caption ranges whose t2i queues each fit in max_queue_bytes (whole tiles per group)."""
+    per_caption = t2i_queue_bytes(1, k_t2i)
+    size = max(tile_cols, (max_queue_bytes // per_caption) // tile_cols * tile_cols)
+    return [(g, min(g + size, n_cap)) for g in range(0, n_cap, size)]
+
+
+def _run_jobs(pool, fn, arg_lists):
+    for job in [pool.submit(fn, *args) for args in arg_lists]:
+        job.result()
+
+
+def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols,
+                      threads, max_queue_bytes, progress):
+    """The first pass feeds the i2t queues (one image block at a time) and the t2i queues of the
+    first caption group; when the t2i queues of all captions do not fit in max_queue_bytes, each
+    further group costs one more pass over its columns of the score matrix."""
+    n_img, n_cap = img.shape[0], cap_t.shape[0]
+    groups = caption_groups(n_cap, k_t2i, tile_cols, max_queue_bytes)
+    if len(groups) > 1:
+        log.info("t2i queues for %d captions exceed %.0f MiB: %d caption groups, %d extra passes",
+                 n_cap, max_queue_bytes / 2**20, len(groups), len(groups) - 1)
+    caps = _queues(groups[0][1] - groups[0][0], k_t2i)
+    images = _queues(min(block_rows, n_img), k_i2t)
+    tile_buf = torch.empty((min(block_rows, n_img), min(tile_cols, n_cap)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for g, (g0, g1) in enumerate(groups):
+            caps.reset()
+            with_i2t = g == 0
+            for a in range(0, n_img, block_rows):
+                b = min(a + block_rows, n_img)
+                q = _load_rows(img, a, b, "cpu", torch.float32)  # (R, d)
+                images.reset()
+                row_parts = _split(b - a, threads) if with_i2t else [(0, 0)] * threads
+                for c0 in range(0 if with_i2t else g0, n_cap if with_i2t else g1, tile_cols):
+                    c1 = min(c0 + tile_cols, n_cap)
+                    # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
+                    tile_t = tile_buf[:b - a, :c1 - c0]
+                    if not tile_t.is_contiguous():
+                        tile_t = torch.empty((b - a, c1 - c0))
+                    torch.matmul(q, cap_t[c0:c1].T, out=tile_t)
+                    tile = tile_t.numpy()  # (R, W), C-contiguous float32
+                    in_group = g0 <= c0 < g1
+                    col_parts = _split(c1 - c0, threads) if in_group else [(0, 0)] * threads
+                    _run_jobs(pool, topk_native.scan_tile,
+                              [(lib, tile, a, c0, CAPS_PER_IMAGE, images if with_i2t else None, rows,
+                                caps if in_group else None, cols, g0)
+                               for rows, cols in zip(row_parts, col_parts)])
+                if with_i2t:
+                    top = np.empty((b - a, k_i2t), dtype=np.int32)
+                    _run_jobs(pool, _finalize_rows, [(lib, images, lo, hi, top) for lo, hi in row_parts])
+                    out_i2t[a:b] = top
+                    if progress is not None:
+                        progress(b - a)
+            for f0 in range(g0, g1, FINAL_ROWS):
+                f1 = min(f0 + FINAL_ROWS, g1)
+                top = np.empty((f1 - f0, k_t2i), dtype=np.int32)
+                _run_jobs(pool, _finalize_rows, [(lib, caps, f0 - g0 + lo, f0 - g0 + hi, top, f0 - g0)
+                                                 for lo, hi in _split(f1 - f0, threads)])
+                out_t2i[f0:f1] = top
 
 
 def _queues(n, k):
@@ -272,7 +302,7 @@ def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, d
 
 def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torch.float32,
               max_block_elems=DEFAULT_MAX_BLOCK_ELEMS, block_rows=None, engine="auto",
-              threads=None, progress=None):
+              threads=None, max_queue_bytes=None, progress=None):
     """i2t and t2i candidates from one pass over the image x caption scores.
 
     img (N, d), cap (5N, d): numpy arrays or h5py datasets (images read in row blocks, captions
@@ -281,8 +311,9 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
 
     engine 'native' (CPU only): tiles of NATIVE_BLOCK_ROWS (or block_rows) images x
     NATIVE_TILE_COLS captions feed the compiled running top-k; memory beyond the embeddings is
-    t2i_queue_bytes(5N, k_t2i) (5N x 2 k_t2i x 8 bytes: 1.8 GB for COCO, k_t2i = 400). Exact:
-    ties are broken by lower id. engine 'torch' (CPU or CUDA): image blocks of at most
+    t2i_queue_bytes(5N, k_t2i) (5N x 2 k_t2i x 8 bytes: 3.6 GB for COCO, k_t2i = 400), or
+    max_queue_bytes (default: half the available memory) with extra passes over caption groups
+    when that is less. Exact: ties are broken by lower id. engine 'torch' (CPU or CUDA): image blocks of at most
     max_block_elems scores; the t2i running lists take k_t2i x 5N x 12 bytes on the device.
     'auto': native on CPU when the kernel builds, else torch. threads: CPU threads of the native
     engine (default torch.get_num_threads()). dtype: float32, or float16/bfloat16 on CUDA.
@@ -301,8 +332,11 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
         if engine == "native":
             rows = int(block_rows) if block_rows is not None else NATIVE_BLOCK_ROWS
             threads = max(1, int(threads or torch.get_num_threads()))
+            if max_queue_bytes is None:
+                free = available_memory_bytes()
+                max_queue_bytes = free // 2 if free else 8 * 2**30
             _mine_both_native(lib, img, cap_t, int(k_i2t), int(k_t2i), out_i2t, out_t2i, rows,
-                              NATIVE_TILE_COLS, threads, progress)
+                              NATIVE_TILE_COLS, threads, int(max_queue_bytes), progress)
         else:
             rows = max(1, max_block_elems // n_cap)
             if block_rows is not None:

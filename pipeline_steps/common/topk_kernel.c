@@ -206,11 +206,12 @@ static inline int lowest_bit(unsigned m) { return __builtin_ctz(m); }
  * One tile of scores: rows = images row0.., columns = captions col0.., row-major, n_cols wide.
  * i2t: tile rows [r_lo, r_hi) feed queues r (the caller's queues for this block of images);
  *      an image's own captions (c / caps_per_image == image) are skipped.
- * t2i: tile columns [c_lo, c_hi) feed the global caption queues col0 + j; the own image is skipped.
+ * t2i: tile columns [c_lo, c_hi) feed the caption queues cq0 + j (cq0 = col0 when the queues
+ *      cover all captions, less when they cover one group); the own image is skipped.
  * A non-positive k skips that direction.
  */
 void aoq_scan_tile(const float *tile, int64_t n_rows, int64_t n_cols, int64_t row0, int64_t col0,
-                   int64_t caps_per_image,
+                   int64_t cq0, int64_t caps_per_image,
                    float *rv, int32_t *rid, int32_t *rfill, float *rthr, int64_t rcap, int64_t rk,
                    int64_t r_lo, int64_t r_hi,
                    float *cv, int32_t *cid, int32_t *cfill, float *cthr, int64_t ccap, int64_t ck,
@@ -245,17 +246,17 @@ void aoq_scan_tile(const float *tile, int64_t n_rows, int64_t n_cols, int64_t ro
             int64_t own_lo = (row0 + r) * caps_per_image - col0, own_hi = own_lo + caps_per_image;
             int64_t j0 = c_lo;
             for (; j0 + GROUP <= c_hi; j0 += GROUP) {
-                unsigned m = above_each_mask(row + j0, cthr + col0 + j0);
+                unsigned m = above_each_mask(row + j0, cthr + cq0 + j0);
                 while (m) {
                     int64_t j = j0 + lowest_bit(m);
                     m &= m - 1;
-                    int64_t c = col0 + j;
+                    int64_t c = cq0 + j;
                     if (j < own_lo || j >= own_hi)
                         append(cv + c * ccap, cid + c * ccap, cfill + c, cthr + c, ccap, ck, row[j], image);
                 }
             }
             for (int64_t j = j0; j < c_hi; j++) {
-                int64_t c = col0 + j;
+                int64_t c = cq0 + j;
                 if (row[j] > cthr[c] && (j < own_lo || j >= own_hi))
                     append(cv + c * ccap, cid + c * ccap, cfill + c, cthr + c, ccap, ck, row[j], image);
             }

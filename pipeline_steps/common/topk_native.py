@@ -83,7 +83,7 @@ def build_library(directory=None):
 def _bind(lib):
     lib.aoq_scan_tile.restype = None
     lib.aoq_scan_tile.argtypes = [
-        _f32p, _i64, _i64, _i64, _i64, _i64,
+        _f32p, _i64, _i64, _i64, _i64, _i64, _i64,
         _f32p, _i32p, _i32p, _f32p, _i64, _i64, _i64, _i64,
         _f32p, _i32p, _i32p, _f32p, _i64, _i64, _i64, _i64,
     ]
@@ -132,12 +132,16 @@ _NO_QUEUES = (np.empty(1, np.float32), np.empty(1, np.int32), np.empty(1, np.int
               np.empty(1, np.float32), 1, -1)
 
 
-def scan_tile(lib, tile, row0, col0, caps_per_image, rows, rows_range, cols, cols_range):
-    """Feed one C-contiguous float32 tile to i2t queues `rows` and t2i queues `cols` (either None)."""
+def scan_tile(lib, tile, row0, col0, caps_per_image, rows, rows_range, cols, cols_range, cols_first=0):
+    """Feed one C-contiguous float32 tile to i2t queues `rows` and t2i queues `cols` (either None).
+
+    Tile row r is image row0 + r and feeds rows' queue r; tile column j is caption col0 + j and
+    feeds cols' queue col0 - cols_first + j (cols_first: the first caption the queues cover).
+    """
     n_rows, n_cols = tile.shape
     r_args = rows.args() if rows is not None else _NO_QUEUES
     c_args = cols.args() if cols is not None else _NO_QUEUES
-    lib.aoq_scan_tile(tile, n_rows, n_cols, row0, col0, caps_per_image,
+    lib.aoq_scan_tile(tile, n_rows, n_cols, row0, col0, col0 - cols_first, caps_per_image,
                       *r_args, *rows_range, *c_args, *cols_range)
 
 
