@@ -159,8 +159,9 @@ FINAL_ROWS = 65536           # t2i rows finalised and written per step
 
 
 def queue_capacity(k):
-    """Slots per running queue: room for k more before a compaction (amortised O(1) per entry)."""
-    return 2 * int(k)
+    """Slots per running queue: room for about k more before a compaction (amortised O(1) per
+    entry), and at least a whole group of 16 (the kernel's GROUP_MAX)."""
+    return 2 * int(k) + 16
 
 
 def t2i_queue_bytes(n_cap, k_t2i):

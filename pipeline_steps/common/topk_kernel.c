@@ -118,13 +118,15 @@ static void sort_best_first(float *v, int32_t *id, int64_t n, uint32_t *key, uin
     (void)v;
 }
 
-/* Make room in a full queue (n = cap entries, all finite). Keeps every entry scoring at least t,
- * where t is the lower edge of the histogram bin holding the k-th best score, so at least k entries
- * are kept and the threshold becomes t: a later score equal to t has a higher id than all of them
- * and loses. Branch-free passes (min/max, histogram, count, filter); the exact quickselect is the
- * fallback when the bins cannot split the scores (ties, or the k-th best in the lowest bin). */
+/* Make room in a queue holding n entries (all finite): keep between k and max_keep of them and
+ * raise the threshold. Keeps every entry scoring at least t, where t is the lower edge of the
+ * histogram bin holding the k-th best score, so at least k entries are kept and the threshold
+ * becomes t: a later score equal to t has a higher id than all of them and loses. Branch-free
+ * passes (min/max, histogram, count, filter); the exact quickselect is the fallback when the bins
+ * cannot split the scores finely enough (ties, or too many in the k-th best's bin). */
 #define BINS 64
-static void compact(float *v, int32_t *id, int32_t *fill, float *thr, int64_t n, int64_t k) {
+static void compact(float *v, int32_t *id, int32_t *fill, float *thr, int64_t n, int64_t k,
+                    int64_t max_keep) {
     float lo = v[0], hi = v[0];
     for (int64_t i = 1; i < n; i++) {
         lo = v[i] < lo ? v[i] : lo;
@@ -142,7 +144,7 @@ static void compact(float *v, int32_t *id, int32_t *fill, float *thr, int64_t n,
         float t = lo + (float)b / scale;
         int64_t kept = 0;
         for (int64_t i = 0; i < n; i++) kept += v[i] >= t;
-        if (kept >= k && kept < n) {
+        if (kept >= k && kept <= max_keep) {
             int64_t store = 0;
             for (int64_t i = 0; i < n; i++) {
                 float tv = v[i];
@@ -161,21 +163,31 @@ static void compact(float *v, int32_t *id, int32_t *fill, float *thr, int64_t n,
     *thr = v[k - 1];
 }
 
-/* Offer (score, id), known to beat the threshold, to a queue with a free slot at `fill`;
- * compacts as soon as the queue is full, so the next offer finds a free slot too. */
+/* Offer (score, id), known to beat the threshold, to a caption queue with a free slot at
+ * `fill`; compacts as soon as the queue is full, so the next offer finds a free slot too. */
 static inline void append(float *qv, int32_t *qid, int32_t *fill, float *thr, int64_t cap, int64_t k,
                           float score, int32_t id) {
     int32_t f = *fill;
     qv[f] = score;
     qid[f] = id;
     *fill = ++f;
-    if (f == cap) compact(qv, qid, fill, thr, cap, k);
+    if (f == cap) compact(qv, qid, fill, thr, cap, k, cap - 1);
 }
 
-/* Bit t of the result is set when s[t] > thr (or thr[t]), t < 8. With AVX2 one compare covers
- * eight scores; most groups of eight on real data hold no score above its threshold, so the
- * scan costs about one vector compare per eight scores plus a few instructions per hit. */
-#if defined(__AVX2__)
+/* Scores are compared GROUP at a time (one vector compare with AVX-512 or AVX2); most groups on
+ * real data hold no score above its threshold. Queues have at least k + GROUP_MAX slots. */
+#define GROUP_MAX 16
+#define STRIP 128
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define GROUP 16
+static inline unsigned above_mask(const float *s, float thr) {
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_GT_OQ);
+}
+static inline unsigned above_each_mask(const float *s, const float *thr) {
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_loadu_ps(thr), _CMP_GT_OQ);
+}
+#elif defined(__AVX2__)
 #include <immintrin.h>
 #define GROUP 8
 static inline unsigned above_mask(const float *s, float thr) {
@@ -200,7 +212,35 @@ static inline unsigned above_each_mask(const float *s, const float *thr) {
 }
 #endif
 
-static inline int lowest_bit(unsigned m) { return __builtin_ctz(m); }
+/* Bits of the group starting at tile column j0 that fall in [own_lo, own_hi). */
+static inline unsigned own_bits(int64_t j0, int64_t own_lo, int64_t own_hi) {
+    unsigned bits = 0;
+    for (int64_t j = own_lo; j < own_hi; j++)
+        if (j >= j0 && j < j0 + GROUP) bits |= 1u << (j - j0);
+    return bits;
+}
+
+/* Append the scores row[j0 + bit] of the set bits of m to an image queue with room for GROUP. */
+static inline void append_group(float *qv, int32_t *qid, int32_t *fill, const float *row, int64_t j0,
+                                int32_t id0, unsigned m) {
+    int32_t f = *fill;
+#if defined(__AVX512F__)
+    __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(id0 + (int32_t)j0),
+                                   _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    _mm512_mask_compressstoreu_ps(qv + f, (__mmask16)m, _mm512_loadu_ps(row + j0));
+    _mm512_mask_compressstoreu_epi32(qid + f, (__mmask16)m, ids);
+    f += __builtin_popcount(m);
+#else
+    while (m) {
+        int64_t j = j0 + __builtin_ctz(m);
+        m &= m - 1;
+        qv[f] = row[j];
+        qid[f] = id0 + (int32_t)j;
+        f++;
+    }
+#endif
+    *fill = f;
+}
 
 /*
  * One tile of scores: rows = images row0.., columns = captions col0.., row-major, n_cols wide.
@@ -226,39 +266,48 @@ void aoq_scan_tile(const float *tile, int64_t n_rows, int64_t n_cols, int64_t ro
             int64_t j0 = 0;
             for (; j0 + GROUP <= n_cols; j0 += GROUP) {
                 unsigned m = above_mask(row + j0, rthr[r]);
-                while (m) {
-                    int64_t j = j0 + lowest_bit(m);
-                    m &= m - 1;
-                    /* A compaction may have raised the threshold since the mask was taken. */
-                    if (row[j] > rthr[r] && (j < own_lo || j >= own_hi))
-                        append(qv, qid, rfill + r, rthr + r, rcap, rk, row[j], (int32_t)(col0 + j));
+                if (!m) continue;
+                /* Room for a whole group: the threshold then stays fixed within the group. */
+                if (rfill[r] > rcap - GROUP) {
+                    compact(qv, qid, rfill + r, rthr + r, rfill[r], rk, rcap - GROUP);
+                    m = above_mask(row + j0, rthr[r]);
                 }
+                if (j0 < own_hi && j0 + GROUP > own_lo) m &= ~own_bits(j0, own_lo, own_hi);
+                append_group(qv, qid, rfill + r, row, j0, (int32_t)col0, m);
             }
-            for (int64_t j = j0; j < n_cols; j++)
-                if (row[j] > rthr[r] && (j < own_lo || j >= own_hi))
-                    append(qv, qid, rfill + r, rthr + r, rcap, rk, row[j], (int32_t)(col0 + j));
+            for (int64_t j = j0; j < n_cols; j++) {
+                if (!(row[j] > rthr[r]) || (j >= own_lo && j < own_hi)) continue;
+                if (rfill[r] == rcap) compact(qv, qid, rfill + r, rthr + r, rcap, rk, rcap - 1);
+                if (row[j] > rthr[r]) append_group(qv, qid, rfill + r, row, j, (int32_t)col0, 1u);
+            }
         }
     }
     if (ck > 0) {
-        for (int64_t r = 0; r < n_rows; r++) {
-            const float *row = tile + r * n_cols;
-            int32_t image = (int32_t)(row0 + r);
-            int64_t own_lo = (row0 + r) * caps_per_image - col0, own_hi = own_lo + caps_per_image;
-            int64_t j0 = c_lo;
-            for (; j0 + GROUP <= c_hi; j0 += GROUP) {
-                unsigned m = above_each_mask(row + j0, cthr + cq0 + j0);
-                while (m) {
-                    int64_t j = j0 + lowest_bit(m);
-                    m &= m - 1;
+        /* Column strips: the queue tails a strip writes stay in the core's cache while all the
+         * tile's rows go by (a whole tile's worth of caption queues would not). */
+        for (int64_t s0 = c_lo; s0 < c_hi; s0 += STRIP) {
+            int64_t s1 = s0 + STRIP < c_hi ? s0 + STRIP : c_hi;
+            for (int64_t r = 0; r < n_rows; r++) {
+                const float *row = tile + r * n_cols;
+                int32_t image = (int32_t)(row0 + r);
+                int64_t own_lo = (row0 + r) * caps_per_image - col0, own_hi = own_lo + caps_per_image;
+                int64_t j0 = s0;
+                for (; j0 + GROUP <= s1; j0 += GROUP) {
+                    unsigned m = above_each_mask(row + j0, cthr + cq0 + j0);
+                    while (m) {
+                        int64_t j = j0 + __builtin_ctz(m);
+                        m &= m - 1;
+                        int64_t c = cq0 + j;
+                        if (j < own_lo || j >= own_hi)
+                            append(cv + c * ccap, cid + c * ccap, cfill + c, cthr + c, ccap, ck, row[j],
+                                   image);
+                    }
+                }
+                for (int64_t j = j0; j < s1; j++) {
                     int64_t c = cq0 + j;
-                    if (j < own_lo || j >= own_hi)
+                    if (row[j] > cthr[c] && (j < own_lo || j >= own_hi))
                         append(cv + c * ccap, cid + c * ccap, cfill + c, cthr + c, ccap, ck, row[j], image);
                 }
-            }
-            for (int64_t j = j0; j < c_hi; j++) {
-                int64_t c = cq0 + j;
-                if (row[j] > cthr[c] && (j < own_lo || j >= own_hi))
-                    append(cv + c * ccap, cid + c * ccap, cfill + c, cthr + c, ccap, ck, row[j], image);
             }
         }
     }
