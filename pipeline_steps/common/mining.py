@@ -217,54 +217,101 @@ def _run_jobs(pool, fn, arg_lists):
         job.result()
 
 
+def worker_ranges(lo, hi, workers, tile_cols, min_size):
+    """Split captions [lo, hi) into at most `workers` ranges of whole tiles, each >= min_size."""
+    n_tiles = -(-(hi - lo) // tile_cols)
+    count = max(1, min(workers, n_tiles, (hi - lo) // max(1, min_size)))
+    edges = [min(hi, lo + round(i * n_tiles / count) * tile_cols) for i in range(count + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(count)]
+
+
+class _Worker:
+    """One CPU thread's share of a pass: a range of caption tiles, scored (single-threaded GEMM)
+    and scanned by the same thread, with its own image queues for that range. Workers never touch
+    the same queue, so they run side by side without locks and without OpenMP threads spinning
+    between the GEMM and the selection."""
+
+    def __init__(self, lib, cap_t, cols, k_i2t, block_rows, tile_cols, caps, group):
+        self.lib, self.cap_t, self.cols = lib, cap_t, cols
+        self.caps, self.group = caps, group  # t2i queues of the captions [group[0], group[1])
+        self.images = _queues(block_rows, k_i2t) if k_i2t else None
+        self.tile = torch.empty((block_rows, tile_cols))
+        self.tile_cols = tile_cols
+        if k_i2t:
+            self.top_ids = np.empty((block_rows, k_i2t), dtype=np.int32)
+            self.top_scores = np.empty((block_rows, k_i2t), dtype=np.float32)
+
+    def block(self, q, a):
+        """Score images a.. (rows of q) against this worker's captions, feed both selections."""
+        n = q.shape[0]
+        if self.images is not None:
+            self.images.reset()
+        for c0 in range(self.cols[0], self.cols[1], self.tile_cols):
+            c1 = min(c0 + self.tile_cols, self.cols[1])
+            out = self.tile[:n, :c1 - c0]
+            if not out.is_contiguous():
+                out = torch.empty((n, c1 - c0))
+            # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
+            torch.matmul(q, self.cap_t[c0:c1].T, out=out)
+            tile = out.numpy()  # (R, W), C-contiguous float32
+            in_group = self.group[0] <= c0 < self.group[1]
+            topk_native.scan_tile(self.lib, tile, a, c0, CAPS_PER_IMAGE, self.images, (0, n),
+                                  self.caps if in_group else None, (0, c1 - c0), self.group[0])
+        if self.images is not None:
+            topk_native.finalize(self.lib, self.images, 0, n, self.top_ids[:n], self.top_scores[:n])
+
+
 def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols,
                       threads, max_queue_bytes, progress):
     """The first pass feeds the i2t queues (one image block at a time) and the t2i queues of the
     first caption group; when the t2i queues of all captions do not fit in max_queue_bytes, each
-    further group costs one more pass over its columns of the score matrix."""
+    further group costs one more pass over its columns of the score matrix. Each pass splits its
+    captions between `threads` workers; an image's lists from the workers are merged per block."""
     n_img, n_cap = img.shape[0], cap_t.shape[0]
     groups = caption_groups(n_cap, k_t2i, tile_cols, max_queue_bytes)
     if len(groups) > 1:
         log.info("t2i queues for %d captions exceed %.0f MiB: %d caption groups, %d extra passes",
                  n_cap, max_queue_bytes / 2**20, len(groups), len(groups) - 1)
+    block_rows = min(block_rows, n_img)
     caps = _queues(groups[0][1] - groups[0][0], k_t2i)
-    images = _queues(min(block_rows, n_img), k_i2t)
-    tile_buf = torch.empty((min(block_rows, n_img), min(tile_cols, n_cap)))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for g, (g0, g1) in enumerate(groups):
-            caps.reset()
-            with_i2t = g == 0
-            for a in range(0, n_img, block_rows):
-                b = min(a + block_rows, n_img)
-                q = _load_rows(img, a, b, "cpu", torch.float32)  # (R, d)
-                images.reset()
-                row_parts = _split(b - a, threads) if with_i2t else [(0, 0)] * threads
-                for c0 in range(0 if with_i2t else g0, n_cap if with_i2t else g1, tile_cols):
-                    c1 = min(c0 + tile_cols, n_cap)
-                    # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
-                    tile_t = tile_buf[:b - a, :c1 - c0]
-                    if not tile_t.is_contiguous():
-                        tile_t = torch.empty((b - a, c1 - c0))
-                    torch.matmul(q, cap_t[c0:c1].T, out=tile_t)
-                    tile = tile_t.numpy()  # (R, W), C-contiguous float32
-                    in_group = g0 <= c0 < g1
-                    col_parts = _split(c1 - c0, threads) if in_group else [(0, 0)] * threads
-                    _run_jobs(pool, topk_native.scan_tile,
-                              [(lib, tile, a, c0, CAPS_PER_IMAGE, images if with_i2t else None, rows,
-                                caps if in_group else None, cols, g0)
-                               for rows, cols in zip(row_parts, col_parts)])
-                if with_i2t:
-                    top = np.empty((b - a, k_i2t), dtype=np.int32)
-                    _run_jobs(pool, _finalize_rows, [(lib, images, lo, hi, top) for lo, hi in row_parts])
-                    out_i2t[a:b] = top
-                    if progress is not None:
-                        progress(b - a)
-            for f0 in range(g0, g1, FINAL_ROWS):
-                f1 = min(f0 + FINAL_ROWS, g1)
-                top = np.empty((f1 - f0, k_t2i), dtype=np.int32)
-                _run_jobs(pool, _finalize_rows, [(lib, caps, f0 - g0 + lo, f0 - g0 + hi, top, f0 - g0)
-                                                 for lo, hi in _split(f1 - f0, threads)])
-                out_t2i[f0:f1] = top
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each worker's GEMM runs on its own core
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for g, (g0, g1) in enumerate(groups):
+                caps.reset()
+                with_i2t = g == 0
+                ranges = worker_ranges(0, n_cap, threads, tile_cols, k_i2t + CAPS_PER_IMAGE) if with_i2t \
+                    else worker_ranges(g0, g1, threads, tile_cols, 1)
+                workers = [_Worker(lib, cap_t, cols, k_i2t if with_i2t else 0, block_rows, tile_cols,
+                                   caps, (g0, g1)) for cols in ranges]
+                for a in range(0, n_img, block_rows):
+                    b = min(a + block_rows, n_img)
+                    q = _load_rows(img, a, b, "cpu", torch.float32)  # (R, d)
+                    _run_jobs(pool, _Worker.block, [(w, q, a) for w in workers])
+                    if with_i2t:
+                        out_i2t[a:b] = _merge_worker_lists(lib, pool, workers, b - a, k_i2t, threads)
+                        if progress is not None:
+                            progress(b - a)
+                for f0 in range(g0, g1, FINAL_ROWS):
+                    f1 = min(f0 + FINAL_ROWS, g1)
+                    top = np.empty((f1 - f0, k_t2i), dtype=np.int32)
+                    _run_jobs(pool, _finalize_rows, [(lib, caps, f0 - g0 + lo, f0 - g0 + hi, top, f0 - g0)
+                                                     for lo, hi in _split(f1 - f0, threads)])
+                    out_t2i[f0:f1] = top
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _merge_worker_lists(lib, pool, workers, n, k, threads):
+    if len(workers) == 1:
+        return workers[0].top_ids[:n].copy()
+    scores = np.ascontiguousarray(np.stack([w.top_scores[:n] for w in workers], axis=1))  # (n, W, k)
+    ids = np.ascontiguousarray(np.stack([w.top_ids[:n] for w in workers], axis=1))
+    top = np.empty((n, k), dtype=np.int32)
+    _run_jobs(pool, topk_native.merge_sorted,
+              [(lib, scores, ids, lo, hi, top[lo:hi]) for lo, hi in _split(n, threads) if hi > lo])
+    return top
 
 
 def _queues(n, k):

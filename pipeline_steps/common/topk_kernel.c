@@ -75,8 +75,16 @@ static void select_nth(float *v, int32_t *id, int64_t lo, int64_t hi, int64_t nt
 static inline uint32_t descending_key(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
+    if (u == 0x80000000u) u = 0;  /* -0.0 ranks as 0.0, as in every comparison */
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
     return ~u;
+}
+
+static inline float score_of_key(uint32_t key) {
+    uint32_t w = ~key, u = (w & 0x80000000u) ? (w & 0x7fffffffu) : ~w;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 /* Sort v/id[0..n) best first. LSD radix sort on the score (4 byte passes: branch-free, unlike a
@@ -315,11 +323,12 @@ void aoq_scan_tile(const float *tile, int64_t n_rows, int64_t n_cols, int64_t ro
 
 /*
  * Queues [q_lo, q_hi): write the ids of each queue's k best entries, best first, to
- * out[(q - q_lo) * k ...]. Returns 0, 1 if a queue holds fewer than k entries (a caller bug),
- * or 2 if scratch memory could not be allocated.
+ * out[(q - q_lo) * k ...], and their scores to out_scores likewise unless it is NULL.
+ * Returns 0, 1 if a queue holds fewer than k entries (a caller bug), or 2 if scratch memory
+ * could not be allocated.
  */
 int aoq_finalize(float *qv, int32_t *qid, const int32_t *fill, int64_t cap, int64_t k,
-                 int64_t q_lo, int64_t q_hi, int32_t *out) {
+                 int64_t q_lo, int64_t q_hi, int32_t *out, float *out_scores) {
     uint32_t *key = malloc(cap * sizeof *key), *key2 = malloc(cap * sizeof *key2);
     int32_t *id2 = malloc(cap * sizeof *id2);
     int status = (key && key2 && id2) ? 0 : 2;
@@ -332,11 +341,37 @@ int aoq_finalize(float *qv, int32_t *qid, const int32_t *fill, int64_t cap, int6
         int32_t *id = qid + q * cap;
         sort_best_first(qv + q * cap, id, n, key, key2, id2);
         memcpy(out + (q - q_lo) * k, id, k * sizeof *id);
+        if (out_scores != NULL)
+            for (int64_t a = 0; a < k; a++) out_scores[(q - q_lo) * k + a] = score_of_key(key[a]);
     }
     free(key);
     free(key2);
     free(id2);
     return status;
+}
+
+/*
+ * Rows [r_lo, r_hi): merge n_lists sorted lists of length k (row r, list l at offset
+ * (r * n_lists + l) * k of scores/ids; list l holds only ids below those of list l + 1) into the
+ * k best, written to out[(r - r_lo) * k ...]. Equal scores: the earlier list (lower ids) first.
+ */
+void aoq_merge_sorted(const float *scores, const int32_t *ids, int64_t n_lists, int64_t k,
+                      int64_t r_lo, int64_t r_hi, int32_t *out) {
+    int64_t head[64];
+    for (int64_t r = r_lo; r < r_hi; r++) {
+        const float *s = scores + r * n_lists * k;
+        const int32_t *id = ids + r * n_lists * k;
+        for (int64_t l = 0; l < n_lists; l++) head[l] = 0;
+        for (int64_t a = 0; a < k; a++) {
+            int64_t best = -1;
+            for (int64_t l = 0; l < n_lists; l++) {
+                if (head[l] == k) continue;
+                if (best < 0 || s[l * k + head[l]] > s[best * k + head[best]]) best = l;
+            }
+            out[(r - r_lo) * k + a] = id[best * k + head[best]];
+            head[best]++;
+        }
+    }
 }
 
 /*

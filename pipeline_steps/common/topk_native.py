@@ -88,7 +88,9 @@ def _bind(lib):
         _f32p, _i32p, _i32p, _f32p, _i64, _i64, _i64, _i64,
     ]
     lib.aoq_finalize.restype = ctypes.c_int
-    lib.aoq_finalize.argtypes = [_f32p, _i32p, _i32p, _i64, _i64, _i64, _i64, _i32p]
+    lib.aoq_finalize.argtypes = [_f32p, _i32p, _i32p, _i64, _i64, _i64, _i64, _i32p, ctypes.c_void_p]
+    lib.aoq_merge_sorted.restype = None
+    lib.aoq_merge_sorted.argtypes = [_f32p, _i32p, _i64, _i64, _i64, _i64, _i32p]
     lib.aoq_count_above.restype = None
     lib.aoq_count_above.argtypes = [_f32p, _i64, _i64, _f32p, _f32p, _i64p, _i32p]
     return lib
@@ -145,10 +147,14 @@ def scan_tile(lib, tile, row0, col0, caps_per_image, rows, rows_range, cols, col
                       *r_args, *rows_range, *c_args, *cols_range)
 
 
-def finalize(lib, queues, q_lo, q_hi, out):
-    """Sorted top-k ids of queues [q_lo, q_hi) into out (C-contiguous int32, (q_hi - q_lo, k))."""
+def finalize(lib, queues, q_lo, q_hi, out, out_scores=None):
+    """Sorted top-k ids of queues [q_lo, q_hi) into out (C-contiguous int32, (q_hi - q_lo, k)),
+    and their scores into out_scores (float32, same shape) if given."""
+    if out_scores is not None:
+        if out_scores.dtype != np.float32 or not out_scores.flags.c_contiguous or out_scores.shape != out.shape:
+            raise ValueError("out_scores must be C-contiguous float32 of out's shape")
     status = lib.aoq_finalize(queues.values, queues.ids, queues.fill, queues.cap, queues.k,
-                              q_lo, q_hi, out)
+                              q_lo, q_hi, out, None if out_scores is None else out_scores.ctypes.data)
     if status != 0:
         raise RuntimeError("a top-k queue holds fewer entries than k (internal error)")
 
@@ -161,3 +167,12 @@ def count_above(lib, tile, row_thr, col_thr, row_counts, col_counts):
     """
     n_rows, n_cols = tile.shape
     lib.aoq_count_above(tile, n_rows, n_cols, row_thr, col_thr, row_counts, col_counts)
+
+
+def merge_sorted(lib, scores, ids, r_lo, r_hi, out):
+    """Merge per-row sorted lists: scores/ids (R, L, k) C-contiguous (list l's ids all below list
+    l + 1's), rows [r_lo, r_hi) -> out (r_hi - r_lo, k) int32, the k best of each row."""
+    n_rows, n_lists, k = scores.shape
+    if n_lists > 64:
+        raise ValueError("at most 64 lists")
+    lib.aoq_merge_sorted(scores, ids, n_lists, k, r_lo, r_hi, out)
