@@ -7,6 +7,11 @@ Outputs: `--out-best` (best dev checkpoint by i2t R@1+R@5 + t2i R@1+R@5), `--out
          with `VAL `. Resume state lives in `--resume-dir`, outside the declared outputs (Snakemake
          deletes those when a job fails): a rerun after a kill continues from the last validation.
 
+Several processes (one per GPU) train one model on shards of the same global batches when launched
+by torchrun or srun; the step computes what the single process computes, and rank 0 alone
+validates and writes (pipeline_steps/common/distributed.py):
+    python -m torch.distributed.run --nproc_per_node 4 -m pipeline_steps.train ...
+
 Example:
     python -m pipeline_steps.train --data results/demo_data/demo_precomp \
         --prepared results/prepared/demo_precomp --model vsepp \
@@ -23,7 +28,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -33,9 +37,10 @@ from tqdm import tqdm
 
 from models import create_model
 from models.losses import LossConfig, OfflineScores, retrieval_loss
+from pipeline_steps.common import distributed
 from pipeline_steps.common.atomic import atomic_path, write_text_atomic
 from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
-from pipeline_steps.common.checkpoint import pick_device, save_checkpoint
+from pipeline_steps.common.checkpoint import save_checkpoint
 from pipeline_steps.common.encode import encode_split, representation_scorer
 from pipeline_steps.common.metrics import evaluate, val_score4
 from pipeline_steps.common.optim import Optimizers
@@ -76,7 +81,10 @@ def parse_args(argv):
     p.add_argument("--candidates-i2t")
     p.add_argument("--candidates-t2i")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:k]; under torchrun/srun, "
+                   "auto and cuda mean this process's GPU")
+    p.add_argument("--distributed", choices=["auto", "off"], default="auto",
+                   help="auto: join the process group of a torchrun or srun launch, if any")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--out-best", required=True)
     p.add_argument("--out-last", required=True)
@@ -113,11 +121,14 @@ def lr_at_epoch(cfg, epoch):
     return cfg.learning_rate * 0.1 ** (epoch // cfg.lr_update)
 
 
-def training_loss(model, batch, loss_cfg, device):
+def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
     """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order.
 
     The order matters for models with BatchNorm: each train-mode pass updates the running
-    statistics, anchor first (spec §4.3).
+    statistics, anchor first (spec §4.3). In a multi-process run `batch` is this process's shard:
+    `ctx` completes the representations and offline scores with the other shards' (without their
+    gradients) and the auxiliary loss, a per-sample mean, with theirs, so the loss is the whole
+    batch's.
     """
     img, cap, aux = model.anchor_forward(batch, device)
     offline = None
@@ -127,10 +138,14 @@ def training_loss(model, batch, loss_cfg, device):
             cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
             img4 = model.encode_images(batch["pos2_images"].to(device))
             cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
-        offline = OfflineScores(off_t=model.score_paired(img, cap3), off_i=model.score_paired(img3, cap),
-                                quin_a=model.score_paired(img3, cap3), quin_b=model.score_paired(img4, cap4))
+        paired = dict(off_t=model.score_paired(img, cap3), off_i=model.score_paired(img3, cap),
+                      quin_a=model.score_paired(img3, cap3), quin_b=model.score_paired(img4, cap4))
+        offline = OfflineScores(**{name: ctx.whole_batch(score) for name, score in paired.items()})
+    img = ctx.whole_batch(img, model.concat_representations)
+    cap = ctx.whole_batch(cap, model.concat_representations)
     loss, terms = retrieval_loss(model.score_all(img, cap), offline, loss_cfg)
     if aux is not None:
+        aux = ctx.batch_mean(aux, len(batch["index"]))
         loss = loss + aux
         terms["auxiliary"] = aux.detach()
     return loss, terms
@@ -145,10 +160,11 @@ def validate(model, dev, cfg, device):
 
 
 class Run:
-    """Training state that a resume restores: weights, optimiser, position, best score, history."""
+    """Training state that a resume restores: weights, optimiser, position, best score, history.
+    Every process restores it; rank 0 alone saves it, with every process's random state."""
 
-    def __init__(self, args, model, optimizer, resume_dir):
-        self.args, self.model, self.optimizer = args, model, optimizer
+    def __init__(self, args, model, optimizer, resume_dir, ctx=distributed.SINGLE):
+        self.args, self.model, self.optimizer, self.ctx = args, model, optimizer, ctx
         self.dir = Path(resume_dir)
         self.epoch, self.next_batch, self.iteration = 0, 0, 0
         self.best_score, self.history = float("-inf"), []
@@ -165,7 +181,9 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
+        if self.ctx.enabled:
+            self.ctx.restore_rng(state.get("rank_rng"), self.args.seed, state["iteration"])
+        elif state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.next_batch = state["epoch"], state["next_batch"]
         self.iteration, self.best_score = state["iteration"], state["best_score"]
@@ -174,12 +192,18 @@ class Run:
         return True
 
     def save_state(self):
-        with atomic_path(self.dir / "state.pt") as tmp:
-            torch.save({"fingerprint": self.fingerprint, "model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                        "epoch": self.epoch, "next_batch": self.next_batch, "iteration": self.iteration,
-                        "best_score": self.best_score, "history": self.history}, tmp)
+        """Called by every process (it gathers their random states); rank 0 writes."""
+        rank_rng = self.ctx.gather_objects(self.ctx.rng_state()) if self.ctx.enabled else None
+        if self.ctx.is_main:
+            cuda_all = torch.cuda.is_available() and not self.ctx.enabled  # a process touches its GPU only
+            with atomic_path(self.dir / "state.pt") as tmp:
+                torch.save({"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if cuda_all else [],
+                            "rank_rng": rank_rng, "epoch": self.epoch, "next_batch": self.next_batch,
+                            "iteration": self.iteration, "best_score": self.best_score,
+                            "history": self.history}, tmp)
+        self.ctx.barrier()
 
     def checkpoint(self, path, metrics):
         save_checkpoint(path, self.model, epoch=self.epoch, iteration=self.iteration,
@@ -211,23 +235,38 @@ def history_csv(history):
     return buf.getvalue()
 
 
+def write_outputs(run, args):
+    last_metrics = run.history[-1]
+    run.checkpoint(args.out_last, {k: last_metrics[k] for k in METRIC_KEYS})
+    with atomic_path(args.out_best) as tmp:
+        shutil.copyfile(run.dir / "best.pt", tmp)
+    write_text_atomic(args.out_log, history_csv(run.history))
+    shutil.rmtree(run.dir)  # finished: a forced rerun starts from scratch
+    log.info("done: best val_score4=%.2f", run.best_score)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = _json_config(args.train_config, TrainConfig, "--train-config")
     loss_cfg = _json_config(args.loss_config, LossConfig, "--loss-config")
     if loss_cfg.needs_offline and not (args.candidates_i2t and args.candidates_t2i):
         raise SystemExit(f"error: loss variant {loss_cfg.variant!r} needs --candidates-i2t and --candidates-t2i")
+    ctx = distributed.setup(args.device, enabled=args.distributed == "auto")
+    prefix = f"[rank {ctx.rank}] " if ctx.enabled else ""
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(name)s %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = ctx.device
     torch.manual_seed(args.seed)
 
     features, captions, info = open_split(args.data, args.prepared, "train")
     dev = open_split(args.data, args.prepared, "dev")
+    ctx.check_batch_split(info.n_captions, cfg.batch_size)
     vocab_size = read_manifest(args.prepared)["vocab_size"]
     model_cfg = json.loads(args.model_config) | {"vocab_size": vocab_size, "img_dim": info.img_dim}
     model = create_model(args.model, **model_cfg).to(device)
+    ctx.prepare_model(model, args.seed)  # multi-process: whole-batch BatchNorm, own dropout streams
     candidates = None
     if loss_cfg.needs_offline:
         candidates = OfflineCandidates(args.candidates_i2t, args.candidates_t2i, info.n_images,
@@ -238,9 +277,11 @@ def main(argv=None):
     double = "caption" if getattr(model.config, "caption_double_step", False) else None
     optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
     caption_targets = model.caption_targets_of if model.needs_caption_targets else None
-    run = Run(args, model, optimizer, args.resume_dir)
+    run = Run(args, model, optimizer, args.resume_dir, ctx)
     run.dir.mkdir(parents=True, exist_ok=True)
     run.try_resume()
+    ctx.agree("where training resumes", (run.epoch, run.next_batch, run.iteration))
+    ctx.broadcast_from_main(model.state_dict().values())
     label = f"model={args.model} variant={loss_cfg.variant} seed={args.seed}"
 
     model.train()
@@ -250,18 +291,20 @@ def main(argv=None):
         epoch_loss = loss_config_at_epoch(loss_cfg, cfg, run.epoch)
         batches = epoch_batches(info.n_captions, cfg.batch_size, args.seed, run.epoch)
         dataset = TrainBatches(features, captions, batches, args.seed, run.epoch, candidates,
-                               first_batch=run.next_batch, caption_targets=caption_targets)
+                               first_batch=run.next_batch, caption_targets=caption_targets,
+                               shard=(ctx.rank, ctx.world_size))
         # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
         # resumed run, which creates one mid-epoch, would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                                              generator=torch.Generator().manual_seed(args.seed))
         losses = []
         bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
-                   mininterval=5, file=sys.stderr)
+                   mininterval=5, file=sys.stderr, disable=not ctx.is_main)
         for batch in bar:
-            loss, _ = training_loss(model, batch, epoch_loss, device)
+            loss, _ = training_loss(model, batch, epoch_loss, device, ctx)
             optimizer.zero_grad()
             loss.backward()
+            ctx.sum_gradients(model.parameters())  # before clipping: the total norm is the batch's
             if cfg.grad_clip > 0:
                 optimizer.clip(cfg.grad_clip)
             optimizer.step()
@@ -269,21 +312,20 @@ def main(argv=None):
             run.iteration += 1
             run.next_batch += 1
             if run.iteration % cfg.val_step == 0 and run.next_batch < len(batches):
-                run_validation(run, dev, cfg, device, float(np.mean(losses)), lr, label)
+                if ctx.is_main:  # the others wait in save_state
+                    run_validation(run, dev, cfg, device, float(np.mean(losses)), lr, label)
                 losses = []
                 run.save_state()
         bar.close()
-        run_validation(run, dev, cfg, device, float(np.mean(losses)) if losses else float("nan"), lr, label)
+        if ctx.is_main:
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            run_validation(run, dev, cfg, device, mean_loss, lr, label)
         run.epoch, run.next_batch = run.epoch + 1, 0
         run.save_state()
 
-    last_metrics = run.history[-1]
-    run.checkpoint(args.out_last, {k: last_metrics[k] for k in METRIC_KEYS})
-    with atomic_path(args.out_best) as tmp:
-        shutil.copyfile(run.dir / "best.pt", tmp)
-    write_text_atomic(args.out_log, history_csv(run.history))
-    shutil.rmtree(run.dir)  # finished: a forced rerun starts from scratch
-    log.info("done: best val_score4=%.2f", run.best_score)
+    if ctx.is_main:
+        write_outputs(run, args)
+    ctx.close()
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Items are captions (spec §1.1): caption c pairs with image c // 5. An epoch's order and every
 random draw derive from (seed, epoch, batch number), so a run is reproducible and a resumed run
-sees exactly the batches it would have seen (DataLoader workers included).
+sees exactly the batches it would have seen (DataLoader workers included). In a multi-process
+run every process builds the same batches and keeps its contiguous shard of each (`shard_bounds`);
+offline negatives are drawn for the whole batch before slicing, so every anchor gets the negatives
+the single-process run would have drawn.
 """
 import numpy as np
 import torch
@@ -14,6 +17,12 @@ def epoch_batches(n_items, batch_size, seed, epoch):
     """The epoch's shuffled items cut into batches (the last one may be smaller; drop_last=False)."""
     order = np.random.default_rng([seed, epoch]).permutation(n_items)
     return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+def shard_bounds(n_items, rank, world_size):
+    """Rows [start, stop) of a batch of n_items that process `rank` of `world_size` takes:
+    contiguous, in rank order, sizes differing by at most one (rank * n / W when W divides n)."""
+    return n_items * rank // world_size, n_items * (rank + 1) // world_size
 
 
 def pad_captions(id_lists):
@@ -57,14 +66,16 @@ class OfflineCandidates:
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    """Dataset whose item b is the whole batch b of one epoch (one memmap read per batch)."""
+    """Dataset whose item b is batch b of one epoch (one memmap read per batch), or with
+    shard=(rank, world_size) that process's rows of it (`shard_bounds`)."""
 
     def __init__(self, features, captions, batches, seed, epoch, candidates=None, first_batch=0,
-                 caption_targets=None):
+                 caption_targets=None, shard=(0, 1)):
         self.features, self.captions, self.candidates = features, captions, candidates
         self.batches, self.seed, self.epoch, self.first_batch = batches, seed, epoch, first_batch
         # word ids -> (labels, mask) of a captioning branch (VSRN); built for anchors only.
         self.caption_targets = caption_targets
+        self.shard = shard
 
     def __len__(self):
         return len(self.batches) - self.first_batch
@@ -74,7 +85,9 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, position):
         number = self.first_batch + position
-        items = self.batches[number]
+        whole = self.batches[number]
+        start, stop = shard_bounds(len(whole), *self.shard)
+        items = whole[start:stop]
         ids, lengths = self._caption_batch(items)
         batch = {"index": torch.from_numpy(items.astype(np.int64)),
                  "images": torch.from_numpy(self.features.rows(items // CAPTIONS_PER_IMAGE)),
@@ -85,7 +98,8 @@ class TrainBatches(torch.utils.data.Dataset):
             batch["cap_masks"] = torch.from_numpy(np.stack(masks))
         if self.candidates is not None:
             rng = np.random.default_rng([self.seed, self.epoch, number])
-            t3, i3, t4, i4 = self.candidates.sample(items, rng)
+            # drawn for the whole batch, then sliced: the same draws whatever the shard
+            t3, i3, t4, i4 = (a[start:stop] for a in self.candidates.sample(whole, rng))
             batch["neg_images"] = torch.from_numpy(self.features.rows(i3))      # I3
             batch["neg_ids"], batch["neg_lengths"] = self._caption_batch(t3)   # T3
             batch["pos2_images"] = torch.from_numpy(self.features.rows(i4))    # I4
