@@ -1,7 +1,62 @@
 """Small builders shared by several test files."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+import yaml
 
 from pipeline_steps import make_demo_data, prepare_data
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# Rules call `python`: the interpreter running the tests must be the one they find.
+ENV = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+
+
+def tiny_config():
+    """config.yaml shrunk to a DAG that runs in a minute or two on CPU."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["dataset"].update(img_dim=16)
+    config["demo"].update(n_train=40, n_dev=10, n_test=10, n_testall_per_fold=4)
+    config["models"] = {"vsepp": {"arch": "vsepp", "embed_size": 16, "word_dim": 8}}
+    for section in (config["baseline"]["train"], config["aoq"]["train"]):
+        section.update(epochs=1, batch_size=50, val_step=100, eval_batch_size=64)
+    config["aoq"]["train"]["offline_size"] = 20
+    config["mining"].update(k_i2t=30, k_t2i=10)
+    # Tiny jobs, and a different size per rule class so a scheduler's view can be checked.
+    for i, kind in enumerate(("light", "data", "train", "extract", "mine", "evaluate")):
+        config["resources"][kind].update(mem_mb=300 + 100 * i, runtime=5 + i)
+    return config
+
+
+def write_config(workdir, config):
+    path = workdir / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir, config, *args):
+    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(workdir),
+                       "--configfile", str(write_config(workdir, config)), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def planned_jobs(result):
+    """(rule, wildcards) of every job a dry run plans."""
+    jobs, rule = [], None
+    for line in result.stdout.splitlines():
+        match = re.match(r"^(?:local)?rule (\w+):", line.strip())
+        if match:
+            rule = match.group(1)
+            jobs.append((rule, ""))
+        elif line.strip().startswith("wildcards:") and jobs:
+            jobs[-1] = (rule, line.strip()[len("wildcards:"):].strip())
+    return jobs
 
 
 def make_prepared_demo(root, seed, n_train, n_dev, n_test, splits, img_dim=16):

@@ -1,55 +1,14 @@
 """The Snakemake workflow end to end on a tiny config: full run, no-op rerun, selective reruns, lint."""
 import copy
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEFILE = REPO / "workflow" / "Snakefile"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-# Rules call `python`: the interpreter running the tests must be the one they find.
-ENV = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+from tests.helpers import ENV, REPO, SNAKEFILE, SNAKEMAKE, planned_jobs, snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
-
-
-def tiny_config():
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["dataset"].update(img_dim=16)
-    config["demo"].update(n_train=40, n_dev=10, n_test=10, n_testall_per_fold=4)
-    config["models"] = {"vsepp": {"arch": "vsepp", "embed_size": 16, "word_dim": 8}}
-    for section in (config["baseline"]["train"], config["aoq"]["train"]):
-        section.update(epochs=1, batch_size=50, val_step=100, eval_batch_size=64)
-    config["aoq"]["train"]["offline_size"] = 20
-    config["mining"].update(k_i2t=30, k_t2i=10)
-    return config
-
-
-def snakemake(workdir, config, *args):
-    path = workdir / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(path),
-                       "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
-
-
-def planned_jobs(result):
-    """(rule, wildcards) of every job a dry run plans."""
-    jobs, rule = [], None
-    for line in result.stdout.splitlines():
-        match = re.match(r"^(?:local)?rule (\w+):", line.strip())
-        if match:
-            rule = match.group(1)
-            jobs.append((rule, ""))
-        elif line.strip().startswith("wildcards:") and jobs:
-            jobs[-1] = (rule, line.strip()[len("wildcards:"):].strip())
-    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +170,35 @@ def test_whole_dag_on_a_scan_layout_folder_with_a_vocab_json(tmp_path):
     assert manifest["splits"]["dev"]["rows_per_image"] == 5
     assert (results / "candidates" / "vsepp" / "seed0" / "t2i_scanlike.npy").exists()
     assert "| vsepp | +AdapOffQuin |" in (results / "report" / "report.md").read_text()
+
+
+def planned_commands(result):
+    """rule -> [(resources line, shell command)] of every job a dry run with -p plans."""
+    jobs = {}
+    for block in re.split(r"^(?:local)?rule ", result.stdout, flags=re.M)[1:]:
+        resources = re.search(r"^\s+resources: (.*)$", block, re.M)
+        command = re.search(r"^Shell command: (.*)$", block, re.M)
+        if command and command.group(1) != "None":
+            jobs.setdefault(block.split(":", 1)[0], []).append((resources.group(1), command.group(1)))
+    return jobs
+
+
+def test_gpu_settings_reach_the_jobs(tmp_path):
+    cpu = planned_commands(snakemake(tmp_path, tiny_config(), "-n", "-p"))
+    assert cpu["train"][0][1].startswith("python -m pipeline_steps.train --data ")
+    assert all("gpu=0" in res and "gpu_slot" not in cmd for rule in ("train", "evaluate")
+               for res, cmd in cpu[rule])
+    config = tiny_config()
+    config["resources"]["gpus_per_job"] = 1
+    config["resources"]["train"]["gpus"] = 2
+    gpu = planned_commands(snakemake(tmp_path, config, "-n", "-p"))
+    slot = "python -m pipeline_steps.common.gpu_slot --gpus {} -- python -m "
+    for res, cmd in gpu["train"]:
+        assert "gpu=2" in res and "mem_mb=500" in res and "runtime=7" in res
+        assert cmd.startswith(slot.format(2) + "torch.distributed.run --standalone --nproc_per_node 2 "
+                              "-m pipeline_steps.train --data ")
+    for rule, step in (("extract_embeddings", "extract_embeddings"), ("mine_candidates", "mine_candidates"),
+                       ("evaluate", "evaluate")):
+        assert all("gpu=1" in res and cmd.startswith(slot.format(1) + f"pipeline_steps.{step} ")
+                   for res, cmd in gpu[rule]), gpu[rule]
+    assert gpu["prepare_data"] == cpu["prepare_data"]  # CPU-only rules are untouched

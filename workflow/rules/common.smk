@@ -65,6 +65,40 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+# Job resources by class (config.yaml `resources`): memory, runtime, and for the GPU classes a
+# `gpu` count. SLURM assigns the devices itself; a local run hands each job its own through a GPU
+# slot, among resources.local_gpus devices (counted with nvidia-smi when null).
+GPU_CLASSES = ("train", "extract", "mine", "evaluate")
+if config["resources"].get("local_gpus") is not None:
+    os.environ.update(AOQ_LOCAL_GPUS=str(config["resources"]["local_gpus"]))
+
+
+def gpus_of(kind):
+    gpus = config["resources"][kind].get("gpus")
+    return config["resources"]["gpus_per_job"] if gpus is None else gpus
+
+
+def job_resources(kind):
+    """mem_mb, runtime (minutes) and, for a GPU class, gpu of one job."""
+    resources = {k: config["resources"][kind][k] for k in ("mem_mb", "runtime")}
+    if kind in GPU_CLASSES:
+        resources["gpu"] = gpus_of(kind)
+    return resources
+
+
+def step_command(kind, module):
+    """The command that runs `python -m <module>` for a job of class `kind`. Without GPUs it is
+    just that; with GPUs it runs inside a GPU slot, and training on several GPUs runs torchrun,
+    one process per GPU."""
+    gpus = gpus_of(kind)
+    if gpus == 0:
+        return f"python -m {module}"
+    slot = f"python -m pipeline_steps.common.gpu_slot --gpus {gpus} --"
+    if kind == "train" and gpus > 1:
+        return f"{slot} python -m torch.distributed.run --standalone --nproc_per_node {gpus} -m {module}"
+    return f"{slot} python -m {module}"
+
+
 def download_source_flags(wildcards):
     """Where the data comes from: an existing folder, an archive on disk, or the mirrors."""
     d = config["download"]

@@ -10,6 +10,8 @@ if config["demo"]["enabled"]:
             demo=config["demo"],
             img_dim=config["dataset"]["img_dim"],
             dev_layout=lambda w: "--dev-rows-per-caption" if config["demo"].get("dev_rows_per_caption") else "",
+        resources:
+            **job_resources("light"),
         conda:
             "../../envs/aoq.yaml"
         log:
@@ -32,6 +34,8 @@ if config.get("download", {}).get("enabled"):
             source=download_source_flags,
             sha=lambda w: f"--sha256 {config['download']['sha256']}" if config["download"].get("sha256") else "",
             dest=lambda w, output: os.path.dirname(output.stamp),
+        resources:
+            **job_resources("data"),
         conda:
             "../../envs/aoq.yaml"
         log:
@@ -58,6 +62,8 @@ rule prepare_data:
         threshold=config["dataset"].get("vocab_threshold", 4),
         tokenizer=config["dataset"].get("tokenizer", "auto"),
         name=DATASET,
+    resources:
+        **job_resources("data"),
     conda:
         "../../envs/aoq.yaml"
     log:

@@ -5,16 +5,19 @@ rule evaluate:
     output:
         metrics=[f"{R}/eval/{{name}}/{{variant}}/{e['name']}.json" for e in config["evaluation"]],
     params:
+        step=step_command("evaluate", "pipeline_steps.evaluate"),
         data=data_dir,
         prepared=prepared_dir,
         evaluations=lambda w, output: evaluation_flags(output.metrics),
         device=config["run"].get("device", "auto"),
     threads: 4
+    resources:
+        **job_resources("evaluate"),
     conda:
         "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/evaluate/{{name}}_{{variant}}.log",
     shell:
-        "python -m pipeline_steps.evaluate --checkpoints {input.checkpoints} --data {params.data}"
+        "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
         " --prepared {params.prepared} --label {wildcards.name} {params.evaluations} --device {params.device}"
         " --threads {threads} > {log} 2>&1"

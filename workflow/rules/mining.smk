@@ -5,16 +5,19 @@ rule extract_embeddings:
     output:
         f"{R}/embeddings/{{model}}/seed{{seed}}/train.h5",
     params:
+        step=step_command("extract", "pipeline_steps.extract_embeddings"),
         data=data_dir,
         prepared=prepared_dir,
         device=config["run"].get("device", "auto"),
     threads: 4
+    resources:
+        **job_resources("extract"),
     conda:
         "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.log",
     shell:
-        "python -m pipeline_steps.extract_embeddings --checkpoint {input.checkpoint} --data {params.data}"
+        "{params.step} --checkpoint {input.checkpoint} --data {params.data}"
         " --prepared {params.prepared} --split train --out {output} --device {params.device}"
         " --threads {threads} > {log} 2>&1"
 
@@ -26,12 +29,15 @@ rule mine_candidates:
         i2t=f"{R}/candidates/{{model}}/seed{{seed}}/i2t_{DS_PREFIX}.npy",
         t2i=f"{R}/candidates/{{model}}/seed{{seed}}/t2i_{DS_PREFIX}.npy",
     params:
+        step=step_command("mine", "pipeline_steps.mine_candidates"),
         k_i2t=config["mining"]["k_i2t"],
         k_t2i=config["mining"]["k_t2i"],
         dtype=config["mining"].get("dtype", "float32"),
         block_mb=config["mining"].get("block_mb", 512),
         device=config["run"].get("device", "auto"),
     threads: 4
+    resources:
+        **job_resources("mine"),
     conda:
         "../../envs/aoq.yaml"
     log:
@@ -39,7 +45,7 @@ rule mine_candidates:
     benchmark:
         f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.benchmark.tsv"
     shell:
-        "python -m pipeline_steps.mine_candidates --embeddings {input} --out-i2t {output.i2t}"
+        "{params.step} --embeddings {input} --out-i2t {output.i2t}"
         " --out-t2i {output.t2i} --k-i2t {params.k_i2t} --k-t2i {params.k_t2i} --dtype {params.dtype}"
         " --block-mb {params.block_mb} --device {params.device} --threads {threads} > {log} 2>&1"
 
@@ -57,6 +63,8 @@ if config["mining"].get("candidate_files"):
         params:
             prepared=prepared_dir,
             offline_size=config["aoq"]["train"].get("offline_size", 300),
+        resources:
+            **job_resources("light"),
         conda:
             "../../envs/aoq.yaml"
         log:

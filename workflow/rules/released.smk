@@ -10,6 +10,8 @@ rule import_released:
     params:
         arch=lambda w: RELEASED[w.ckpt]["arch"],
         prepared=prepared_dir,
+    resources:
+        **job_resources("light"),
     conda:
         "../../envs/aoq.yaml"
     log:
@@ -26,17 +28,20 @@ rule evaluate_released:
     output:
         metrics=[f"{R}/eval/released/{{ens}}/{e['name']}.json" for e in config["evaluation"]],
     params:
+        step=step_command("evaluate", "pipeline_steps.evaluate"),
         data=data_dir,
         prepared=prepared_dir,
         evaluations=lambda w, output: evaluation_flags(output.metrics),
         device=config["run"].get("device", "auto"),
     threads: 4
+    resources:
+        **job_resources("evaluate"),
     conda:
         "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/evaluate_released/{{ens}}.log",
     shell:
-        "python -m pipeline_steps.evaluate --checkpoints {input.checkpoints} --data {params.data}"
+        "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
         " --prepared {params.prepared} --label released:{wildcards.ens} {params.evaluations}"
         " --device {params.device} --threads {threads} > {log} 2>&1"
 

@@ -8,6 +8,8 @@ rule report:
         png=f"{R}/report/curves.png",
     params:
         title=config.get("report", {}).get("title", "AOQ reproduction"),
+    resources:
+        **job_resources("light"),
     conda:
         "../../envs/aoq.yaml"
     log:

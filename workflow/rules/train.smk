@@ -6,6 +6,7 @@ rule train:
         last=f"{train_dir()}/model_last.pt",
         val_log=f"{train_dir()}/val_log.csv",
     params:
+        step=step_command("train", "pipeline_steps.train"),
         data=data_dir,
         prepared=prepared_dir,
         arch=lambda w: MODELS[w.model]["arch"],
@@ -17,6 +18,8 @@ rule train:
         # Resume state survives a failed job because it is not a declared output.
         resume=lambda w: f"results/.resume/{DATASET}/{w.model}/{w.variant}/seed{w.seed}",
     threads: 4
+    resources:
+        **job_resources("train"),
     conda:
         "../../envs/aoq.yaml"
     log:
@@ -24,7 +27,7 @@ rule train:
     benchmark:
         f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
     shell:
-        "python -m pipeline_steps.train --data {params.data} --prepared {params.prepared} --model {params.arch}"
+        "{params.step} --data {params.data} --prepared {params.prepared} --model {params.arch}"
         " --model-config {params.model_config:q} --train-config {params.train_config:q}"
         " --loss-config {params.loss_config:q} {params.candidates} --seed {wildcards.seed}"
         " --device {params.device} --threads {threads} --resume-dir {params.resume}"
