@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.gru import run_gru
+
 
 class RegionEncoder(nn.Module):
     """vid2hid (per region) -> dropout -> GRU over the regions in file order."""
@@ -22,7 +24,7 @@ class RegionEncoder(nn.Module):
 
     def forward(self, regions):
         """regions (B, N, dim_vid) -> (outputs (B, N, H), final state (1, B, H))."""
-        return self.rnn(self.input_dropout(self.vid2hid(regions)))
+        return run_gru(self.rnn, self.input_dropout(self.vid2hid(regions)))
 
 
 class Attention(nn.Module):
@@ -99,7 +101,9 @@ def masked_caption_nll(logits, labels, masks):
     """Sum over (b, t) of masks[b, t+1] * -log softmax(logits[b, t])[labels[b, t+1]], / B.
 
     logits (B, T, V) are the predictions of steps 0 .. T-1 (step t predicts labels[:, t+1]).
+    Reduced-precision logits (autocast) are promoted to float32: the softmax and sums run in float32.
     """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     steps = logits.shape[1]
     targets = labels[:, 1:steps + 1]
     weights = masks[:, 1:steps + 1].to(logits.dtype)

@@ -5,7 +5,8 @@ Spec: /work/shared/spec/scan_bfan_vsepp_data.md §A.1, A.4, A.5, B.2, B.3.
 Inputs: image region features `img` (B_i, k, d), padded word features `words` (B_c, L, d) and the
 true caption `lengths` (B_c,). Every function has two modes:
 - all pairs (`paired=False`): (B_i, B_c) scores, captions processed `chunk` at a time so memory
-  stays bounded; every pair is independent, so chunking does not change any score;
+  stays bounded, in order of length so each chunk is cut to its own longest caption; every pair
+  is independent, so neither chunking nor the order changes any score;
 - paired (`paired=True`, B_i == B_c): (B,) scores of image b against caption b only.
 
 Padded words never participate: they are zeroed (so they add nothing to a query-axis
@@ -174,30 +175,32 @@ def _attend(block, direction, normalize, lambda_softmax, focal_type=None):
 
 
 def _prepare(img, words, lengths):
-    """Validate, trim words to the longest real caption, zero padding; returns (words, mask).
+    """Validate, trim words to the longest real caption, zero padding; returns (words, mask,
+    lengths as a CPU int64 tensor).
 
-    The length checks read `lengths` where it lives: keep it on the CPU to avoid device syncs.
+    The length checks read `lengths`: keep it on the CPU to avoid device syncs.
     """
     if img.dim() != 3 or words.dim() != 3 or img.shape[-1] != words.shape[-1]:
         raise ValueError(f"expected img (B_i, k, d) and words (B_c, L, d), got {tuple(img.shape)}, "
                          f"{tuple(words.shape)}")
-    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
     if lengths.shape != words.shape[:1]:
         raise ValueError(f"lengths {tuple(lengths.shape)} do not match {words.shape[0]} captions")
     if len(lengths) == 0:
-        return words, torch.zeros(words.shape[:2], dtype=torch.bool, device=words.device)
+        return words, torch.zeros(words.shape[:2], dtype=torch.bool, device=words.device), lengths
     min_len, max_len = (int(x) for x in torch.aminmax(lengths))
     if max_len > words.shape[1] or min_len < 1:
         raise ValueError(f"caption lengths must lie in [1, {words.shape[1]}]")
     words = words[:, :max_len]
     mask = torch.arange(max_len, device=words.device) < lengths.to(words.device)[:, None]  # (B_c, L)
-    return words.masked_fill(~mask.unsqueeze(-1), 0.0), mask
+    return words.masked_fill(~mask.unsqueeze(-1), 0.0), mask, lengths
 
 
-def _pair_blocks(img, words, mask, paired, chunk):
+def _pair_blocks(img, words, mask, lengths, paired, chunk):
     """Yield blocks (S (..., L, k), word mask (..., L), word norms (..., L), region norms (..., k),
     image Gram (B_i, k, k), caption Gram (..., L, L)) with leading dims (B,) when paired, else
-    (B_i, c) for each chunk of c captions (size-1 dims where a factor belongs to one side only)."""
+    (B_i, c) for each chunk of c captions (size-1 dims where a factor belongs to one side only).
+    All pairs: chunks follow `_caption_order(lengths)`, each cut to its longest caption."""
     img_gram = img @ img.transpose(1, 2)                   # (B_i, k, k)
     region_norms = torch.linalg.vector_norm(img, dim=-1)   # (B_i, k)
     if paired:
@@ -209,8 +212,11 @@ def _pair_blocks(img, words, mask, paired, chunk):
     n_img, k, d = img.shape
     step = max(1, int(chunk)) if chunk else max(1, words.shape[0])
     flat_img = img.reshape(n_img * k, d)
+    order = _caption_order(lengths)
     for start in range(0, words.shape[0], step):
-        w, m = words[start:start + step], mask[start:start + step]
+        rows = order[start:start + step]
+        longest = int(lengths[rows[0]])
+        w, m = words[rows.to(words.device), :longest], mask[rows.to(mask.device), :longest]
         c, n = w.shape[:2]
         # S[i, j, q, r] = <word q of caption j, region r of image i>, made contiguous: (B_i, c, L, k)
         s = (w.reshape(c * n, d) @ flat_img.t()).view(c, n, n_img, k).permute(2, 0, 1, 3).contiguous()
@@ -222,8 +228,17 @@ def _empty(img, words, paired):
     return img.new_zeros((img.shape[0],) if paired else (img.shape[0], words.shape[0]))
 
 
-def _collect(parts, paired):
-    return parts[0] if paired else torch.cat(parts, dim=1)
+def _caption_order(lengths):
+    """Captions by decreasing length (stable): chunks of similar lengths waste little padding."""
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
+def _collect(parts, paired, lengths):
+    """The blocks' scores, all-pairs columns back in caption order."""
+    if paired:
+        return parts[0]
+    scores = torch.cat(parts, dim=1)
+    return scores[:, torch.argsort(_caption_order(lengths)).to(scores.device)]
 
 
 def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_l2norm",
@@ -239,15 +254,15 @@ def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_
         raise ValueError(f"unknown raw_feature_norm {raw_feature_norm!r}; choose from {RAW_FEATURE_NORMS}")
     if agg_func not in AGG_FUNCS:
         raise ValueError(f"unknown agg_func {agg_func!r}; choose from {AGG_FUNCS}")
-    words, mask = _prepare(img, words, lengths)
+    words, mask, lengths = _prepare(img, words, lengths)
     if words.shape[0] == 0 or img.shape[0] == 0:
         return _empty(img, words, paired)
     parts = []
-    for block in _pair_blocks(img, words, mask, paired, chunk):
+    for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
         r, _ = _attend(block, direction, raw_feature_norm, lambda_softmax)
         real = block[1].expand(r.shape) if direction == "t2i" else None
         parts.append(aggregate(r, agg_func, lambda_lse, mask=real))
-    return _collect(parts, paired)
+    return _collect(parts, paired, lengths)
 
 
 def scan_t2i_scores(img, words, lengths, **options):
@@ -270,16 +285,16 @@ def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, pa
     """
     if focal_type not in FOCAL_TYPES:
         raise ValueError(f"unknown focal_type {focal_type!r}; choose from {FOCAL_TYPES}")
-    words, mask = _prepare(img, words, lengths)
+    words, mask, lengths = _prepare(img, words, lengths)
     fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
     if words.shape[0] == 0 or img.shape[0] == 0:
         scores = _empty(img, words, paired)
     else:
         parts = []
-        for block in _pair_blocks(img, words, mask, paired, chunk):
+        for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
             r_t2i, fb_t2i = _attend(block, "t2i", "clipped_l2norm", lambda_softmax, focal_type)
             r_i2t, fb_i2t = _attend(block, "i2t", "clipped_l2norm", lambda_softmax, focal_type)
             parts.append(aggregate(r_t2i, "Mean", mask=block[1].expand(r_t2i.shape)) + aggregate(r_i2t, "Mean"))
             fallbacks = fallbacks + fb_t2i.sum() + fb_i2t.sum()
-        scores = _collect(parts, paired)
+        scores = _collect(parts, paired, lengths)
     return (scores, fallbacks) if return_fallbacks else scores

@@ -56,6 +56,10 @@ class OfflineScores:
     quin_b: torch.Tensor  # I4 (positive image of T3) vs T4 (a positive caption of I3)
 
 
+def _at_least_fp32(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def hinge(margin, negative, positive):
     """[margin + negative - positive]_+ elementwise."""
     return (margin + negative - positive).clamp(min=0)
@@ -89,10 +93,16 @@ def retrieval_loss(scores, offline, cfg):
     """Loss of one batch. scores (B, B); offline an OfflineScores or None (baseline).
 
     Returns (loss, terms) where terms maps each term's name to its batch sum (detached), for logs.
+    Scores computed in reduced precision (autocast) are promoted to float32 first: every hinge,
+    max and sum runs in at least float32.
     """
     flags = VARIANTS[cfg.variant]
     if cfg.needs_offline and offline is None:
         raise ValueError(f"loss variant {cfg.variant!r} needs offline scores")
+    scores = _at_least_fp32(scores)
+    if offline is not None:
+        offline = OfflineScores(*(_at_least_fp32(x) for x in
+                                  (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b)))
     positive = scores.diagonal()  # (B,)
     terms = {}
     if not cfg.max_violation:

@@ -15,10 +15,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models import cross_attention as xattn
 from models.base import MatchingModel
+from models.gru import run_gru
 from models.registry import register_model
 
 PRECOMP_ENC_TYPES = ("basic", "weight_norm")
@@ -99,9 +99,7 @@ class RegionWordModel(MatchingModel):
     def encode_captions(self, ids, lengths):
         """ids (B, L) padded, lengths (B,) -> CaptionFeatures((B, max length, d), lengths)."""
         lengths_cpu = torch.as_tensor(lengths, dtype=torch.long).cpu()
-        packed = pack_padded_sequence(self.embed(ids), lengths_cpu, batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True)  # padded positions are zeros
+        out, _ = run_gru(self.rnn, self.embed(ids), lengths_cpu)  # padded positions are zeros
         if self.bi_gru:
             half = out.shape[-1] // 2
             out = (out[..., :half] + out[..., half:]) / 2  # average the two directions

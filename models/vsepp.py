@@ -7,11 +7,10 @@ Linear -> l2norm. Text: Embedding -> 1-layer GRU -> output at the last real toke
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.base import MatchingModel, l2norm
+from models.gru import run_gru
 from models.registry import register_model
 
 
@@ -50,8 +49,5 @@ class VSEPP(MatchingModel):
 
     def encode_captions(self, ids, lengths):
         words = self.embed(ids)                  # (B, L, word_dim)
-        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True)  # (B, L_max, embed)
-        last = (lengths.to(out.device) - 1).view(-1, 1, 1).expand(-1, 1, out.shape[2])
-        return l2norm(out.gather(1, last).squeeze(1))        # (B, embed)
+        _, h = run_gru(self.rnn, words, lengths) # h (1, B, embed): state after <end>
+        return l2norm(h[0])                      # (B, embed)

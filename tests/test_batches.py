@@ -1,4 +1,5 @@
 """Tests for pipeline_steps.common.batches: AOQ offline sampling rule, epochs, TrainBatches."""
+import pickle
 import re
 
 import numpy as np
@@ -200,3 +201,15 @@ def test_dataloader_workers_give_the_same_batches(store):
         assert len(loaded) == len(direct)
         for a, b in zip(loaded, direct):
             assert_same_batch(a, b)
+
+
+def test_candidates_pickle_as_paths_and_reopen_the_files(store):
+    """Workers started by spawn get the file paths, not copies of the arrays."""
+    candidates = store["candidates"]
+    data = pickle.dumps(candidates)
+    assert len(data) < 1000
+    clone = pickle.loads(data)
+    assert isinstance(clone.i2t, np.memmap) and isinstance(clone.t2i, np.memmap)
+    caps = np.arange(5 * NI)
+    for a, b in zip(clone.sample(caps, np.random.default_rng(3)), candidates.sample(caps, np.random.default_rng(3))):
+        assert np.array_equal(a, b)

@@ -5,6 +5,7 @@ import torch
 
 import models
 from models.losses import LossConfig, retrieval_loss
+from models.caption_branch import masked_caption_nll
 from models.vsrn import RsGCN, caption_targets
 from pipeline_steps.common.checkpoint import load_checkpoint, save_checkpoint
 
@@ -93,6 +94,30 @@ def test_rs_gcn_is_identity_at_init_and_matches_loop():
         assert not torch.allclose(got, x)
         for b in range(3):
             torch.testing.assert_close(got[b], gcn_loop(layer, x[b]), atol=1e-5, rtol=1e-5)
+
+
+def test_rs_gcn_weight_products_match_the_four_maps_with_gradients():
+    """The layer applies weight products (W_ph^T W_th, W_W W_g); the literal four 1x1 maps give
+    the same outputs and the same gradients for the input and every parameter."""
+    torch.manual_seed(1)
+    layer = RsGCN(10)
+    randomise_bn(layer)
+    layer.double()
+    x = torch.randn(3, 36, 10, dtype=torch.float64, requires_grad=True)
+
+    def literal(v):
+        conv = lambda c, t: t @ c.weight[:, :, 0].t() + c.bias
+        g, theta, phi = conv(layer.g, v), conv(layer.theta, v), conv(layer.phi, v)
+        w_y = conv(layer.W[0], theta @ phi.transpose(1, 2) / v.shape[1] @ g)
+        return layer.W[1](w_y.reshape(-1, 10)).view_as(w_y) + v
+
+    weights = torch.randn(3, 36, 10, dtype=torch.float64)
+    inputs = [x] + list(layer.parameters())
+    got = torch.autograd.grad((layer(x) * weights).sum(), inputs)
+    want = torch.autograd.grad((literal(x) * weights).sum(), inputs)
+    torch.testing.assert_close(layer(x), literal(x), atol=1e-12, rtol=1e-12)
+    for name, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], got, want):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("over_regions", [True, False])
@@ -228,6 +253,38 @@ def test_caption_loss_against_slow_loop(extra_pad):
     assert model.caption_steps(labels, masks) == CFG["max_len"] - 1
     with pytest.raises(ValueError, match="max_len"):
         model.caption_loss(G, labels[:, :-1], masks[:, :-1])
+
+
+@pytest.mark.parametrize("extra_pad", [True, False])
+def test_trimmed_decoder_equals_full_length_in_training(extra_pad):
+    """Train mode, dropout on: the decoder cut after the last weighted target gives the loss and
+    every gradient of the full max_len - 1 steps (later steps carry zero weight, and dropout masks
+    are drawn in the same order); one step fewer would change the loss."""
+    model = make(caption_mask_extra_pad=extra_pad)
+    randomise_bn(model)
+    model.train()
+    labels, masks = targets(TOKENS[:1] + TOKENS[2:])
+    steps = model.caption_steps(labels, masks)
+    assert steps < CFG["max_len"] - 1
+    x = images(batch=3)
+    results = []
+    for truncate in (True, False):
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model.caption_loss(model.encode_image_regions(x)[1], labels, masks, truncate=truncate)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    (trimmed, g_trimmed), (full, g_full) = results
+    torch.testing.assert_close(trimmed, full, atol=1e-6, rtol=1e-6)
+    assert g_trimmed.keys() == g_full.keys() and len(g_full) > 10
+    for name in g_full:
+        torch.testing.assert_close(g_trimmed[name], g_full[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch.manual_seed(7)
+    regions = model.encode_image_regions(x)[1]
+    short = masked_caption_nll(model.caption_model(regions, labels, steps - 1), labels,
+                               model.caption_weights(labels, masks))
+    assert not torch.allclose(short, full, atol=1e-4)
 
 
 def test_reference_state_round_trip_and_key_checks():

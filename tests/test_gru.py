@@ -1,0 +1,81 @@
+"""run_gru (models/gru.py) against nn.GRU on the packed batch: outputs, final states, gradients."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models.gru import run_gru
+
+
+def packed_reference(rnn, x, lengths):
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, h_n = rnn(packed)
+    return pad_packed_sequence(out, batch_first=True)[0], h_n
+
+
+def make(bidirectional, seed=0, dtype=torch.float64, inp=5, hidden=7):
+    torch.manual_seed(seed)
+    return torch.nn.GRU(inp, hidden, batch_first=True, bidirectional=bidirectional).to(dtype)
+
+
+LENGTHS = {
+    "mixed": [3, 9, 1, 5, 5, 8],   # unsorted, ties, a one-step row
+    "equal": [4, 4, 4],
+    "single": [6],
+}
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("case", sorted(LENGTHS))
+def test_matches_packed_nn_gru_with_gradients(bidirectional, case):
+    rnn = make(bidirectional)
+    lengths = torch.tensor(LENGTHS[case])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(lengths), int(lengths.max()) + 2, 5, dtype=torch.float64, generator=g)
+    x.requires_grad_()
+    got, got_h = run_gru(rnn, x, lengths)
+    want, want_h = packed_reference(rnn, x, lengths)
+    assert got.shape == want.shape and got_h.shape == want_h.shape
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_h, want_h, atol=1e-12, rtol=1e-12)
+    assert (got[torch.arange(got.shape[1])[None, :] >= lengths[:, None]] == 0).all()
+    w_out, w_h = torch.randn(got.shape, dtype=torch.float64, generator=g), torch.randn(got_h.shape, dtype=torch.float64, generator=g)
+    inputs = [x] + list(rnn.parameters())
+    grads = torch.autograd.grad((got * w_out).sum() + (got_h * w_h).sum(), inputs)
+    want_grads = torch.autograd.grad((want * w_out).sum() + (want_h * w_h).sum(), inputs)
+    for name, a, b in zip(["x"] + [n for n, _ in rnn.named_parameters()], grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_full_length_rows_and_float32():
+    rnn = make(False, dtype=torch.float32, inp=16, hidden=32)
+    x = torch.randn(8, 36, 16)
+    got, got_h = run_gru(rnn, x)            # no lengths: every row runs all steps
+    want, want_h = rnn(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(run_gru(rnn, x)[0], got.detach())
+
+
+def test_autocast_keeps_the_recurrence_in_float32():
+    rnn = make(True, dtype=torch.float32)
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_h = run_gru(rnn, x, lengths)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, packed_reference(rnn, x, lengths)[0], atol=5e-2, rtol=5e-2)
+    got.sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in rnn.parameters())
+
+
+def test_rejects_what_it_does_not_cover():
+    x = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="single-layer"):
+        run_gru(torch.nn.GRU(5, 4, num_layers=2, batch_first=True), x)
+    with pytest.raises(ValueError, match="single-layer"):
+        run_gru(torch.nn.GRU(5, 4), x)
+    with pytest.raises(ValueError, match="lengths"):
+        run_gru(torch.nn.GRU(5, 4, batch_first=True), x, torch.tensor([4, 1]))
+    with pytest.raises(ValueError, match="lengths"):
+        run_gru(torch.nn.GRU(5, 4, batch_first=True), x, torch.tensor([0, 1]))
