@@ -7,7 +7,8 @@ times in rotation; prints medians and ratios:
   reference  as the reference evaluation (i2t: for each image, a matrix-vector product with all
              captions and a full argsort, rank = best position of its 5 captions; t2i: for each
              image, its 5 captions against all images, an argsort per caption), numpy
-  gemm       the 5,000 x 25,000 score matrix alone, in the same blocks
+  gemm       the 5,000 x 25,000 score matrix alone: one matrix product into a preallocated
+             output (the fastest way to get the scores; nothing else)
 The ranks of ours and the reference are checked to be equal before any timing is printed.
 
     python benchmarks/evaluation.py            # about 2 minutes on 2 cores
@@ -58,12 +59,16 @@ def reference(img, cap):
     return i2t, t2i
 
 
-def gemm(img, cap):
-    img_t, cap_t = torch.from_numpy(img), torch.from_numpy(cap)
-    rows = max(1, metrics.DEFAULT_MAX_BLOCK_ELEMS // cap.shape[0])
-    for a in range(0, img.shape[0], rows):
-        img_t[a:a + rows] @ cap_t.T
-    return None
+class Gemm:
+    """The whole score matrix in one product, into an output allocated before timing."""
+
+    def __init__(self, img, cap):
+        self.img, self.cap = torch.from_numpy(img), torch.from_numpy(cap)
+        self.out = torch.empty((img.shape[0], cap.shape[0]))
+        self.out.fill_(0)  # touch the pages now, not in the timed call
+
+    def __call__(self, img, cap):
+        torch.matmul(self.img, self.cap.T, out=self.out)
 
 
 def main(argv=None):
@@ -84,7 +89,7 @@ def main(argv=None):
     # Ties decide nothing here: float scores of random embeddings do not tie with positives.
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), "ranks differ"
     print("  ranks: ours == reference (i2t and t2i)", flush=True)
-    methods = {"ours": ours, "reference": reference, "gemm": gemm}
+    methods = {"ours": ours, "reference": reference, "gemm": Gemm(img, cap)}
     times = {m: [] for m in methods}
     for run in range(args.runs):
         for name, fn in methods.items():

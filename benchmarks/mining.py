@@ -1,13 +1,16 @@
 """Offline candidate mining, both directions: ours (one pass) against faiss-cpu and a pure GEMM.
 
 At Flickr30K's training size (29,000 images, 145,000 captions, d = 1024, float32), i2t top 2000
-and t2i top 400 with positives excluded. Side by side in one run, each method in its own forked
-process (so its peak RSS is its own), repeated --runs times in rotation; prints the medians and
-the ratios:
+and t2i top 400 with positives excluded. Side by side in one run, each method in a fresh Python
+process of its own (its peak RSS is its own, and faiss's OpenMP/OpenBLAS never share a process
+with torch's), repeated --runs times in rotation; prints the medians and the ratios:
   ours      mine_both (compiled running top-k fed by one GEMM per tile)
   faiss     IndexFlatIP: captions searched by the images (k_i2t + 5) and images by the captions
             (k_t2i + 1): the two searches a faiss user would run. Only the two searches are
-            timed (dropping the positives afterwards is not), in faiss's favour
+            timed (dropping the positives afterwards is not), in faiss's favour. faiss-cpu's
+            wheel bundles OpenBLAS 0.3.15, which does not know recent CPUs (Sapphire Rapids)
+            and falls back to generic kernels about 4x slower; the faiss process therefore gets
+            OPENBLAS_CORETYPE=SkylakeX (Haswell without AVX-512) unless you set it yourself
   gemm      the score matrix alone, in the same tiles, nothing selected (a floor for any method)
 Correctness: every method's lists are checked against a float64 brute force on a sample of
 queries (equal, except where the k-th and (k+1)-th scores are within 1e-5: fp32 rounding).
@@ -18,10 +21,10 @@ Needs faiss-cpu (envs/benchmarks.txt).
 """
 import argparse
 import os
-import pickle
-import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,27 +104,52 @@ class Timed:
 METHODS = {"ours": run_ours, "faiss": run_faiss, "gemm": run_gemm}
 
 
-def in_child(fn, *args):
-    """Run fn in a forked child; return (seconds, peak RSS MiB of the child, result)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        start = time.perf_counter()
-        result = fn(*args)
-        seconds = time.perf_counter() - start
-        if isinstance(result, Timed):
-            seconds, result = result.seconds, result.result
-        with os.fdopen(write, "wb") as f:
-            pickle.dump((seconds, result), f)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        seconds, result = pickle.load(f)
-    _, status, usage = os.wait4(pid, 0)
+def _openblas_coretype():
+    """The newest OpenBLAS core type this CPU runs (faiss-cpu's bundled OpenBLAS cannot tell)."""
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return None
+    return "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
+
+
+def in_child(method, workdir, args, keep_result):
+    """Run one method in a fresh interpreter; return (seconds, peak RSS MiB, result or None)."""
+    env = dict(os.environ)
+    if method == "faiss" and "OPENBLAS_CORETYPE" not in env and _openblas_coretype():
+        env["OPENBLAS_CORETYPE"] = _openblas_coretype()
+    cmd = [sys.executable, __file__, "--child", method, "--workdir", str(workdir),
+           "--k-i2t", str(args.k_i2t), "--k-t2i", str(args.k_t2i), "--threads", str(args.threads)]
+    if keep_result:
+        cmd.append("--keep-result")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = status
     if status != 0:
-        raise RuntimeError(f"{fn.__name__} failed in its child process")
+        raise RuntimeError(f"{method} failed in its child process (status {status})")
+    seconds = float(out.strip().splitlines()[-1])
+    result = None
+    if keep_result and (workdir / f"{method}_i2t.npy").exists():
+        result = (np.load(workdir / f"{method}_i2t.npy"), np.load(workdir / f"{method}_t2i.npy"))
     return seconds, usage.ru_maxrss / 1024, result
+
+
+def child(args):
+    """Inside the fresh process: load the embeddings, time the method, print the seconds."""
+    img = np.load(args.workdir / "img.npy")
+    cap = np.load(args.workdir / "cap.npy")
+    if args.child != "faiss":
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    result = METHODS[args.child](img, cap, args.k_i2t, args.k_t2i, args.threads)
+    seconds = time.perf_counter() - start
+    if isinstance(result, Timed):
+        seconds, result = result.seconds, result.result
+    if args.keep_result and result is not None:
+        np.save(args.workdir / f"{args.child}_i2t.npy", result[0])
+        np.save(args.workdir / f"{args.child}_t2i.npy", result[1])
+    print(seconds)
 
 
 def sample_errors(img, cap, out_i, out_t, k_i2t, k_t2i, n_sample=64, tol=1e-5):
@@ -159,10 +187,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--methods", default="ours,faiss,gemm")
     p.add_argument("--quick", action="store_true", help="2,000 images (k scaled down), 1 run")
+    p.add_argument("--child", choices=sorted(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--keep-result", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        return child(args)
     if args.quick:
         args.n_img, args.k_i2t, args.k_t2i, args.runs = 2000, 140, 28, 1
-    torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     img, cap = embeddings(args.n_img, args.dim)
     print(f"mining {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
@@ -170,15 +202,19 @@ def main(argv=None):
           f"torch {torch.__version__}", flush=True)
     times = {m: [] for m in methods}
     rss = {}
-    for run in range(args.runs):
-        for m in methods:
-            seconds, peak, result = in_child(METHODS[m], img, cap, args.k_i2t, args.k_t2i, args.threads)
-            times[m].append(seconds)
-            rss[m] = max(rss.get(m, 0), peak)
-            if run == 0 and result is not None:
-                bad = sample_errors(img, cap, *result, args.k_i2t, args.k_t2i)
-                print(f"  {m}: sampled lists differing from float64 brute force: {bad}", flush=True)
-            print(f"  run {run + 1} {m:6s} {seconds:8.2f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mining-bench-") as tmp:
+        workdir = Path(tmp)
+        np.save(workdir / "img.npy", img)
+        np.save(workdir / "cap.npy", cap)
+        for run in range(args.runs):
+            for m in methods:
+                seconds, peak, result = in_child(m, workdir, args, keep_result=run == 0)
+                times[m].append(seconds)
+                rss[m] = max(rss.get(m, 0), peak)
+                if result is not None:
+                    bad = sample_errors(img, cap, *result, args.k_i2t, args.k_t2i)
+                    print(f"  {m}: sampled lists differing from float64 brute force: {bad}", flush=True)
+                print(f"  run {run + 1} {m:6s} {seconds:8.2f} s", flush=True)
     med = {m: statistics.median(t) for m, t in times.items()}
     for m in methods:
         print(f"{m:6s} median {med[m]:8.2f} s  peak RSS {rss[m]:8.0f} MiB  runs "
@@ -187,7 +223,6 @@ def main(argv=None):
         print(f"ratio ours / faiss = {med['ours'] / med['faiss']:.2f}  (target <= 0.6)")
     if "ours" in med and "gemm" in med:
         print(f"ratio ours / gemm  = {med['ours'] / med['gemm']:.2f}")
-    print(f"process peak RSS (parent) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ cross-attention models; `representation_scorer` scores them block by block for t
 import numpy as np
 import torch
 
+from models.base import MatchingModel
 from pipeline_steps.common.batches import pad_captions
+from pipeline_steps.common.metrics import embedding_scorer
 
 
 @torch.no_grad()
@@ -44,7 +46,13 @@ def encode_split(model, features, captions, n_captions, batch_size, device):
 
 
 def representation_scorer(model, images, captions, n_images):
-    """A metrics scorer (see metrics.py) over representations of a whole split."""
+    """A metrics scorer (see metrics.py) over representations of a whole split.
+
+    Models scoring by dot product (MatchingModel.score_all not overridden: VSE++, VSRN) get the
+    plain embedding scorer, whose blocks reuse one buffer.
+    """
+    if type(model).score_all is MatchingModel.score_all:
+        return embedding_scorer(images, captions, device=images.device)
 
     @torch.no_grad()
     def score_block(img_start, img_stop, cap_start, cap_stop):

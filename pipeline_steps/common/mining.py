@@ -243,6 +243,8 @@ class _Worker:
 
     def block(self, q, a):
         """Score images a.. (rows of q) against this worker's captions, feed both selections."""
+        # OpenMP's thread count is per thread: a new thread's GEMM would use every core again.
+        torch.set_num_threads(1)
         n = q.shape[0]
         if self.images is not None:
             self.images.reset()

@@ -82,10 +82,13 @@ def build_library(directory=None):
 
 def _bind(lib):
     lib.aoq_scan_tile.restype = None
+    # Raw pointers: scan_tile runs once per tile, and ndpointer's checks would cost more than a
+    # small tile's scan; scan_tile checks the tile itself and Queues owns its arrays.
+    _ptr = ctypes.c_void_p
     lib.aoq_scan_tile.argtypes = [
-        _f32p, _i64, _i64, _i64, _i64, _i64, _i64,
-        _f32p, _i32p, _i32p, _f32p, _i64, _i64, _i64, _i64,
-        _f32p, _i32p, _i32p, _f32p, _i64, _i64, _i64, _i64,
+        _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+        _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
+        _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
     ]
     lib.aoq_finalize.restype = ctypes.c_int
     lib.aoq_finalize.argtypes = [_f32p, _i32p, _i32p, _i64, _i64, _i64, _i64, _i32p, ctypes.c_void_p]
@@ -118,6 +121,8 @@ class Queues:
         self.fill = np.zeros(n, dtype=np.int32)
         self.threshold = np.full(n, -np.inf, dtype=np.float32)
 
+        self.pointers = tuple(a.ctypes.data for a in (self.values, self.ids, self.fill, self.threshold))
+
     def reset(self):
         self.fill[:] = 0
         self.threshold[:] = -np.inf
@@ -127,11 +132,10 @@ class Queues:
         return cap * 8 + 8
 
     def args(self):
-        return self.values, self.ids, self.fill, self.threshold, self.cap, self.k
+        return (*self.pointers, self.cap, self.k)
 
 
-_NO_QUEUES = (np.empty(1, np.float32), np.empty(1, np.int32), np.empty(1, np.int32),
-              np.empty(1, np.float32), 1, -1)
+_NO_QUEUES = (None, None, None, None, 1, -1)  # k = -1: the kernel skips that direction
 
 
 def scan_tile(lib, tile, row0, col0, caps_per_image, rows, rows_range, cols, cols_range, cols_first=0):
@@ -140,10 +144,12 @@ def scan_tile(lib, tile, row0, col0, caps_per_image, rows, rows_range, cols, col
     Tile row r is image row0 + r and feeds rows' queue r; tile column j is caption col0 + j and
     feeds cols' queue col0 - cols_first + j (cols_first: the first caption the queues cover).
     """
+    if tile.dtype != np.float32 or not tile.flags.c_contiguous:
+        raise ValueError("tile must be a C-contiguous float32 array")
     n_rows, n_cols = tile.shape
     r_args = rows.args() if rows is not None else _NO_QUEUES
     c_args = cols.args() if cols is not None else _NO_QUEUES
-    lib.aoq_scan_tile(tile, n_rows, n_cols, row0, col0, col0 - cols_first, caps_per_image,
+    lib.aoq_scan_tile(tile.ctypes.data, n_rows, n_cols, row0, col0, col0 - cols_first, caps_per_image,
                       *r_args, *rows_range, *c_args, *cols_range)
 
 
