@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import shutil
 import sys
 from dataclasses import dataclass, fields
@@ -44,6 +45,7 @@ from pipeline_steps.common.checkpoint import save_checkpoint
 from pipeline_steps.common.encode import encode_split, representation_scorer
 from pipeline_steps.common.metrics import evaluate, val_score4
 from pipeline_steps.common.optim import Optimizers
+from pipeline_steps.common.precision import MixedPrecision
 from pipeline_steps.common.splits import open_split, read_manifest
 
 log = logging.getLogger("train")
@@ -62,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     workers: int = 0
     allow_tf32: bool = False     # the reference ran in full fp32 (Q-TF32); True is faster on GPUs
+    amp: str = "none"            # none | bf16 | fp16 autocast of forward and loss (common/precision.py)
     # Epochs at the start that sum the online hinge over all in-batch negatives (VSE0) instead of
     # taking the hardest one. 0 = the reference. From random init on weak features the hardest
     # negative can collapse every embedding onto one point; a warm-up epoch (as VSE-infinity's
@@ -273,6 +276,10 @@ def main(argv=None):
                                        cfg.offline_size)
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    try:
+        precision = MixedPrecision(cfg.amp, device)
+    except ValueError as err:
+        raise SystemExit(f"error: --train-config: {err}") from None
     # VSRN parity (Q-DUP): the captioning parameters get two Adam steps per iteration.
     double = "caption" if getattr(model.config, "caption_double_step", False) else None
     optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
@@ -301,13 +308,15 @@ def main(argv=None):
         bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
                    mininterval=5, file=sys.stderr, disable=not ctx.is_main)
         for batch in bar:
-            loss, _ = training_loss(model, batch, epoch_loss, device, ctx)
+            with precision.autocast():
+                loss, _ = training_loss(model, batch, epoch_loss, device, ctx)
             optimizer.zero_grad()
-            loss.backward()
+            precision.backward(loss)
+            precision.unscale(optimizer)
             ctx.sum_gradients(model.parameters())  # before clipping: the total norm is the batch's
-            if cfg.grad_clip > 0:
-                optimizer.clip(cfg.grad_clip)
-            optimizer.step()
+            total_norm = optimizer.clip(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if precision.should_step(total_norm):
+                optimizer.step()
             losses.append(loss.item())
             run.iteration += 1
             run.next_batch += 1
