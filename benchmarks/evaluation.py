@@ -26,18 +26,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.synthetic import CAPS, paired_embeddings  # noqa: E402
 from pipeline_steps.common import metrics  # noqa: E402
 
-CAPS = 5
 
 
 def embeddings(n_img, d, seed=0):
-    rng = np.random.default_rng(seed)
-    img = rng.standard_normal((n_img, d), dtype=np.float32)
-    cap = np.repeat(img, CAPS, axis=0) * 0.3 + rng.standard_normal((CAPS * n_img, d), dtype=np.float32)
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
-    return img, cap
+    return paired_embeddings(n_img, d, image_weight=0.3, seed=seed)
 
 
 def ours(img, cap):

@@ -32,19 +32,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.synthetic import CAPS, paired_embeddings  # noqa: E402
 from pipeline_steps.common import mining  # noqa: E402
 
-CAPS = 5
 
 
 def embeddings(n_img, d, seed=0):
-    """Unit-norm float32 embeddings; captions near their image so positives are realistic."""
-    rng = np.random.default_rng(seed)
-    img = rng.standard_normal((n_img, d), dtype=np.float32)
-    cap = np.repeat(img, CAPS, axis=0) * 0.5 + rng.standard_normal((CAPS * n_img, d), dtype=np.float32)
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
-    return img, cap
+    return paired_embeddings(n_img, d, image_weight=0.5, seed=seed)
 
 
 def run_ours(img, cap, k_i2t, k_t2i, threads):

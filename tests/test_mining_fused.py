@@ -9,15 +9,7 @@ import pytest
 import torch
 
 from pipeline_steps.common import mining, topk_native
-
-
-def stable_topk(S, excluded, k):
-    """Brute force: first k columns of a stable descending sort of each row, exclusions removed."""
-    rows = []
-    for q in range(S.shape[0]):
-        order = np.argsort(-S[q], kind="stable")
-        rows.append([j for j in order if j not in excluded(q)][:k])
-    return np.array(rows, dtype=np.int64)
+from tests.test_mining import reference_topk as stable_topk  # first k of a stable sort
 
 
 def own_caps(q):
