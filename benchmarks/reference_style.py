@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models.caption_branch import Attention
+
 
 # ---- shared ----------------------------------------------------------------------------------
 def packed_gru(embed, rnn, ids, lengths):
@@ -115,12 +117,8 @@ class VSRNText(nn.Module):
         return l2norm_dim1(out.gather(1, last).squeeze(1))
 
 
-class ConcatAttention(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-        self.linear1 = nn.Linear(2 * dim, dim)
-        self.linear2 = nn.Linear(dim, 1, bias=False)
+class ConcatAttention(Attention):
+    """Our Attention's parameters; the reference's computation (concatenate, then linear1)."""
 
     def forward(self, query, enc):
         b, n, _ = enc.shape
@@ -176,7 +174,20 @@ class CaptionModel(nn.Module):
         return (nll * masks[:, 1:steps + 1].reshape(-1)).sum() / logp.shape[0]
 
 
-class ReferenceVSRN:
+class _ReferenceStep:
+    """A training step as the reference's train loop: loss, backward, clip over `params`, Adam."""
+
+    def step(self, batch):
+        """One step; returns (loss, total gradient norm over the parameter list as listed)."""
+        loss = self.loss(batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach()), float(norm)
+
+
+class ReferenceVSRN(_ReferenceStep):
     """VSRN+AOQ training step with the reference's structure; weights from our VSRN model."""
 
     def __init__(self, ours, lr, grad_clip=2.0):
@@ -209,14 +220,6 @@ class ReferenceVSRN:
                              (v3 * u3).sum(1), (u4 * v4).sum(1))
         return retrieval + caption
 
-    def step(self, batch):
-        """One step; returns (loss, total gradient norm over the duplicated list)."""
-        loss = self.loss(batch)
-        self.optimizer.zero_grad()
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return float(loss.detach()), float(norm)
 
 
 # ---- SCAN / BFAN -----------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def paired(score, images, words, lengths):
                      1)[0]
 
 
-class ReferenceCrossAttention:
+class ReferenceCrossAttention(_ReferenceStep):
     """SCAN+AOQ (t2i, clipped_l2norm, LogSumExp) or BFAN+AOQ step with per-caption loops."""
 
     def __init__(self, ours, lr, grad_clip=2.0):
@@ -319,13 +322,6 @@ class ReferenceCrossAttention:
         return aoq_loss(scores, scores.diag(), paired(self.score, im, s3, l3), paired(self.score, im3, s, s_l),
                         paired(self.score, im3, s3, l3), paired(self.score, im4, s4, l4))
 
-    def step(self, batch):
-        loss = self.loss(batch)
-        self.optimizer.zero_grad()
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return float(loss.detach()), float(norm)
 
 
 def reference_step_for(ours, lr):
