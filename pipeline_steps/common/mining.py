@@ -235,7 +235,7 @@ class _Worker:
         self.lib, self.cap_t, self.cols = lib, cap_t, cols
         self.caps, self.group = caps, group  # t2i queues of the captions [group[0], group[1])
         self.images = _queues(block_rows, k_i2t) if k_i2t else None
-        self.tile = torch.empty((block_rows, tile_cols))
+        self.tile = torch.empty(block_rows * tile_cols)  # flat: every (n, w) view is contiguous
         self.tile_cols = tile_cols
         if k_i2t:
             self.top_ids = np.empty((block_rows, k_i2t), dtype=np.int32)
@@ -250,10 +250,8 @@ class _Worker:
             self.images.reset()
         for c0 in range(self.cols[0], self.cols[1], self.tile_cols):
             c1 = min(c0 + self.tile_cols, self.cols[1])
-            out = self.tile[:n, :c1 - c0]
-            if not out.is_contiguous():
-                out = torch.empty((n, c1 - c0))
             # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
+            out = self.tile[:n * (c1 - c0)].view(n, c1 - c0)
             torch.matmul(q, self.cap_t[c0:c1].T, out=out)
             tile = out.numpy()  # (R, W), C-contiguous float32
             in_group = self.group[0] <= c0 < self.group[1]
@@ -361,10 +359,10 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
 
     engine 'native' (CPU only): tiles of NATIVE_BLOCK_ROWS (or block_rows) images x
     NATIVE_TILE_COLS captions feed the compiled running top-k; memory beyond the embeddings is
-    t2i_queue_bytes(5N, k_t2i) (5N x 2 k_t2i x 8 bytes: 3.6 GB for COCO, k_t2i = 400), or
-    max_queue_bytes (default: half the available memory) with extra passes over caption groups
-    when that is less. Exact: ties are broken by lower id. engine 'torch' (CPU or CUDA): image blocks of at most
-    max_block_elems scores; the t2i running lists take k_t2i x 5N x 12 bytes on the device.
+    t2i_queue_bytes(5N, k_t2i) (5N x (2 k_t2i + 16) x 8 bytes: 3.7 GB for COCO, k_t2i = 400),
+    or max_queue_bytes (default: half the available memory) with extra passes over caption
+    groups when that is less. Exact: ties are broken by lower id. engine 'torch' (CPU or CUDA):
+    image blocks of at most max_block_elems scores; the t2i running lists take k_t2i x 5N x 12 bytes on the device.
     'auto': native on CPU when the kernel builds, else torch. threads: CPU threads of the native
     engine (default torch.get_num_threads()). dtype: float32, or float16/bfloat16 on CUDA.
     progress: callable receiving the number of images finished by each block.
