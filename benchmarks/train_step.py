@@ -14,6 +14,7 @@ words), vocabulary 10,000, embed 2048 (VSRN) / 1024 (SCAN, BFAN). `--quick` shri
 a smoke run.
 
     python benchmarks/train_step.py                  # full size, 2 threads (several minutes)
+    python benchmarks/train_step.py --models scan --products   # + time inside matrix products
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --quick --threads 1
 """
 import argparse
@@ -106,6 +107,25 @@ def timed(trainer, batch, seed):
     return time.perf_counter() - start, time.process_time() - cpu, loss, norm
 
 
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+
+
+def product_seconds(trainer, batch, seed):
+    """(step wall s, s inside matrix-product kernels) of one profiled step.
+
+    What no rewrite of the elementwise work can remove: the products a step needs (the encoders'
+    linear maps and GRU steps, the word-region products). The profiler adds a little overhead
+    to the wall time, none to the products."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(seed)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        trainer.step(batch)
+        wall = time.perf_counter() - start
+    products = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS) / 1e6
+    return wall, products
+
+
 def sizes_of(args):
     sizes = dict(QUICK if args.quick else FULL)
     if args.batch:
@@ -140,7 +160,23 @@ def run_model(name, args):
         result[key + "_cpu_s"] = statistics.median(cpu for _, cpu in runs[key])
         result[key + "_runs"] = runs[key]
     result["rss_end_gib"] = peak_rss_gib()
+    if args.products:
+        for key, trainer in (("ours", ours), ("ref", reference)):
+            result[key + "_profiled_s"], result[key + "_products_s"] = product_seconds(trainer, batch, args.seed)
     return result
+
+
+def products_line(r):
+    """Where the time goes: matrix products against everything else, both implementations."""
+    if "ours_products_s" not in r:
+        return ""
+    parts = []
+    for key, name in (("ours", "ours"), ("ref", "reference")):
+        products, wall = r[key + "_products_s"], r[key + "_profiled_s"]
+        parts.append(f"{name}: products {products:.3g} s, everything else {wall - products:.3g} s")
+    bound = r["ref_s"] / r["ours_products_s"]
+    return (f"\n    one profiled step each, {'; '.join(parts)}; with everything but our products "
+            f"free, the speedup would be {bound:.1f}x")
 
 
 def report_line(r):
@@ -152,7 +188,8 @@ def report_line(r):
             f"[process CPU time, all threads: ours {r['ours_cpu_s']:.3g} s, reference {r['ref_cpu_s']:.3g} s]  "
             f"loss ours {r['loss_ours']:.6g} ref {r['loss_ref']:.6g} |diff| {r['loss_diff']:.2e}  "
             f"grad-norm rel diff {r['grad_norm_rel_diff']:.1e}  "
-            f"peak RSS after ours {r['rss_ours_gib']:.2f} GiB, after reference {r['rss_ref_gib']:.2f} GiB")
+            f"peak RSS after ours {r['rss_ours_gib']:.2f} GiB, after reference {r['rss_ref_gib']:.2f} GiB"
+            + products_line(r))
 
 
 def parse_args(argv=None):
@@ -163,6 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed steps per implementation (median)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--products", action="store_true",
+                   help="also profile one step of each and report the time inside matrix products")
     p.add_argument("--words-mean", type=float, default=10.5, help="caption words (without <start>/<end>)")
     p.add_argument("--words-std", type=float, default=2.4)
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -45,6 +45,12 @@ class MatchingModel(nn.Module):
         """(B,) scores of image b against caption b."""
         return (img * cap).sum(dim=-1)
 
+    def training_scores(self, img, cap, few_gradients):
+        """score_all for the loss. few_gradients: the loss gives a gradient to a few entries per
+        row and column only (hardest negatives), so a model whose every score is a pair
+        computation may skip the others in its backward (models/pair_recompute.py)."""
+        return self.score_all(img, cap)
+
     def anchor_forward(self, batch, device):
         """Training pass over the anchor batch: (image repr, caption repr, auxiliary loss or None).
 

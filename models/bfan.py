@@ -45,10 +45,11 @@ class BFAN(RegionWordModel):
         # (spec B.2 guard); a 0-dim tensor so counting never forces a device sync.
         self.focal_fallbacks = torch.zeros((), dtype=torch.long)
 
-    def _scores(self, img, cap, paired):
+    def _scores(self, img, cap, paired, sparse_grad=False):
         scores, fallbacks = xattn.bfan_scores(img, cap[0], cap[1], focal_type=self.config.focal_type,
                                               lambda_softmax=self.config.lambda_softmax, paired=paired,
-                                              chunk=self.config.chunk, return_fallbacks=True)
+                                              chunk=self.config.chunk, return_fallbacks=True,
+                                              sparse_grad=sparse_grad)
         self.focal_fallbacks = self.focal_fallbacks.to(fallbacks.device) + fallbacks
         return scores
 
@@ -57,3 +58,6 @@ class BFAN(RegionWordModel):
 
     def score_paired(self, img, cap):
         return self._scores(img, cap, paired=True)
+
+    def training_scores(self, img, cap, few_gradients):
+        return self._scores(img, cap, paired=False, sparse_grad=few_gradients)

@@ -24,6 +24,8 @@ which is exact and avoids the d-dimensional (B_i, B_c, n, d) tensor.
 import torch
 import torch.nn.functional as F
 
+from models import pair_recompute
+
 EPS = 1e-8
 LEAKY_SLOPE = 0.1  # SCAN's "clipped" is a LeakyReLU with slope 0.1, not a ReLU
 # clipped_leaky_l2norm is an alias of clipped_l2norm; relu_l2norm, l1norm and clipped_l1norm are
@@ -36,10 +38,43 @@ DIRECTIONS = ("t2i", "i2t")
 
 
 def l2norm(x, dim=-1, eps=EPS):
-    """SCAN's l2norm: x / (sqrt(sum x^2) + eps); eps is added to the norm, zero stays zero."""
-    sq = (x * x).sum(dim=dim, keepdim=True)
-    # an all-zero row gives 0 / (1 + eps) = 0 as well, without the infinite gradient of sqrt at 0
-    return x / (torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() + eps)
+    """SCAN's l2norm: x / (||x|| + eps); eps is added to the norm, zero stays zero.
+
+    An all-zero row gives 0 / (1 + eps) = 0, without the infinite gradient of sqrt at 0. With a
+    gradient to compute, a hand-written backward takes 4 passes over x where autograd's chain of
+    the forward's ops takes about 10 (the encoders normalise every region and word)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _L2Norm.apply(x, dim, eps)
+    return x / _l2_denominator(x, dim, eps)[1]
+
+
+def _l2_denominator(x, dim, eps):
+    if dim in (-1, x.dim() - 1):
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    else:  # vector_norm over an inner dimension is several times slower than this on the CPU
+        norm = (x * x).sum(dim=dim, keepdim=True).sqrt()
+    return norm, torch.where(norm > 0, norm, torch.ones_like(norm)) + eps
+
+
+class _L2Norm(torch.autograd.Function):
+    """y = x / d, d = ||x|| + eps (1 + eps at ||x|| = 0). For ||x|| > 0,
+    dx = (g - y (g . y) d / ||x||) / d; at ||x|| = 0, dx = g / (1 + eps) (the norm is held)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, eps):
+        norm, denominator = _l2_denominator(x, dim, eps)
+        y = x / denominator
+        ctx.save_for_backward(y, norm, denominator)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, norm, denominator = ctx.saved_tensors
+        ratio = torch.where(norm > 0, denominator / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                            torch.zeros_like(norm))
+        along = (grad * y).sum(dim=ctx.dim, keepdim=True) * ratio
+        return torch.addcmul(grad, y, along, value=-1.0).div_(denominator), None, None
 
 
 def l1norm(x, dim=-1, eps=EPS):
@@ -138,18 +173,25 @@ def aggregate(sims, agg_func="LogSumExp", lambda_lse=6.0, mask=None):
     return total / count
 
 
-def attended_cosines(scores, alpha, query_norms, context_gram, dim):
+def attended_cosines(scores, alpha, query_norms, context, dim, gram=True):
     """R_q = cos(x_q, a_q), a_q = sum_r alpha_qr c_r, for S and alpha of layout (..., L, k).
 
-    dim = -1 (t2i, context = regions): context_gram (B_i, k, k), one per image (leading dim 0);
-    dim = -2 (i2t, context = words): context_gram (..., L, L) broadcastable to the leading dims.
+    gram=True (all pairs): `context` is the context's Gram matrix, and ||a_q||^2 = alpha^T G alpha:
+      dim = -1 (t2i, context = regions): (B_i, k, k), one per image (leading dim 0);
+      dim = -2 (i2t, context = words): (..., L, L) broadcastable to the leading dims.
+    gram=False (paired, one pair per leading index): `context` is the features themselves,
+      (B, k, d) regions for t2i, (B, L, d) words for i2t, and a_q is formed: a Gram matrix per
+      pair would cost k^2 d against the L k d of the attended vectors.
     query_norms: ||x_q||, shaped like the result.
     """
     num = (alpha * scores).sum(dim=dim)
+    if not gram:
+        attended = alpha @ context if dim == -1 else alpha.transpose(-1, -2) @ context
+        return num / (query_norms * torch.linalg.vector_norm(attended, dim=-1)).clamp_min(EPS)
     if dim == -1:
-        gram_alpha = (alpha.flatten(1, -2) @ context_gram).view_as(alpha)
+        gram_alpha = (alpha.flatten(1, -2) @ context).view_as(alpha)
     else:
-        gram_alpha = torch.matmul(context_gram, alpha)
+        gram_alpha = torch.matmul(context, alpha)
     sq = (gram_alpha * alpha).sum(dim=dim)
     # tiny floor: sqrt stays differentiable; values are unchanged for any real attended vector
     norm = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
@@ -158,7 +200,7 @@ def attended_cosines(scores, alpha, query_norms, context_gram, dim):
 
 def _attend(block, direction, normalize, lambda_softmax, focal_type=None):
     """One direction for every pair of a block -> (R (..., L) for t2i / (..., k) for i2t, fallback)."""
-    s, word_mask, word_norms, region_norms, img_gram, cap_gram = block
+    s, word_mask, word_norms, region_norms, img_context, cap_context, gram = block
     rows = word_mask.unsqueeze(-1)  # (..., L, 1): padded word rows of S
     if direction == "t2i":          # queries: words (dim -2); context: regions (dim -1)
         alpha = context_softmax(normalize_over_queries(s, normalize, dim=-2, mask=rows), lambda_softmax, dim=-1)
@@ -166,12 +208,12 @@ def _attend(block, direction, normalize, lambda_softmax, focal_type=None):
         if focal_type is not None:
             alpha, fallback = focal_reassign(alpha, focal_type, dim=-1)
             fallback = fallback & word_mask
-        return attended_cosines(s, alpha, word_norms, img_gram, dim=-1), fallback
+        return attended_cosines(s, alpha, word_norms, img_context, dim=-1, gram=gram), fallback
     alpha = context_softmax(normalize_over_queries(s, normalize, dim=-1), lambda_softmax, dim=-2, mask=rows)
     fallback = None
     if focal_type is not None:
         alpha, fallback = focal_reassign(alpha, focal_type, dim=-2, mask=rows)
-    return attended_cosines(s, alpha, region_norms, cap_gram, dim=-2), fallback
+    return attended_cosines(s, alpha, region_norms, cap_context, dim=-2, gram=gram), fallback
 
 
 def _prepare(img, words, lengths):
@@ -198,30 +240,29 @@ def _prepare(img, words, lengths):
 
 def _pair_blocks(img, words, mask, lengths, paired, chunk):
     """Yield blocks (S (..., L, k), word mask (..., L), word norms (..., L), region norms (..., k),
-    image Gram (B_i, k, k), caption Gram (..., L, L)) with leading dims (B,) when paired, else
-    (B_i, c) for each chunk of c captions (size-1 dims where a factor belongs to one side only).
-    All pairs: chunks follow `_caption_order(lengths)`, each cut to its longest caption."""
-    img_gram = img @ img.transpose(1, 2)                   # (B_i, k, k)
+    image context, caption context, gram) with leading dims (B,) when paired, else (B_i, c) for
+    each chunk of c captions (size-1 dims where a factor belongs to one side only).
+    All pairs: the contexts are the Gram matrices, image (B_i, k, k) and caption (1, c, L, L)
+    (gram = True); chunks follow `_caption_order(lengths)`, each cut to its longest caption.
+    Paired: the contexts are img and words themselves (gram = False; see attended_cosines)."""
     region_norms = torch.linalg.vector_norm(img, dim=-1)   # (B_i, k)
     if paired:
         if img.shape[0] != words.shape[0]:
             raise ValueError(f"paired mode needs as many images as captions ({img.shape[0]} vs {words.shape[0]})")
         yield (words @ img.transpose(1, 2), mask, torch.linalg.vector_norm(words, dim=-1), region_norms,
-               img_gram, words @ words.transpose(1, 2))
+               img, words, False)
         return
+    img_gram = img @ img.transpose(1, 2)                   # (B_i, k, k)
     n_img, k, d = img.shape
-    step = max(1, int(chunk)) if chunk else max(1, words.shape[0])
     flat_img = img.reshape(n_img * k, d)
-    order = _caption_order(lengths)
-    for start in range(0, words.shape[0], step):
-        rows = order[start:start + step]
+    for rows in _chunks(lengths, chunk):
         longest = int(lengths[rows[0]])
         w, m = words[rows.to(words.device), :longest], mask[rows.to(mask.device), :longest]
         c, n = w.shape[:2]
         # S[i, j, q, r] = <word q of caption j, region r of image i>, made contiguous: (B_i, c, L, k)
         s = (w.reshape(c * n, d) @ flat_img.t()).view(c, n, n_img, k).permute(2, 0, 1, 3).contiguous()
         yield (s, m.unsqueeze(0), torch.linalg.vector_norm(w, dim=-1).unsqueeze(0),
-               region_norms.unsqueeze(1), img_gram, (w @ w.transpose(1, 2)).unsqueeze(0))
+               region_norms.unsqueeze(1), img_gram, (w @ w.transpose(1, 2)).unsqueeze(0), True)
 
 
 def _empty(img, words, paired):
@@ -233,6 +274,17 @@ def _caption_order(lengths):
     return torch.argsort(lengths, descending=True, stable=True)
 
 
+def _chunks(lengths, chunk):
+    """Caption indices (CPU) of each all-pairs chunk of `chunk` captions, in `_caption_order`."""
+    order = _caption_order(lengths)
+    step = max(1, int(chunk)) if chunk else max(1, len(order))
+    return [order[start:start + step] for start in range(0, len(order), step)]
+
+
+def _wants_sparse_grad(sparse_grad, paired, img, words):
+    return sparse_grad and not paired and torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
+
+
 def _collect(parts, paired, lengths):
     """The blocks' scores, all-pairs columns back in caption order."""
     if paired:
@@ -242,11 +294,14 @@ def _collect(parts, paired, lengths):
 
 
 def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_l2norm",
-                agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0, paired=False, chunk=32):
+                agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0, paired=False, chunk=32,
+                sparse_grad=False):
     """SCAN similarities (spec A.4-A.5): (B_i, B_c) for all pairs, or (B,) when `paired`.
 
     t2i: words attend to regions, R_j = cos(w_j, a_j) aggregated over the caption's real words;
     i2t: regions attend to the real words, R_i = cos(v_i, a_i) aggregated over the k regions.
+    sparse_grad: all pairs for a hardest-negative loss; the backward revisits only the pairs
+    that receive a gradient (models/pair_recompute.py). Same values and gradients.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose from {DIRECTIONS}")
@@ -257,11 +312,14 @@ def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_
     words, mask, lengths = _prepare(img, words, lengths)
     if words.shape[0] == 0 or img.shape[0] == 0:
         return _empty(img, words, paired)
-    parts = []
-    for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
+    def block_scores(block):
         r, _ = _attend(block, direction, raw_feature_norm, lambda_softmax)
         real = block[1].expand(r.shape) if direction == "t2i" else None
-        parts.append(aggregate(r, agg_func, lambda_lse, mask=real))
+        return aggregate(r, agg_func, lambda_lse, mask=real), None
+
+    if _wants_sparse_grad(sparse_grad, paired, img, words):
+        return pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk), block_scores)[0]
+    parts = [block_scores(block)[0] for block in _pair_blocks(img, words, mask, lengths, paired, chunk)]
     return _collect(parts, paired, lengths)
 
 
@@ -276,25 +334,35 @@ def scan_i2t_scores(img, words, lengths, **options):
 
 
 def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, paired=False, chunk=32,
-                return_fallbacks=False):
+                return_fallbacks=False, sparse_grad=False):
     """BFAN similarity (spec B.3): mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t), both with
     focal attention of `focal_type` after the clipped_l2norm first normalisation, same lambda.
 
     Returns the scores, or (scores, n_fallbacks) with n_fallbacks a 0-dim int64 tensor counting the
     (pair, real query) rows where every H was 0 and the pre-assigned attention was kept.
+    sparse_grad: as in `scan_scores`.
     """
     if focal_type not in FOCAL_TYPES:
         raise ValueError(f"unknown focal_type {focal_type!r}; choose from {FOCAL_TYPES}")
     words, mask, lengths = _prepare(img, words, lengths)
+
+    def block_scores(block):
+        r_t2i, fb_t2i = _attend(block, "t2i", "clipped_l2norm", lambda_softmax, focal_type)
+        r_i2t, fb_i2t = _attend(block, "i2t", "clipped_l2norm", lambda_softmax, focal_type)
+        scores = aggregate(r_t2i, "Mean", mask=block[1].expand(r_t2i.shape)) + aggregate(r_i2t, "Mean")
+        return scores, fb_t2i.sum() + fb_i2t.sum()
+
     fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
     if words.shape[0] == 0 or img.shape[0] == 0:
         scores = _empty(img, words, paired)
+    elif _wants_sparse_grad(sparse_grad, paired, img, words):
+        scores, fallbacks = pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk),
+                                                                      block_scores)
     else:
         parts = []
         for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
-            r_t2i, fb_t2i = _attend(block, "t2i", "clipped_l2norm", lambda_softmax, focal_type)
-            r_i2t, fb_i2t = _attend(block, "i2t", "clipped_l2norm", lambda_softmax, focal_type)
-            parts.append(aggregate(r_t2i, "Mean", mask=block[1].expand(r_t2i.shape)) + aggregate(r_i2t, "Mean"))
-            fallbacks = fallbacks + fb_t2i.sum() + fb_i2t.sum()
+            part, fell_back = block_scores(block)
+            parts.append(part)
+            fallbacks = fallbacks + fell_back
         scores = _collect(parts, paired, lengths)
     return (scores, fallbacks) if return_fallbacks else scores

@@ -164,15 +164,18 @@ class SCAN(RegionWordModel):
     def __init__(self, config):
         super().__init__(config, bi_gru=config.bi_gru)
 
-    def _scores(self, img, cap, paired):
+    def _scores(self, img, cap, paired, sparse_grad=False):
         c = self.config
         return xattn.scan_scores(img, cap[0], cap[1], direction=c.cross_attn,
                                  raw_feature_norm=c.raw_feature_norm, agg_func=c.agg_func,
                                  lambda_softmax=c.lambda_softmax, lambda_lse=c.lambda_lse,
-                                 paired=paired, chunk=c.chunk)
+                                 paired=paired, chunk=c.chunk, sparse_grad=sparse_grad)
 
     def score_all(self, img, cap):
         return self._scores(img, cap, paired=False)
 
     def score_paired(self, img, cap):
         return self._scores(img, cap, paired=True)
+
+    def training_scores(self, img, cap, few_gradients):
+        return self._scores(img, cap, paired=False, sparse_grad=few_gradients)

@@ -146,7 +146,8 @@ def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
         offline = OfflineScores(**{name: ctx.whole_batch(score) for name, score in paired.items()})
     img = ctx.whole_batch(img, model.concat_representations)
     cap = ctx.whole_batch(cap, model.concat_representations)
-    loss, terms = retrieval_loss(model.score_all(img, cap), offline, loss_cfg)
+    scores = model.training_scores(img, cap, few_gradients=loss_cfg.max_violation)
+    loss, terms = retrieval_loss(scores, offline, loss_cfg)
     if aux is not None:
         aux = ctx.batch_mean(aux, len(batch["index"]))
         loss = loss + aux

@@ -1,4 +1,6 @@
 """run_gru (models/gru.py) against nn.GRU on the packed batch: outputs, final states, gradients."""
+import copy
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -79,3 +81,46 @@ def test_rejects_what_it_does_not_cover():
         run_gru(torch.nn.GRU(5, 4, batch_first=True), x, torch.tensor([4, 1]))
     with pytest.raises(ValueError, match="lengths"):
         run_gru(torch.nn.GRU(5, 4, batch_first=True), x, torch.tensor([0, 1]))
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def cell_engine(request, monkeypatch):
+    """Run the float32 recurrence through the compiled cell kernel, or through torch ops."""
+    from models import native
+    if request.param == "torch":
+        monkeypatch.setattr(native, "model_kernels", lambda: None)
+    elif native.model_kernels() is None:
+        pytest.fail("the C compiler is part of the test environment: the cell kernel must build")
+    return request.param
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_float32_paths_match_float64_nn_gru(cell_engine, bidirectional):
+    rnn64 = make(bidirectional, seed=3, inp=6, hidden=40)
+    rnn32 = make(bidirectional, seed=3, dtype=torch.float32, inp=6, hidden=40)
+    lengths = torch.tensor([7, 2, 9, 9, 1, 4])
+    g = torch.Generator().manual_seed(5)
+    x64 = (3 * torch.randn(len(lengths), 9, 6, dtype=torch.float64, generator=g)).requires_grad_()
+    x32 = x64.detach().float().requires_grad_()
+    got, got_h = run_gru(rnn32, x32, lengths)
+    want, want_h = packed_reference(rnn64, x64, lengths)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got_h.double(), want_h, atol=2e-6, rtol=1e-5)
+    w_out = torch.randn(got.shape, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad((got.double() * w_out).sum(), [x32] + list(rnn32.parameters()))
+    want_grads = torch.autograd.grad((want * w_out).sum(), [x64] + list(rnn64.parameters()))
+    for name, a, b in zip(["x"] + [n for n, _ in rnn64.named_parameters()], grads, want_grads):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_saturated_gates_stay_finite(cell_engine):
+    """Pre-activations far beyond the exp range (the kernel clamps its exp) give 0/1 gates."""
+    rnn = make(False, seed=0, dtype=torch.float32, inp=3, hidden=5)
+    with torch.no_grad():
+        rnn.weight_ih_l0.mul_(1e4)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    out, _ = run_gru(rnn, x, torch.tensor([4, 3]))
+    want, _ = packed_reference(copy.deepcopy(rnn).double(), x.double(), torch.tensor([4, 3]))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -5,30 +5,20 @@ computing the scores (~10 ns per score on one core), and a running selection ove
 per-element branch that torch cannot express without several passes. The kernel compares each
 score with its queue's threshold once; only the few that beat it do more work.
 
-The shared library is compiled with the system C compiler (`cc`, or $CC) with -march=native (the
-scan uses AVX2 compares where the CPU has them) into a cache folder ($AOQ_KERNEL_CACHE, default
-~/.cache/aoq-pipeline/kernels), keyed by a hash of the source, the flags and the CPU's feature
-list (a home folder shared by cluster nodes of different CPUs gets one library per kind), written
-to a temporary name and renamed, so concurrent jobs never load half a file.
-`load_kernel()` returns None when no compiler is available; callers fall back to torch.
+The shared library is built by models/native.py (system C compiler, -march=native, a cache
+folder keyed by source, flags and CPU, atomic writes). `load_kernel()` returns None when no
+compiler is available; callers fall back to torch.
 ctypes releases the GIL during each call, so Python threads run disjoint queue ranges in parallel.
 """
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from models import native
+
 SOURCE = Path(__file__).with_name("topk_kernel.c")
-CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu99"]
 
 _f32p = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _i32p = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
@@ -36,48 +26,9 @@ _i64p = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
 _i64 = ctypes.c_int64
 
 
-def cache_dir():
-    return Path(os.environ.get("AOQ_KERNEL_CACHE", Path.home() / ".cache" / "aoq-pipeline" / "kernels"))
-
-
-def _compiler():
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _cpu_signature():
-    """The CPU's model and feature flags (Linux), so -march=native builds are never shared wrongly."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() + platform.machine()
-    lines = [l for l in text.splitlines() if l.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(lines)))
-
-
 def build_library(directory=None):
     """Compile the kernel (if not cached) and return the library path; raises RuntimeError."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set $CC)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler] + CFLAGS).encode()
-                         + _cpu_signature().encode()).hexdigest()[:16]
-    directory = Path(directory) if directory is not None else cache_dir()
-    target = directory / f"aoq_topk_{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE} failed:\n{proc.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return native.build_library(SOURCE, "aoq_topk", directory)
 
 
 def _bind(lib):
@@ -102,11 +53,7 @@ def _bind(lib):
 @lru_cache(maxsize=None)
 def load_kernel():
     """The bound ctypes library, or None (logged once) if it cannot be built here."""
-    try:
-        return _bind(ctypes.CDLL(str(build_library())))
-    except (OSError, RuntimeError) as err:
-        log.warning("native top-k kernel unavailable, using the torch path: %s", err)
-        return None
+    return native.load_library(SOURCE, "aoq_topk", _bind)
 
 
 class Queues:

@@ -1,0 +1,101 @@
+"""Compile-on-first-use for the C kernels of this project, loaded with ctypes.
+
+Why C at all: some CPU hot spots are long chains of elementwise work on small tiles (a GRU cell
+per time step, SCAN's attention per image-caption pair, a running top-k per query). Torch runs
+each link of such a chain as its own pass over memory, with its own dispatch; one C loop that
+keeps a tile in L1 does the whole chain in one pass. The GEMMs around them stay in torch.
+
+A source is compiled with the system C compiler (`cc`, or $CC) and -march=native into a cache
+folder ($AOQ_KERNEL_CACHE, default ~/.cache/aoq-pipeline/kernels). The file name carries a hash
+of the source, the compiler, the flags and the CPU's model and feature list, so a home folder
+shared by cluster nodes of different CPUs gets one library per kind. The library is written to a
+temporary name and renamed, so concurrent jobs never load half a file.
+Callers treat a failed build as "no kernel" and use their torch path.
+"""
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu99")
+MODEL_KERNELS = Path(__file__).with_name("kernels.c")
+
+
+def cache_dir():
+    return Path(os.environ.get("AOQ_KERNEL_CACHE", Path.home() / ".cache" / "aoq-pipeline" / "kernels"))
+
+
+def compiler():
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def cpu_signature():
+    """The CPU's model and feature flags (Linux), so -march=native builds are never shared wrongly."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() + platform.machine()
+    lines = [l for l in text.splitlines() if l.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def build_library(source, prefix, directory=None, cflags=CFLAGS):
+    """Compile `source` (if not cached) into `directory` and return the library path.
+
+    Raises RuntimeError when there is no compiler or the compiler fails (its message included).
+    """
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    source = Path(source)
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *cflags]).encode()
+                         + cpu_signature().encode()).hexdigest()[:16]
+    directory = Path(directory) if directory is not None else cache_dir()
+    target = directory / f"{prefix}_{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *cflags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {source} failed:\n{proc.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_library(source, prefix, bind, cflags=CFLAGS):
+    """`bind(ctypes.CDLL)` of the compiled `source`, or None (logged) if it cannot be built here."""
+    try:
+        return bind(ctypes.CDLL(str(build_library(source, prefix, cflags=cflags))))
+    except (OSError, RuntimeError) as err:
+        log.warning("native kernels of %s unavailable, using the torch path: %s", Path(source).name, err)
+        return None
+
+
+def _bind_model_kernels(lib):
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.aoq_gru_cell_forward.restype = None
+    lib.aoq_gru_cell_forward.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64]
+    lib.aoq_gru_cell_backward.restype = None
+    lib.aoq_gru_cell_backward.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64]
+    return lib
+
+
+@lru_cache(maxsize=None)
+def model_kernels():
+    """The bound kernels of models/kernels.c, or None where no C compiler works."""
+    if os.environ.get("AOQ_NO_NATIVE"):
+        return None
+    return load_library(MODEL_KERNELS, "aoq_models", _bind_model_kernels)

@@ -1,0 +1,147 @@
+"""All-pairs cross-attention scores whose backward only revisits the pairs that get a gradient.
+
+A cross-attention model (SCAN, BFAN) pays for every entry of the (B_i, B_c) score matrix with a
+pair computation, and plain autograd keeps every pair's attention tensors and backpropagates
+through all of them. The hardest-negative losses (VSE++, AOQ) give a gradient to few entries:
+the positives, the hardest caption of each image and the hardest image of each caption, at most
+3B of B^2 (2.3% at B = 128). A pair whose score gets no gradient adds exactly zero to every
+gradient, so here:
+
+- forward: the blocks of word-region products S are computed and scored without autograd, and
+  S is kept (the same memory as autograd's copy of it, none of the intermediates);
+- backward: the pairs (i, j) with a nonzero incoming gradient are re-scored with autograd from
+  their kept (L, k) blocks of S and their Gram matrices, which gives dS, dG and the norm
+  gradients of those pairs only; the products behind them (S = W R^T, G = R R^T, ||x||) are
+  differentiated by hand, pair by pair: dW_j += dS_ij R_i, dR_i += dS_ij^T W_j.
+
+The gradients are the dense ones up to float rounding (the same formulas). With a dense incoming
+gradient (a loss summing over all negatives) this would be slower than plain autograd, so the
+models use it only for hardest-negative losses (`training_scores(..., few_gradients=True)`).
+
+Block layout (models/cross_attention.py `_pair_blocks`): (S (..., L, k), word mask (..., L),
+word norms (..., L), region norms (..., k), image Gram, caption Gram, True).
+"""
+import torch
+
+PAIRS_PER_PASS = 4096  # pairs re-scored at a time in the backward (bounds its memory)
+
+
+def scores_with_sparse_backward(img, words, mask, chunks, block_scores):
+    """(scores (B_i, B_c), fallbacks), scores differentiable in img (B_i, k, d) and words
+    (B_c, L, d) (zero past each caption's length, `mask` (B_c, L) True at real words).
+
+    chunks: list of caption-index tensors (CPU int64), the all-pairs chunks in scoring order;
+    block_scores(block) -> (scores of the block's leading dims: (B_i, c) for an all-pairs block,
+    (P,) for a block of P selected pairs; a 0-dim count of focal fallbacks, or None). Fallbacks
+    are counted in the forward only.
+    """
+    return _SparseBackwardScores.apply(img, words, mask, chunks, block_scores)
+
+
+def _contexts(img, words):
+    """Everything a block needs besides S: norms and Gram matrices of both sides."""
+    return dict(word_norms=torch.linalg.vector_norm(words, dim=-1), region_norms=torch.linalg.vector_norm(img, dim=-1),
+                img_gram=img @ img.transpose(1, 2), cap_gram=words @ words.transpose(1, 2))
+
+
+class _SparseBackwardScores(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, img, words, mask, chunks, block_scores):
+        n_img, k, d = img.shape
+        c = _contexts(img, words)
+        flat_img = img.reshape(n_img * k, d)
+        scores = img.new_empty(n_img, words.shape[0])
+        fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
+        kept = []
+        for rows in chunks:
+            rows = rows.to(img.device)
+            longest = int(mask[rows].sum(1).max())
+            w = words[rows, :longest]
+            s = (w.reshape(-1, d) @ flat_img.t()).view(len(rows), longest, n_img, k).permute(2, 0, 1, 3).contiguous()
+            block = (s, mask[rows, :longest].unsqueeze(0), c["word_norms"][rows, :longest].unsqueeze(0),
+                     c["region_norms"].unsqueeze(1), c["img_gram"], c["cap_gram"][rows, :longest, :longest].unsqueeze(0),
+                     True)
+            part, fell_back = block_scores(block)
+            scores[:, rows] = part
+            if fell_back is not None:
+                fallbacks = fallbacks + fell_back
+            kept.append(s)                                   # (B_i, c, L_chunk, k)
+        ctx.save_for_backward(img, words, *kept)
+        ctx.mask, ctx.chunks, ctx.block_scores, ctx.contexts = mask, chunks, block_scores, c
+        ctx.mark_non_differentiable(fallbacks)
+        return scores, fallbacks
+
+    @staticmethod
+    def backward(ctx, grad_scores, _):
+        img, words, *kept = ctx.saved_tensors
+        c, device = ctx.contexts, img.device
+        grad_w, grad_r = torch.zeros_like(words), torch.zeros_like(img)
+        grads = {name: torch.zeros_like(value) for name, value in c.items()}
+        chunk_of, position = _caption_positions(ctx.chunks, words.shape[0])
+        pairs = grad_scores.nonzero().cpu()                 # (P, 2): image, caption
+        for index, s in enumerate(kept):
+            selected = pairs[chunk_of[pairs[:, 1]] == index]
+            for start in range(0, len(selected), PAIRS_PER_PASS):
+                i, j = selected[start:start + PAIRS_PER_PASS].to(device).unbind(1)
+                _pair_gradients(ctx.block_scores, s, position.to(device)[j], i, j, grad_scores[i, j], c,
+                                ctx.mask, img, words, grad_w, grad_r, grads)
+        grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
+        return grad_r, grad_w, None, None, None
+
+
+def _caption_positions(chunks, n_cap):
+    """(chunk index, position in chunk) of every caption."""
+    chunk, position = torch.empty(n_cap, dtype=torch.long), torch.empty(n_cap, dtype=torch.long)
+    for index, rows in enumerate(chunks):
+        chunk[rows] = index
+        position[rows] = torch.arange(len(rows))
+    return chunk, position
+
+
+def _index_add(target, index, values):
+    """target[index[p]] += values[p] along dim 0; target may be a strided view (index_add_ on
+    one would take a slow path)."""
+    if target.is_contiguous():
+        target.index_add_(0, index, values)
+    else:
+        target += torch.zeros_like(target).index_add_(0, index, values)
+
+
+def _pair_gradients(block_scores, s, positions, i, j, grad, c, mask, img, words, grad_w, grad_r, grads):
+    """Re-score pairs (i, j) from the kept chunk `s` with autograd and add their gradients."""
+    longest = s.shape[2]
+    rows = dict(word_norms=j, cap_gram=j, region_norms=i, img_gram=i)
+    cut = dict(word_norms=lambda t: t[:, :longest], cap_gram=lambda t: t[:, :longest, :longest],
+               region_norms=lambda t: t, img_gram=lambda t: t)
+    leaves = {"s": s[i, positions], **{name: cut[name](c[name])[rows[name]] for name in rows}}
+    with torch.enable_grad():
+        leaves = {name: t.detach().requires_grad_() for name, t in leaves.items()}
+        block = (leaves["s"], mask[j, :longest], leaves["word_norms"], leaves["region_norms"], leaves["img_gram"],
+                 leaves["cap_gram"], True)
+        names = list(leaves)
+        found = dict(zip(names, torch.autograd.grad(block_scores(block)[0], [leaves[n] for n in names], grad,
+                                                    allow_unused=True)))
+    ds = found.pop("s")
+    if ds is not None:  # S_ij = W_j R_i^T: dW_j += dS_ij R_i, dR_i += dS_ij^T W_j
+        _index_add(grad_w[:, :longest], j, ds @ img[i])
+        _index_add(grad_r, i, ds.transpose(1, 2) @ words[j, :longest])
+    for name, g in found.items():
+        if g is not None:
+            _index_add(cut[name](grads[name]), rows[name], g)
+
+
+def _through_contexts(img, words, c, grads, grad_w, grad_r):
+    """Gradients of img and words: the S products' parts plus those through norms and Grams."""
+    grad_w = grad_w + _norm_grad(words, c["word_norms"], grads["word_norms"])
+    grad_r = grad_r + _norm_grad(img, c["region_norms"], grads["region_norms"])
+    # G = X X^T: dX = (dG + dG^T) X
+    grad_r += (grads["img_gram"] + grads["img_gram"].transpose(1, 2)) @ img
+    grad_w += (grads["cap_gram"] + grads["cap_gram"].transpose(1, 2)) @ words
+    return grad_r, grad_w
+
+
+def _norm_grad(x, norms, grad_norms):
+    """||x||'s backward: g x / ||x||, 0 at a zero vector (as torch's)."""
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return torch.where(norms > 0, grad_norms / safe, torch.zeros_like(norms)).unsqueeze(-1) * x

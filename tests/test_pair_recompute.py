@@ -1,0 +1,122 @@
+"""The sparse backward of all-pairs cross-attention scores (models/pair_recompute.py) against plain
+autograd through the same scores, and the hand-written l2norm backward against autograd."""
+import pytest
+import torch
+
+from models import create_model
+from models import cross_attention as xattn
+from models.losses import LossConfig, retrieval_loss
+
+LENGTHS = torch.tensor([3, 7, 1, 5, 7, 2])
+
+
+def features(seed=0, n_img=5, k=4, d=8):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(n_img, k, d, dtype=torch.float64, generator=g)
+    words = torch.randn(len(LENGTHS), int(LENGTHS.max()), d, dtype=torch.float64, generator=g)
+    return img, words
+
+
+def incoming_gradient(kind, shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "zero":
+        return torch.zeros(shape, dtype=torch.float64)
+    dense = torch.randn(shape, dtype=torch.float64, generator=g)
+    if kind == "dense":
+        return dense
+    keep = torch.zeros(shape, dtype=torch.bool)                       # a hardest-negative pattern
+    keep[torch.arange(shape[0]), torch.randint(shape[1], (shape[0],), generator=g)] = True
+    keep[torch.randint(shape[0], (shape[1],), generator=g), torch.arange(shape[1])] = True
+    return dense * keep
+
+
+def both_paths(score, grad_kind, want=("img", "words")):
+    """(scores, grads) of score(img, words, sparse_grad) for sparse_grad False and True."""
+    results = []
+    for sparse in (False, True):
+        img, words = features()
+        img.requires_grad_("img" in want)
+        words.requires_grad_("words" in want)
+        scores = score(img, words, sparse)
+        leaves = [t for t in (img, words) if t.requires_grad]
+        grads = torch.autograd.grad(scores, leaves, incoming_gradient(grad_kind, scores.shape), allow_unused=True)
+        results.append((scores.detach(), [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]))
+    return results
+
+
+def assert_same(results):
+    (dense_scores, dense_grads), (sparse_scores, sparse_grads) = results
+    torch.testing.assert_close(sparse_scores, dense_scores, atol=1e-12, rtol=1e-12)
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("direction", xattn.DIRECTIONS)
+@pytest.mark.parametrize("norm,agg", [("clipped_l2norm", "LogSumExp"), ("softmax", "Mean"),
+                                      ("l2norm", "Max"), ("clipped_l1norm", "Sum")])
+@pytest.mark.parametrize("grad_kind", ["hardest", "dense", "zero"])
+def test_scan_sparse_backward_equals_autograd(direction, norm, agg, grad_kind):
+    def score(img, words, sparse):
+        return xattn.scan_scores(img, words, LENGTHS, direction=direction, raw_feature_norm=norm, agg_func=agg,
+                                 chunk=2, sparse_grad=sparse)
+    results = both_paths(score, grad_kind)
+    assert_same(results)
+    if grad_kind == "zero":
+        assert all((g == 0).all() for g in results[1][1])
+
+
+@pytest.mark.parametrize("focal", xattn.FOCAL_TYPES)
+@pytest.mark.parametrize("want", [("img", "words"), ("img",), ("words",)])
+def test_bfan_sparse_backward_equals_autograd_and_counts_fallbacks_once(focal, want):
+    counts = []
+
+    def score(img, words, sparse):
+        scores, fallbacks = xattn.bfan_scores(img, words, LENGTHS, focal_type=focal, chunk=4,
+                                              return_fallbacks=True, sparse_grad=sparse)
+        counts.append(int(fallbacks))
+        return scores
+    assert_same(both_paths(score, "hardest", want))
+    assert counts[0] == counts[1]
+
+
+def test_without_gradients_the_plain_path_runs():
+    img, words = features()
+    with torch.no_grad():
+        plain = xattn.scan_scores(img, words, LENGTHS, sparse_grad=False)
+        sparse = xattn.scan_scores(img.requires_grad_(), words, LENGTHS, sparse_grad=True)
+    assert sparse.grad_fn is None and torch.equal(plain, sparse)
+
+
+@pytest.mark.parametrize("name", ["scan", "bfan"])
+def test_training_scores_give_the_dense_parameter_gradients(name):
+    torch.manual_seed(0)
+    model = create_model(name, vocab_size=40, img_dim=12, embed_size=10, word_dim=6).double()
+    images = torch.randn(5, 36, 12, dtype=torch.float64)
+    ids, lengths = torch.randint(4, 40, (5, 8)), torch.tensor([8, 2, 5, 1, 6])
+    grads = []
+    for few in (False, True):
+        model.zero_grad()
+        scores = model.training_scores(model.encode_images(images), model.encode_captions(ids, lengths), few)
+        retrieval_loss(scores, None, LossConfig(variant="baseline"))[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-11, rtol=1e-10, msg=n)
+
+
+def plain_l2norm(x, dim, eps=xattn.EPS):
+    sq = (x * x).sum(dim=dim, keepdim=True)
+    return x / (torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() + eps)
+
+
+@pytest.mark.parametrize("dim", [-1, -2, 0])
+def test_l2norm_backward_matches_autograd_including_zero_vectors(dim):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, 6, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda t: xattn.l2norm(t, dim=dim), (x.clone().requires_grad_(),))
+    x[1, 2], x[2, :, 3], x[:, 1, 1] = 0, 0, 0                        # zero vectors along each dim
+    x.requires_grad_()
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((xattn.l2norm(x, dim=dim) * upstream).sum(), x)[0]
+    want = torch.autograd.grad((plain_l2norm(x, dim) * upstream).sum(), x)[0]
+    torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
+    torch.testing.assert_close(xattn.l2norm(x.detach(), dim=dim), plain_l2norm(x.detach(), dim), atol=1e-15, rtol=1e-14)
