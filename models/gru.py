@@ -214,7 +214,8 @@ def _backward_torch(lib, grad_out, w, out, saved, layout):
         grad_gi[rows, 2 * hidden:] = d_cand
         grad_gh[rows, :2 * hidden] = grad_gi[rows, :2 * hidden]
         grad_gh[rows, 2 * hidden:] = d_cand * r
-        dh[:n] = torch.addmm(d * z, grad_gh[rows], w)              # (n, H)
+        if t:                                                      # h_(-1) = 0 is a constant
+            dh[:n] = torch.addmm(d * z, grad_gh[rows], w)          # (n, H)
     return grad_gi, grad_gh
 
 
@@ -236,6 +237,7 @@ def _backward_native(lib, grad_out, w, out, saved, layout):
         prev_p = out_p + layout.offsets[t - 1] * hidden * size if t else zeros.data_ptr()
         lib.aoq_gru_cell_backward(dh.data_ptr(), go_p + rows, *[p + rows for p in saved_p], prev_p,
                                   gi_p + 3 * rows, gh_p + 3 * rows, dz.data_ptr(), n, hidden)
-        torch.addmm(dz[:n], grad_gh[start:start + n], w, out=dh_next[:n])
-        dh, dh_next = dh_next, dh
+        if t:                                                      # h_(-1) = 0 is a constant
+            torch.addmm(dz[:n], grad_gh[start:start + n], w, out=dh_next[:n])
+            dh, dh_next = dh_next, dh
     return grad_gi, grad_gh

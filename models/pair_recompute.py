@@ -51,9 +51,8 @@ class _SparseBackwardScores(torch.autograd.Function):
         n_img, k, d = img.shape
         c = _contexts(img, words)
         flat_img = img.reshape(n_img * k, d)
-        scores = img.new_empty(n_img, words.shape[0])
         fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
-        kept = []
+        kept, parts = [], []
         for rows in chunks:
             rows = rows.to(img.device)
             longest = int(mask[rows].sum(1).max())
@@ -63,12 +62,16 @@ class _SparseBackwardScores(torch.autograd.Function):
                      c["region_norms"].unsqueeze(1), c["img_gram"], c["cap_gram"][rows, :longest, :longest].unsqueeze(0),
                      True)
             part, fell_back = block_scores(block)
-            scores[:, rows] = part
+            parts.append(part)
             if fell_back is not None:
                 fallbacks = fallbacks + fell_back
             kept.append(s)                                   # (B_i, c, L_chunk, k)
+        scores = torch.cat(parts, dim=1)[:, torch.argsort(torch.cat(chunks)).to(img.device)]
         ctx.save_for_backward(img, words, *kept)
         ctx.mask, ctx.chunks, ctx.block_scores, ctx.contexts = mask, chunks, block_scores, c
+        # the backward re-scores pairs as the forward scored them: under the same autocast
+        kind = img.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         ctx.mark_non_differentiable(fallbacks)
         return scores, fallbacks
 
@@ -84,8 +87,9 @@ class _SparseBackwardScores(torch.autograd.Function):
             selected = pairs[chunk_of[pairs[:, 1]] == index]
             for start in range(0, len(selected), PAIRS_PER_PASS):
                 i, j = selected[start:start + PAIRS_PER_PASS].to(device).unbind(1)
-                _pair_gradients(ctx.block_scores, s, position.to(device)[j], i, j, grad_scores[i, j], c,
-                                ctx.mask, img, words, grad_w, grad_r, grads)
+                with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]):
+                    _pair_gradients(ctx.block_scores, s, position.to(device)[j], i, j, grad_scores[i, j], c,
+                                    ctx.mask, img, words, grad_w, grad_r, grads)
         grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
         return grad_r, grad_w, None, None, None
 
@@ -124,8 +128,11 @@ def _pair_gradients(block_scores, s, positions, i, j, grad, c, mask, img, words,
                                                     allow_unused=True)))
     ds = found.pop("s")
     if ds is not None:  # S_ij = W_j R_i^T: dW_j += dS_ij R_i, dR_i += dS_ij^T W_j
-        _index_add(grad_w[:, :longest], j, ds @ img[i])
-        _index_add(grad_r, i, ds.transpose(1, 2) @ words[j, :longest])
+        with torch.autocast(img.device.type, enabled=False):  # the features' own precision
+            dtype = torch.promote_types(img.dtype, words.dtype)   # (they differ under autocast)
+            ds, r, w = ds.to(dtype), img[i].to(dtype), words[j, :longest].to(dtype)
+            _index_add(grad_w[:, :longest], j, (ds @ r).to(words.dtype))
+            _index_add(grad_r, i, (ds.transpose(1, 2) @ w).to(img.dtype))
     for name, g in found.items():
         if g is not None:
             _index_add(cut[name](grads[name]), rows[name], g)
@@ -133,6 +140,10 @@ def _pair_gradients(block_scores, s, positions, i, j, grad, c, mask, img, words,
 
 def _through_contexts(img, words, c, grads, grad_w, grad_r):
     """Gradients of img and words: the S products' parts plus those through norms and Grams."""
+    # in each side's own dtype (under autocast the Grams may be bf16, the features not)
+    side = dict(word_norms=words, cap_gram=words, region_norms=img, img_gram=img)
+    grads = {name: g.to(side[name].dtype) for name, g in grads.items()}
+    c = {name: value.to(side[name].dtype) for name, value in c.items()}
     grad_w = grad_w + _norm_grad(words, c["word_norms"], grads["word_norms"])
     grad_r = grad_r + _norm_grad(img, c["region_norms"], grads["region_norms"])
     # G = X X^T: dX = (dG + dG^T) X

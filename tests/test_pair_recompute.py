@@ -120,3 +120,25 @@ def test_l2norm_backward_matches_autograd_including_zero_vectors(dim):
     want = torch.autograd.grad((plain_l2norm(x, dim) * upstream).sum(), x)[0]
     torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
     torch.testing.assert_close(xattn.l2norm(x.detach(), dim=dim), plain_l2norm(x.detach(), dim), atol=1e-15, rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["scan", "bfan"])
+def test_sparse_backward_under_bf16_autocast_matches_dense_to_bf16_precision(name):
+    """The backward re-scores pairs under the forward's autocast; features and Grams may then
+    have different dtypes (bf16 image regions, float32 words), and the gradients still come back
+    in each parameter's dtype."""
+    torch.manual_seed(0)
+    model = create_model(name, vocab_size=40, img_dim=12, embed_size=10, word_dim=6)
+    images = torch.randn(5, 36, 12)
+    ids, lengths = torch.randint(4, 40, (5, 8)), torch.tensor([8, 2, 5, 1, 6])
+    grads = []
+    for few in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = model.training_scores(model.encode_images(images), model.encode_captions(ids, lengths), few)
+            loss = retrieval_loss(scores, None, LossConfig(variant="baseline"))[0]
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert grads[1][n].dtype == torch.float32
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=2e-2, rtol=2e-2, msg=n)
