@@ -1,9 +1,9 @@
 """Compile-on-first-use for the C kernels of this project, loaded with ctypes.
 
-Why C at all: some CPU hot spots are long chains of elementwise work on small tiles (a GRU cell
-per time step, SCAN's attention per image-caption pair, a running top-k per query). Torch runs
-each link of such a chain as its own pass over memory, with its own dispatch; one C loop that
-keeps a tile in L1 does the whole chain in one pass. The GEMMs around them stay in torch.
+Why C at all: some CPU hot spots are chains of elementwise work between matrix products (a GRU
+cell per time step) or per-element decisions (a running top-k per query). Torch runs each link of
+such a chain as its own pass over memory, with its own dispatch; one C loop does the whole chain
+in one pass. The matrix products around them stay in torch.
 
 A source is compiled with the system C compiler (`cc`, or $CC) and -march=native into a cache
 folder ($AOQ_KERNEL_CACHE, default ~/.cache/aoq-pipeline/kernels). The file name carries a hash
