@@ -23,6 +23,7 @@ which is exact and avoids the d-dimensional (B_i, B_c, n, d) tensor.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from models import pair_recompute
 
@@ -69,6 +70,7 @@ class _L2Norm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward treats the saved norm as a constant: no second derivative
     def backward(ctx, grad):
         y, norm, denominator = ctx.saved_tensors
         ratio = torch.where(norm > 0, denominator / torch.where(norm > 0, norm, torch.ones_like(norm)),

@@ -17,6 +17,7 @@ itself runs (cuDNN's fused kernels); the results are the same up to float roundi
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models import native
@@ -30,12 +31,17 @@ def run_gru(rnn, x, lengths=None):
     the state after each row's last real step (for the reverse direction, after step 0)), exactly
     what `nn.GRU` returns for the packed batch (after pad_packed_sequence).
     """
-    if rnn.num_layers != 1 or not rnn.batch_first or rnn.mode != "GRU":
-        raise ValueError("run_gru supports single-layer, batch-first nn.GRU modules only")
+    if rnn.num_layers != 1 or not rnn.batch_first or rnn.mode != "GRU" or not rnn.bias:
+        raise ValueError("run_gru supports single-layer, batch-first nn.GRU modules with biases only")
     batch, steps = x.shape[:2]
     lengths = torch.full((batch,), steps, dtype=torch.long) if lengths is None else \
         torch.as_tensor(lengths, dtype=torch.long).cpu()
-    if batch and (int(lengths.max()) > steps or int(lengths.min()) < 1):
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths {tuple(lengths.shape)} do not match a batch of {batch} rows")
+    if batch == 0:
+        dirs = 2 if rnn.bidirectional else 1
+        return x.new_zeros(0, 0, dirs * rnn.hidden_size), x.new_zeros(dirs, 0, rnn.hidden_size)
+    if int(lengths.max()) > steps or int(lengths.min()) < 1:
         raise ValueError(f"lengths must lie in [1, {steps}]")
     if x.is_cuda:
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -59,7 +65,8 @@ def run_gru(rnn, x, lengths=None):
                             getattr(rnn, "bias_ih_l0" + suffix))          # (tokens, 3H): one product
         recurrence_inputs += [gates_in, getattr(rnn, "weight_hh_l0" + suffix), getattr(rnn, "bias_hh_l0" + suffix)]
     outs, finals = [], []
-    for suffix, out in zip(suffixes, _Recurrences.apply(layout, *recurrence_inputs)):  # (tokens, H) each
+    outputs = _Recurrences.apply(layout, torch.is_grad_enabled(), *recurrence_inputs)  # (tokens, H) each
+    for suffix, out in zip(suffixes, outputs):
         finals.append(out.index_select(0, layout.last))                   # (B, H), sorted rows
         outs.append(out if not suffix else out.index_select(0, layout.reversal))
     out = torch.cat(outs, dim=1)
@@ -99,9 +106,11 @@ class _Recurrences(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layout, *inputs):
+    def forward(ctx, layout, grad_enabled, *inputs):
         groups = [inputs[i:i + 3] for i in range(0, len(inputs), 3)]
-        keep = any(ctx.needs_input_grad)                                   # False under no_grad
+        # what the backward needs is kept only if there will be one (inside forward, grad mode
+        # is always off, and needs_input_grad ignores the caller's no_grad)
+        keep = grad_enabled and any(ctx.needs_input_grad)
         with torch.autocast(inputs[0].device.type, enabled=False):
             results = [_forward_direction(*g, layout, keep) for g in groups]
         ctx.save_for_backward(*[t for g, (out, saved, w) in zip(groups, results) for t in (w, out, saved)])
@@ -110,6 +119,7 @@ class _Recurrences(torch.autograd.Function):
         return tuple(out for out, _, _ in results)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grad_outs):
         saved = ctx.saved_tensors
         jobs = [(grad, *saved[3 * d:3 * d + 3], ctx.layout) for d, grad in enumerate(grad_outs)]
@@ -118,7 +128,7 @@ class _Recurrences(torch.autograd.Function):
         grads = []
         for (grad_gi, grad_w, grad_b), (gi_dtype, w_dtype, b_dtype) in zip(results, ctx.dtypes):
             grads += [grad_gi.to(gi_dtype), grad_w.to(w_dtype), grad_b.to(b_dtype)]
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def _forward_direction(gates_in, w_hh, b_hh, layout, keep):

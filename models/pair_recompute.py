@@ -22,6 +22,7 @@ Block layout (models/cross_attention.py `_pair_blocks`): (S (..., L, k), word ma
 word norms (..., L), region norms (..., k), image Gram, caption Gram, True).
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 PAIRS_PER_PASS = 4096  # pairs re-scored at a time in the backward (bounds its memory)
 
@@ -49,13 +50,14 @@ class _SparseBackwardScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, words, mask, chunks, block_scores):
         n_img, k, d = img.shape
+        lengths = mask.sum(1).cpu()                                   # one sync for all chunks
         c = _contexts(img, words)
         flat_img = img.reshape(n_img * k, d)
         fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
         kept, parts = [], []
         for rows in chunks:
+            longest = int(lengths[rows].max())
             rows = rows.to(img.device)
-            longest = int(mask[rows].sum(1).max())
             w = words[rows, :longest]
             s = (w.reshape(-1, d) @ flat_img.t()).view(len(rows), longest, n_img, k).permute(2, 0, 1, 3).contiguous()
             block = (s, mask[rows, :longest].unsqueeze(0), c["word_norms"][rows, :longest].unsqueeze(0),
@@ -76,6 +78,7 @@ class _SparseBackwardScores(torch.autograd.Function):
         return scores, fallbacks
 
     @staticmethod
+    @once_differentiable  # hand-differentiated products: no second derivative
     def backward(ctx, grad_scores, _):
         img, words, *kept = ctx.saved_tensors
         c, device = ctx.contexts, img.device

@@ -124,3 +124,26 @@ def test_saturated_gates_stay_finite(cell_engine):
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_lengths_must_match_the_batch_and_an_empty_batch_is_empty():
+    rnn = make(True, dtype=torch.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        run_gru(rnn, torch.randn(3, 5, 5), torch.tensor([5, 2]))
+    out, h_n = run_gru(rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 0, 14) and h_n.shape == (2, 0, 7)
+    with pytest.raises(ValueError, match="biases"):
+        run_gru(torch.nn.GRU(5, 4, batch_first=True, bias=False), torch.randn(2, 3, 5))
+
+
+def test_no_grad_keeps_nothing_for_a_backward(cell_engine, monkeypatch):
+    from models import gru
+    kept = []
+    original = gru._forward_direction
+    monkeypatch.setattr(gru, "_forward_direction",
+                        lambda *args: kept.append(args[-1]) or original(*args))
+    rnn = make(True, dtype=torch.float32)
+    with torch.no_grad():
+        run_gru(rnn, torch.randn(3, 4, 5), torch.tensor([4, 1, 3]))
+    run_gru(rnn, torch.randn(3, 4, 5), torch.tensor([4, 1, 3]))
+    assert kept == [False, False, True, True]

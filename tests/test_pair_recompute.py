@@ -142,3 +142,31 @@ def test_sparse_backward_under_bf16_autocast_matches_dense_to_bf16_precision(nam
     for n in grads[0]:
         assert grads[1][n].dtype == torch.float32
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=2e-2, rtol=2e-2, msg=n)
+
+
+def test_several_passes_and_zero_vectors(monkeypatch):
+    """More nonzero pairs than one backward pass takes, and zero region / word vectors (the
+    norm-is-zero branches of the hand-written norm gradients)."""
+    from models import pair_recompute
+    monkeypatch.setattr(pair_recompute, "PAIRS_PER_PASS", 3)
+
+    def score(img, words, sparse):
+        with torch.no_grad():
+            img[1, 2] = 0
+            words[3, 0] = 0
+        return xattn.scan_scores(img, words, LENGTHS, direction="i2t", chunk=4, sparse_grad=sparse)
+    assert_same(both_paths(score, "dense"))
+
+
+def test_custom_backwards_refuse_a_second_derivative():
+    """Their backwards hold saved values as constants: a second derivative must fail, not be wrong."""
+    img, words = features()
+    img.requires_grad_()
+    scores = xattn.scan_scores(img, words, LENGTHS, sparse_grad=True)
+    grad = torch.autograd.grad(scores.sum(), img, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad.sum(), img)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.autograd.grad((xattn.l2norm(x) * torch.arange(4.0)).sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.pow(2).sum(), x)
