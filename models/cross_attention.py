@@ -283,6 +283,11 @@ def _chunks(lengths, chunk):
     return [order[start:start + step] for start in range(0, len(order), step)]
 
 
+def _all_pair_blocks(mask, lengths, chunk):
+    """blocks(img, words) -> `_pair_blocks` in all-pairs mode, for pair_recompute."""
+    return lambda img, words: _pair_blocks(img, words, mask, lengths, False, chunk)
+
+
 def _wants_sparse_grad(sparse_grad, paired, img, words):
     return sparse_grad and not paired and torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
 
@@ -320,7 +325,8 @@ def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_
         return aggregate(r, agg_func, lambda_lse, mask=real), None
 
     if _wants_sparse_grad(sparse_grad, paired, img, words):
-        return pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk), block_scores)[0]
+        return pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk),
+                                                          _all_pair_blocks(mask, lengths, chunk), block_scores)[0]
     parts = [block_scores(block)[0] for block in _pair_blocks(img, words, mask, lengths, paired, chunk)]
     return _collect(parts, paired, lengths)
 
@@ -358,8 +364,8 @@ def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, pa
     if words.shape[0] == 0 or img.shape[0] == 0:
         scores = _empty(img, words, paired)
     elif _wants_sparse_grad(sparse_grad, paired, img, words):
-        scores, fallbacks = pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk),
-                                                                      block_scores)
+        scores, fallbacks = pair_recompute.scores_with_sparse_backward(
+            img, words, mask, _chunks(lengths, chunk), _all_pair_blocks(mask, lengths, chunk), block_scores)
     else:
         parts = []
         for block in _pair_blocks(img, words, mask, lengths, paired, chunk):

@@ -52,7 +52,7 @@ def run_gru(rnn, x, lengths=None):
     # work; index_select / index_copy move all tokens at once (and backpropagate as one
     # index_add / index_select).
     order = torch.argsort(lengths, descending=True, stable=True)          # sorted row b -> row
-    longest = int(lengths[order[0]]) if batch else 0
+    longest = int(lengths[order[0]])
     batch_sizes = (lengths[order][None, :] > torch.arange(longest)[:, None]).sum(1)
     layout = _Layout(batch_sizes, x.device)
     device_order = order.to(x.device)

@@ -7,8 +7,9 @@ the positives, the hardest caption of each image and the hardest image of each c
 3B of B^2 (2.3% at B = 128). A pair whose score gets no gradient adds exactly zero to every
 gradient, so here:
 
-- forward: the blocks of word-region products S are computed and scored without autograd, and
-  S is kept (the same memory as autograd's copy of it, none of the intermediates);
+- forward: the all-pairs blocks (cross_attention's `_pair_blocks`) are scored without autograd,
+  and their word-region products S are kept (the same memory as autograd's copy of S, none of
+  the intermediates);
 - backward: the pairs (i, j) with a nonzero incoming gradient are re-scored with autograd from
   their kept (L, k) blocks of S and their Gram matrices, which gives dS, dG and the norm
   gradients of those pairs only; the products behind them (S = W R^T, G = R R^T, ||x||) are
@@ -27,20 +28,21 @@ from torch.autograd.function import once_differentiable
 PAIRS_PER_PASS = 4096  # pairs re-scored at a time in the backward (bounds its memory)
 
 
-def scores_with_sparse_backward(img, words, mask, chunks, block_scores):
+def scores_with_sparse_backward(img, words, mask, chunks, blocks, block_scores):
     """(scores (B_i, B_c), fallbacks), scores differentiable in img (B_i, k, d) and words
     (B_c, L, d) (zero past each caption's length, `mask` (B_c, L) True at real words).
 
     chunks: list of caption-index tensors (CPU int64), the all-pairs chunks in scoring order;
+    blocks(img, words): yields the all-pairs block of each chunk, in that order;
     block_scores(block) -> (scores of the block's leading dims: (B_i, c) for an all-pairs block,
     (P,) for a block of P selected pairs; a 0-dim count of focal fallbacks, or None). Fallbacks
     are counted in the forward only.
     """
-    return _SparseBackwardScores.apply(img, words, mask, chunks, block_scores)
+    return _SparseBackwardScores.apply(img, words, mask, chunks, blocks, block_scores)
 
 
 def _contexts(img, words):
-    """Everything a block needs besides S: norms and Gram matrices of both sides."""
+    """Everything a block needs besides S, for all images and captions: norms and Grams."""
     return dict(word_norms=torch.linalg.vector_norm(words, dim=-1), region_norms=torch.linalg.vector_norm(img, dim=-1),
                 img_gram=img @ img.transpose(1, 2), cap_gram=words @ words.transpose(1, 2))
 
@@ -48,29 +50,18 @@ def _contexts(img, words):
 class _SparseBackwardScores(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, img, words, mask, chunks, block_scores):
-        n_img, k, d = img.shape
-        lengths = mask.sum(1).cpu()                                   # one sync for all chunks
-        c = _contexts(img, words)
-        flat_img = img.reshape(n_img * k, d)
+    def forward(ctx, img, words, mask, chunks, blocks, block_scores):
         fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
         kept, parts = [], []
-        for rows in chunks:
-            longest = int(lengths[rows].max())
-            rows = rows.to(img.device)
-            w = words[rows, :longest]
-            s = (w.reshape(-1, d) @ flat_img.t()).view(len(rows), longest, n_img, k).permute(2, 0, 1, 3).contiguous()
-            block = (s, mask[rows, :longest].unsqueeze(0), c["word_norms"][rows, :longest].unsqueeze(0),
-                     c["region_norms"].unsqueeze(1), c["img_gram"], c["cap_gram"][rows, :longest, :longest].unsqueeze(0),
-                     True)
+        for block in blocks(img, words):
             part, fell_back = block_scores(block)
             parts.append(part)
             if fell_back is not None:
                 fallbacks = fallbacks + fell_back
-            kept.append(s)                                   # (B_i, c, L_chunk, k)
+            kept.append(block[0])                            # S of the chunk, (B_i, c, L_chunk, k)
         scores = torch.cat(parts, dim=1)[:, torch.argsort(torch.cat(chunks)).to(img.device)]
         ctx.save_for_backward(img, words, *kept)
-        ctx.mask, ctx.chunks, ctx.block_scores, ctx.contexts = mask, chunks, block_scores, c
+        ctx.mask, ctx.chunks, ctx.block_scores = mask, chunks, block_scores
         # the backward re-scores pairs as the forward scored them: under the same autocast
         kind = img.device.type
         ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
@@ -81,7 +72,9 @@ class _SparseBackwardScores(torch.autograd.Function):
     @once_differentiable  # hand-differentiated products: no second derivative
     def backward(ctx, grad_scores, _):
         img, words, *kept = ctx.saved_tensors
-        c, device = ctx.contexts, img.device
+        device, (kind, dtype, enabled) = img.device, ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            c = _contexts(img, words)
         grad_w, grad_r = torch.zeros_like(words), torch.zeros_like(img)
         grads = {name: torch.zeros_like(value) for name, value in c.items()}
         chunk_of, position = _caption_positions(ctx.chunks, words.shape[0])
@@ -90,11 +83,11 @@ class _SparseBackwardScores(torch.autograd.Function):
             selected = pairs[chunk_of[pairs[:, 1]] == index]
             for start in range(0, len(selected), PAIRS_PER_PASS):
                 i, j = selected[start:start + PAIRS_PER_PASS].to(device).unbind(1)
-                with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1], enabled=ctx.autocast[2]):
+                with torch.autocast(kind, dtype=dtype, enabled=enabled):
                     _pair_gradients(ctx.block_scores, s, position.to(device)[j], i, j, grad_scores[i, j], c,
                                     ctx.mask, img, words, grad_w, grad_r, grads)
         grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
-        return grad_r, grad_w, None, None, None
+        return grad_r, grad_w, None, None, None, None
 
 
 def _caption_positions(chunks, n_cap):
