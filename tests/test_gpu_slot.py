@@ -31,8 +31,17 @@ def start(lock_dir, gpus, sleep, slots=None, child=CHILD, **env):
 
 
 def started(proc):
-    """(devices, start time) once the child runs."""
-    devices, at = proc.stdout.readline().split()
+    """(devices, start time) once the child runs.
+
+    Reads the first line a byte at a time from the pipe itself: a buffered readline may read ahead
+    the child's second line, which communicate() (reading the raw pipe) would then never see."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(proc.stdout.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    devices, at = line.decode().split()
     return devices, float(at)
 
 
