@@ -237,7 +237,21 @@ def _prepare(img, words, lengths):
         raise ValueError(f"caption lengths must lie in [1, {words.shape[1]}]")
     words = words[:, :max_len]
     mask = torch.arange(max_len, device=words.device) < lengths.to(words.device)[:, None]  # (B_c, L)
+    if _padding_is_zero(words, mask):
+        return words, mask, lengths
     return words.masked_fill(~mask.unsqueeze(-1), 0.0), mask, lengths
+
+
+def _padding_is_zero(words, mask):
+    """True if every padded word vector is already zero (the encoders' output), checked on the
+    CPU only: masking would copy the whole (B_c, L, d) tensor, forward and backward, while the
+    check reads the padded rows alone. (On a GPU the check would cost a device sync.)
+    Skipping the mask changes no gradient either: every score's path to a padded row is masked
+    downstream (S rows, attention, aggregation), so its gradient there is zero."""
+    if words.device.type != "cpu":
+        return False
+    padded = ~mask
+    return not bool(padded.any()) or not bool(words[padded].any())
 
 
 def _pair_blocks(img, words, mask, lengths, paired, chunk):

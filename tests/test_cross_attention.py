@@ -195,6 +195,38 @@ def test_gradients_are_finite_with_padding(direction, norm):
     assert (words.grad[pad] == 0).all()
 
 
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("kernel", ["t2i", "i2t", "equal", "prob"])
+def test_zero_padding_skips_the_mask_with_the_same_gradients(kernel, paired, sparse_grad):
+    """Zero padding (the encoders' output) is used as is, garbage padding is masked first: both
+    must give the same scores and gradients at the real words, and none at the padded ones."""
+    img, noisy, lengths = make_data(n_img=5, n_cap=5, seed=9)
+    _, zero, _ = make_data(n_img=5, n_cap=5, seed=9, pad_value=0.0)
+    pad = torch.arange(noisy.shape[1])[None, :] >= lengths[:, None]
+    b, l = pad.nonzero()[0].tolist()
+    noisy[b, l, 0] = float("inf")  # garbage that only masking makes harmless
+    assert noisy[pad].abs().min() > 0
+
+    def run(words):
+        im, w = img.clone().requires_grad_(), words.clone().requires_grad_()
+        options = dict(paired=paired, chunk=2, sparse_grad=sparse_grad)
+        if kernel in xa.DIRECTIONS:
+            scores = xa.scan_scores(im, w, lengths, direction=kernel, **options)
+        else:
+            scores = xa.bfan_scores(im, w, lengths, focal_type=kernel, **options)
+        # a few entries get a gradient, as with a hardest-negative loss
+        weights = torch.zeros_like(scores).flatten()
+        weights[::3] = torch.linspace(0.5, 2.0, len(weights[::3]), dtype=weights.dtype)
+        (scores.flatten() * weights).sum().backward()
+        return scores.detach(), im.grad, w.grad
+
+    want, got = run(noisy), run(zero)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert (got[2][pad] == 0).all()
+
 # ---- BFAN -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("lam", [20.0, 5.0])
 @pytest.mark.parametrize("focal", xa.FOCAL_TYPES)
