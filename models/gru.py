@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models import native
+from models import native, row_skipping
 
 
 def run_gru(rnn, x, lengths=None):
@@ -61,8 +61,9 @@ def run_gru(rnn, x, lengths=None):
     recurrence_inputs = []
     for suffix in suffixes:
         inputs = data if not suffix else data.index_select(0, layout.reversal)
-        gates_in = F.linear(inputs, getattr(rnn, "weight_ih_l0" + suffix),
-                            getattr(rnn, "bias_ih_l0" + suffix))          # (tokens, 3H): one product
+        # (tokens, 3H): one product; its backward skips the tokens of rows without a gradient
+        project = row_skipping.linear if row_skipping.applies(inputs) else F.linear
+        gates_in = project(inputs, getattr(rnn, "weight_ih_l0" + suffix), getattr(rnn, "bias_ih_l0" + suffix))
         recurrence_inputs += [gates_in, getattr(rnn, "weight_hh_l0" + suffix), getattr(rnn, "bias_hh_l0" + suffix)]
     outs, finals = [], []
     outputs = _Recurrences.apply(layout, torch.is_grad_enabled(), *recurrence_inputs)  # (tokens, H) each
@@ -88,11 +89,22 @@ class _Layout:
         row = torch.arange(self.offsets[-1]) - starts[step]               # b of each token
         self.step, self.row = step.to(device), row.to(device)
         length = (sizes[None, :] > torch.arange(int(sizes[0]))[:, None]).sum(1)  # L of sorted row b
+        self.lengths, self.starts, self.device = length, starts, device
         # token (t, b) of the time-reversed row is token (L_b - 1 - t, b) of the row
         self.reversal = (starts[length[row] - 1 - step] + row).to(device)
         self.last = (starts[length - 1] + torch.arange(len(length))).to(device)
         # h_(t-1) of every token with t >= 1
         self.previous = (starts[step[sizes[0]:] - 1] + row[sizes[0]:]).to(device)
+
+    def subset(self, rows):
+        """(layout of the sorted rows `rows` (ascending CPU int64), or None if there are none;
+        the index of each of its tokens in this layout)."""
+        if len(rows) == 0:
+            return None, torch.zeros(0, dtype=torch.long, device=self.device)
+        lengths = self.lengths[rows]                      # still in decreasing order
+        sub = _Layout((lengths[None, :] > torch.arange(int(lengths[0]))[:, None]).sum(1), self.device)
+        step, row = sub.step.cpu(), sub.row.cpu()
+        return sub, (self.starts[step] + rows[row]).to(self.device)
 
 
 class _Recurrences(torch.autograd.Function):
@@ -121,14 +133,43 @@ class _Recurrences(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outs):
-        saved = ctx.saved_tensors
-        jobs = [(grad, *saved[3 * d:3 * d + 3], ctx.layout) for d, grad in enumerate(grad_outs)]
+        saved, layout, tokens = ctx.saved_tensors, ctx.layout, None
+        # A row (caption) whose outputs get no gradient in any direction has none anywhere (the
+        # state gradient flows within a row): the backward runs on the other rows only.
+        active = _active_rows(grad_outs, layout)
+        if active is not None:
+            layout, tokens = layout.subset(active)
+        jobs = []
+        for d, grad in enumerate(grad_outs):
+            w, out, kept = saved[3 * d:3 * d + 3]
+            if tokens is not None:
+                grad, out, kept = grad.index_select(0, tokens), out.index_select(0, tokens), kept.index_select(1, tokens)
+            jobs.append((grad, w, out, kept, layout))
         with torch.autocast(grad_outs[0].device.type, enabled=False):
-            results = [_backward_direction(*job) for job in jobs]
+            results = [_backward_direction(*job) if layout is not None else _no_gradient(*job)
+                       for job in jobs]
         grads = []
         for (grad_gi, grad_w, grad_b), (gi_dtype, w_dtype, b_dtype) in zip(results, ctx.dtypes):
+            if tokens is not None:  # rows without a gradient get zeros
+                grad_gi = grad_gi.new_zeros(ctx.layout.offsets[-1], grad_gi.shape[1]).index_copy_(0, tokens, grad_gi)
             grads += [grad_gi.to(gi_dtype), grad_w.to(w_dtype), grad_b.to(b_dtype)]
         return (None, None, *grads)
+
+
+def _active_rows(grad_outs, layout):
+    """Sorted rows (CPU int64) with a nonzero output gradient in some direction, or None when
+    (almost) all have one and the backward runs on every row."""
+    token_active = grad_outs[0].ne(0).any(dim=1)
+    for grad in grad_outs[1:]:
+        token_active |= grad.ne(0).any(dim=1)
+    counts = torch.zeros(len(layout.lengths), dtype=torch.long, device=token_active.device)
+    rows = counts.index_add_(0, layout.row, token_active.long()).gt(0).nonzero().squeeze(1).cpu()
+    return None if len(rows) > row_skipping.DENSE_ABOVE * len(layout.lengths) else rows
+
+
+def _no_gradient(grad, w, out, kept, layout):
+    """The backward's results when no row has a gradient: zeros."""
+    return grad.new_zeros(0, w.shape[0]), torch.zeros_like(w), w.new_zeros(w.shape[0])
 
 
 def _forward_direction(gates_in, w_hh, b_hh, layout, keep):

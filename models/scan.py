@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from models import cross_attention as xattn
+from models import row_skipping
 from models.base import MatchingModel
 from models.gru import run_gru
 from models.registry import register_model
@@ -93,7 +94,9 @@ class RegionWordModel(MatchingModel):
 
     def encode_images(self, images):
         """images (B, k, img_dim) -> (B, k, embed_size), each region l2-normalised."""
-        regions = self.img_fc(images)
+        # the backward skips images without a gradient (offline pairs whose hinge is inactive)
+        regions = row_skipping.linear(images, self.img_fc.weight, self.img_fc.bias) \
+            if row_skipping.applies(images) else self.img_fc(images)
         return regions if self.config.no_imgnorm else xattn.l2norm(regions, dim=-1)
 
     def encode_captions(self, ids, lengths):

@@ -147,3 +147,38 @@ def test_no_grad_keeps_nothing_for_a_backward(cell_engine, monkeypatch):
         run_gru(rnn, torch.randn(3, 4, 5), torch.tensor([4, 1, 3]))
     run_gru(rnn, torch.randn(3, 4, 5), torch.tensor([4, 1, 3]))
     assert kept == [False, False, True, True]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("zero_rows, final_rows", [([1, 3], []), ([0, 2, 3, 5], [2]), ([0, 1, 2, 3, 4, 5], [])])
+def test_rows_without_a_gradient_are_left_out_of_the_backward(cell_engine, bidirectional, zero_rows,
+                                                              final_rows, monkeypatch):
+    """Rows whose outputs get no gradient (an inactive hinge) are skipped; every gradient equals
+    nn.GRU's in float64. A row with a gradient on its final state only still runs."""
+    from models import gru
+    tokens_run = []
+    original = gru._backward_direction
+    monkeypatch.setattr(gru, "_backward_direction",
+                        lambda grad, *rest: tokens_run.append(len(grad)) or original(grad, *rest))
+    rnn64 = make(bidirectional, seed=4, inp=6, hidden=24)
+    rnn32 = make(bidirectional, seed=4, dtype=torch.float32, inp=6, hidden=24)
+    lengths = torch.tensor([7, 2, 9, 9, 1, 4])
+    g = torch.Generator().manual_seed(6)
+    x64 = torch.randn(len(lengths), 9, 6, dtype=torch.float64, generator=g).requires_grad_()
+    x32 = x64.detach().float().requires_grad_()
+    w_out = torch.randn(len(lengths), 9, rnn64.hidden_size * (2 if bidirectional else 1), dtype=torch.float64,
+                        generator=g)
+    w_out[zero_rows] = 0
+    w_h = torch.zeros(2 if bidirectional else 1, len(lengths), rnn64.hidden_size, dtype=torch.float64)
+    w_h[:, final_rows] = torch.randn(w_h[:, final_rows].shape, dtype=torch.float64, generator=g)
+    for rnn, x, tol in ((rnn32, x32, dict(atol=2e-5, rtol=1e-4)), (rnn64, x64, dict(atol=1e-12, rtol=1e-10))):
+        got, got_h = run_gru(rnn, x, lengths)
+        grads = torch.autograd.grad((got.double() * w_out).sum() + (got_h.double() * w_h).sum(),
+                                    [x] + list(rnn.parameters()))
+        want, want_h = packed_reference(rnn64, x64, lengths)
+        want_grads = torch.autograd.grad((want * w_out).sum() + (want_h * w_h).sum(), [x64] + list(rnn64.parameters()))
+        for name, a, b in zip(["x"] + [n for n, _ in rnn64.named_parameters()], grads, want_grads):
+            torch.testing.assert_close(a.double(), b, msg=name, **tol)
+    active = sorted(set(range(len(lengths))) - set(zero_rows) | set(final_rows))
+    run = int(lengths[active].sum()) if active else None
+    assert tokens_run == ([run] * 2 * (2 if bidirectional else 1) if run else [])

@@ -1,0 +1,68 @@
+"""A linear map whose backward leaves out the rows that receive no gradient.
+
+Why: in an AOQ step the offline passes (I3/T3, I4/T4) feed hinge terms, and a hinge that is not
+violated sends exactly zero gradient to its whole image or caption. With the quintuplet term
+(m_off + s(I4, T4) - s(I, T))_+ that is about half of the I4/T4 rows at initialisation and most of
+them once the model ranks its positives first. A zero row of the incoming gradient adds nothing
+to dW = G^T X, db = sum G or dX = G W, so those products run on the rows with a gradient only: a
+(active x out) by (active x in) product instead of (rows x out) by (rows x in).
+
+The result is the dense one up to float rounding (fewer rows change the products' blocking, not
+the terms). Used on the CPU outside autocast (`applies`); elsewhere the callers use F.linear.
+"""
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+DENSE_ABOVE = 0.95  # active fraction above which gathering the rows costs more than it saves
+
+
+def applies(x):
+    """Whether `linear` is used for input x: CPU, float32, no autocast."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x (..., in); backward over the rows with a gradient only."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return F.linear(x, weight, bias)
+    return _RowSkippingLinear.apply(x, weight, bias)
+
+
+def active_rows(grad):
+    """Indices (int64) of the rows of grad (rows, features) with any nonzero entry."""
+    return grad.ne(0).any(dim=1).nonzero().squeeze(1)
+
+
+class _RowSkippingLinear(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        active = active_rows(g)
+        if len(active) <= DENSE_ABOVE * len(g):
+            g = g.index_select(0, active)
+        else:
+            active = None
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            part = g @ weight
+            grad_x = part if active is None else \
+                torch.zeros_like(rows, dtype=part.dtype).index_copy_(0, active, part)
+            grad_x = grad_x.view(x.shape)
+        if need_w:
+            grad_w = g.t() @ (rows if active is None else rows.index_select(0, active))
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(dim=0)
+        return grad_x, grad_w, grad_b
