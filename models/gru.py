@@ -159,9 +159,9 @@ class _Recurrences(torch.autograd.Function):
 def _active_rows(grad_outs, layout):
     """Sorted rows (CPU int64) with a nonzero output gradient in some direction, or None when
     (almost) all have one and the backward runs on every row."""
-    token_active = grad_outs[0].ne(0).any(dim=1)
+    token_active = row_skipping.nonzero_rows(grad_outs[0])
     for grad in grad_outs[1:]:
-        token_active |= grad.ne(0).any(dim=1)
+        token_active |= row_skipping.nonzero_rows(grad)
     counts = torch.zeros(len(layout.lengths), dtype=torch.long, device=token_active.device)
     rows = counts.index_add_(0, layout.row, token_active.long()).gt(0).nonzero().squeeze(1).cpu()
     return None if len(rows) > row_skipping.DENSE_ABOVE * len(layout.lengths) else rows

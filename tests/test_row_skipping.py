@@ -69,3 +69,10 @@ def test_applies_to_float32_cpu_outside_autocast():
     assert not row_skipping.applies(x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not row_skipping.applies(x)
+
+
+def test_nonzero_rows_sees_tiny_negative_and_nan_entries():
+    g = torch.zeros(6, 4)
+    g[0, 1], g[1, 3], g[2, 0], g[4, 2] = 1e-45, -1e-45, float("nan"), -0.0
+    g[5] = torch.tensor([3.0, -2.0, 0.0, 1.0])
+    assert row_skipping.nonzero_rows(g).tolist() == [True, True, True, False, False, True]
