@@ -18,19 +18,28 @@ itself runs (cuDNN's fused kernels); the results are the same up to float roundi
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from models import native, row_skipping
 
 
-def run_gru(rnn, x, lengths=None):
+def run_gru(rnn, x, lengths=None, directions="concat", token_map=None):
     """Run the single-layer, batch-first `rnn` (nn.GRU, uni- or bidirectional) on x (B, T, I).
 
     lengths (B,) int (CPU preferred): real steps of each row, 1 <= L <= T; None = all T.
     Returns (out (B, T_max, dirs * H), zero at t >= L, where T_max = max(lengths); h_n (dirs, B, H),
     the state after each row's last real step (for the reverse direction, after step 0)), exactly
     what `nn.GRU` returns for the packed batch (after pad_packed_sequence).
+
+    Two options work on the real tokens before they are padded (fewer rows, no padded copy):
+    directions="mean" (bidirectional): out is (B, T_max, H), the average (fwd + bwd) / 2 of the
+    two directions, as SCAN's encoders take it; token_map: a row-wise function applied to the
+    real tokens' output vectors (tokens, F) -> (tokens, F'), e.g. an l2norm. Padding stays zero.
     """
+    if directions not in ("concat", "mean"):
+        raise ValueError(f"directions must be 'concat' or 'mean', got {directions!r}")
+    if directions == "mean" and not rnn.bidirectional:
+        raise ValueError("directions='mean' needs a bidirectional GRU")
     if rnn.num_layers != 1 or not rnn.batch_first or rnn.mode != "GRU" or not rnn.bias:
         raise ValueError("run_gru supports single-layer, batch-first nn.GRU modules with biases only")
     batch, steps = x.shape[:2]
@@ -44,9 +53,7 @@ def run_gru(rnn, x, lengths=None):
     if int(lengths.max()) > steps or int(lengths.min()) < 1:
         raise ValueError(f"lengths must lie in [1, {steps}]")
     if x.is_cuda:
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, h_n = rnn(packed)
-        return pad_packed_sequence(out, batch_first=True)[0], h_n
+        return _run_module(rnn, x, lengths, directions, token_map)
     # The packed layout, built here: pack_padded_sequence and pad_packed_sequence copy one time
     # step at a time, forward and backward, which cost as much as the recurrence's elementwise
     # work; index_select / index_copy move all tokens at once (and backpropagate as one
@@ -70,11 +77,33 @@ def run_gru(rnn, x, lengths=None):
     for suffix, out in zip(suffixes, outputs):
         finals.append(out.index_select(0, layout.last))                   # (B, H), sorted rows
         outs.append(out if not suffix else out.index_select(0, layout.reversal))
-    out = torch.cat(outs, dim=1)
+    out = _combine(outs[0], outs[1] if len(outs) > 1 else None, directions, token_map)
     padded = out.new_zeros(batch * longest, out.shape[1]).index_copy(
         0, device_order[layout.row] * longest + layout.step, out).view(batch, longest, -1)
     h_n = torch.stack(finals)[:, torch.argsort(device_order)]
     return padded, h_n
+
+
+def _run_module(rnn, x, lengths, directions, token_map):
+    """run_gru through the module itself on the packed batch (cuDNN on a GPU)."""
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, h_n = rnn(packed)
+    hidden = rnn.hidden_size
+    tokens = _combine(out.data[:, :hidden], out.data[:, hidden:] if rnn.bidirectional else None, directions,
+                      token_map)
+    out = PackedSequence(tokens, out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+    return pad_packed_sequence(out, batch_first=True)[0], h_n
+
+
+def _combine(forward, backward, directions, token_map):
+    """The real tokens' output rows: both directions side by side, or their average; then token_map."""
+    if backward is None:
+        out = forward
+    elif directions == "mean":
+        out = (forward + backward) / 2
+    else:
+        out = torch.cat([forward, backward], dim=1)
+    return out if token_map is None else token_map(out)
 
 
 class _Layout:

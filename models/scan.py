@@ -102,12 +102,11 @@ class RegionWordModel(MatchingModel):
     def encode_captions(self, ids, lengths):
         """ids (B, L) padded, lengths (B,) -> CaptionFeatures((B, max length, d), lengths)."""
         lengths_cpu = torch.as_tensor(lengths, dtype=torch.long).cpu()
-        out, _ = run_gru(self.rnn, self.embed(ids), lengths_cpu)  # padded positions are zeros
-        if self.bi_gru:
-            half = out.shape[-1] // 2
-            out = (out[..., :half] + out[..., half:]) / 2  # average the two directions
-        if not self.config.no_txtnorm:
-            out = xattn.l2norm(out, dim=-1)
+        # bi-GRU: the average of the two directions; then the per-word l2norm. Both run on the
+        # real words only, before padding (padded positions are zeros).
+        norm = None if self.config.no_txtnorm else (lambda rows: xattn.l2norm(rows, dim=-1))
+        out, _ = run_gru(self.rnn, self.embed(ids), lengths_cpu, directions="mean" if self.bi_gru else "concat",
+                         token_map=norm)
         # lengths stay on the CPU: the kernels read them without a device sync
         return CaptionFeatures(out, lengths_cpu)
 

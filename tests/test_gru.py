@@ -182,3 +182,38 @@ def test_rows_without_a_gradient_are_left_out_of_the_backward(cell_engine, bidir
     active = sorted(set(range(len(lengths))) - set(zero_rows) | set(final_rows))
     run = int(lengths[active].sum()) if active else None
     assert tokens_run == ([run] * 2 * (2 if bidirectional else 1) if run else [])
+
+
+@pytest.mark.parametrize("engine", ["packed layout", "module"])
+@pytest.mark.parametrize("directions, bidirectional", [("mean", True), ("concat", True), ("concat", False)])
+def test_direction_mean_and_token_map_act_on_real_tokens(engine, directions, bidirectional):
+    """directions='mean' and token_map equal post-processing nn.GRU's padded output (average of
+    the halves, then the map per position), padding stays zero; gradients too. The module engine
+    is the path GPUs take."""
+    from models import gru
+    rnn = make(bidirectional, seed=8)
+    lengths = torch.tensor([3, 6, 1, 6])
+    x = torch.randn(4, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    token_map = lambda rows: rows / (rows.norm(dim=-1, keepdim=True) + 1e-8) * 2.0   # zero rows stay zero
+    if engine == "module":
+        got, got_h = gru._run_module(rnn, x, lengths, directions, token_map)
+    else:
+        got, got_h = run_gru(rnn, x, lengths, directions=directions, token_map=token_map)
+    want, want_h = packed_reference(rnn, x, lengths)
+    if directions == "mean":
+        want = (want[..., :7] + want[..., 7:]) / 2
+    want = token_map(want)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_h, want_h, atol=1e-12, rtol=1e-12)
+    weights = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((got * weights).sum(), [x] + list(rnn.parameters()))
+    want_grads = torch.autograd.grad((want * weights).sum(), [x] + list(rnn.parameters()))
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_direction_options_are_checked():
+    with pytest.raises(ValueError, match="directions"):
+        run_gru(make(True), torch.randn(2, 3, 5, dtype=torch.float64), directions="sum")
+    with pytest.raises(ValueError, match="bidirectional"):
+        run_gru(make(False), torch.randn(2, 3, 5, dtype=torch.float64), directions="mean")
