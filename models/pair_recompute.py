@@ -140,15 +140,16 @@ def _through_contexts(img, words, c, grads, grad_w, grad_r):
     side = dict(word_norms=words, cap_gram=words, region_norms=img, img_gram=img)
     grads = {name: g.to(side[name].dtype) for name, g in grads.items()}
     c = {name: value.to(side[name].dtype) for name, value in c.items()}
-    grad_w = grad_w + _norm_grad(words, c["word_norms"], grads["word_norms"])
-    grad_r = grad_r + _norm_grad(img, c["region_norms"], grads["region_norms"])
+    # in place: grad_w and grad_r are this backward's own buffers, each a pass over the features
+    grad_w.addcmul_(_norm_grad_scale(c["word_norms"], grads["word_norms"]).unsqueeze(-1), words)
+    grad_r.addcmul_(_norm_grad_scale(c["region_norms"], grads["region_norms"]).unsqueeze(-1), img)
     # G = X X^T: dX = (dG + dG^T) X
-    grad_r += (grads["img_gram"] + grads["img_gram"].transpose(1, 2)) @ img
-    grad_w += (grads["cap_gram"] + grads["cap_gram"].transpose(1, 2)) @ words
+    grad_r.baddbmm_(grads["img_gram"] + grads["img_gram"].transpose(1, 2), img)
+    grad_w.baddbmm_(grads["cap_gram"] + grads["cap_gram"].transpose(1, 2), words)
     return grad_r, grad_w
 
 
-def _norm_grad(x, norms, grad_norms):
-    """||x||'s backward: g x / ||x||, 0 at a zero vector (as torch's)."""
+def _norm_grad_scale(norms, grad_norms):
+    """||x||'s backward is s x with s = g / ||x||, and s = 0 at a zero vector (as torch's)."""
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return torch.where(norms > 0, grad_norms / safe, torch.zeros_like(norms)).unsqueeze(-1) * x
+    return torch.where(norms > 0, grad_norms / safe, torch.zeros_like(norms))
