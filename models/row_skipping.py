@@ -31,8 +31,12 @@ def linear(x, weight, bias=None):
 
 
 def active_rows(grad):
-    """Indices (int64) of the rows of grad (rows, features) with any nonzero entry."""
-    return nonzero_rows(grad).nonzero().squeeze(1)
+    """Indices (int64) of the rows of grad (rows, features) with any nonzero entry, or None
+    when every row has one (found cheaply in the usual dense case: no first entry is zero)."""
+    if len(grad) == 0 or bool(grad[:, 0].ne(0).all()):
+        return None
+    rows = nonzero_rows(grad).nonzero().squeeze(1)
+    return None if len(rows) == len(grad) else rows
 
 
 def nonzero_rows(grad):
@@ -58,7 +62,7 @@ class _RowSkippingLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
         active = active_rows(g)
-        if len(active) <= DENSE_ABOVE * len(g):
+        if active is not None and len(active) <= DENSE_ABOVE * len(g):
             g = g.index_select(0, active)
         else:
             active = None

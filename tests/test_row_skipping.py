@@ -76,3 +76,13 @@ def test_nonzero_rows_sees_tiny_negative_and_nan_entries():
     g[0, 1], g[1, 3], g[2, 0], g[4, 2] = 1e-45, -1e-45, float("nan"), -0.0
     g[5] = torch.tensor([3.0, -2.0, 0.0, 1.0])
     assert row_skipping.nonzero_rows(g).tolist() == [True, True, True, False, False, True]
+
+
+def test_active_rows_does_not_trust_the_first_entry_alone():
+    g = torch.randn(5, 4)
+    assert row_skipping.active_rows(g) is None              # dense: every row has a gradient
+    g[:, 0] = 0                                              # first entries zero, rows still active
+    assert row_skipping.active_rows(g) is None
+    g[[1, 3]] = 0
+    assert row_skipping.active_rows(g).tolist() == [0, 2, 4]
+    assert row_skipping.active_rows(torch.zeros(3, 2)).tolist() == []
