@@ -142,7 +142,11 @@ def run_model(name, args):
     model = create_model(name, **model_config(name, sizes))
     reference = reference_step_for(model, LR)  # copies the weights before any step
     ours = Ours(model, LR)
-    batch = make_batch(model, sizes, np.random.default_rng(args.seed), args.words_mean, args.words_std)
+    # a fresh batch for every step, as in training (the same one for both implementations): ours
+    # skips captions whose hinge gives no gradient, and a batch repeated would be partly learned
+    rng = np.random.default_rng(args.seed)
+    new_batch = lambda: make_batch(model, sizes, rng, args.words_mean, args.words_std)
+    batch = new_batch()
     result = {"model": name, "batch": sizes["batch"], "embed": sizes["embed"][name], "quick": args.quick}
     # warm-up step of each from identical weights and seed: the losses must agree
     _, _, loss_ours, norm_ours = timed(ours, batch, args.seed)
@@ -153,6 +157,7 @@ def run_model(name, args):
                   grad_norm_rel_diff=abs(norm_ours - norm_ref) / max(norm_ref, 1e-12))
     runs = {"ours": [], "ref": []}
     for run in range(args.runs):  # alternate, so a slow spell of the machine hits both
+        batch = new_batch()
         for key, trainer in (("ours", ours), ("ref", reference)):
             runs[key].append(timed(trainer, batch, args.seed + 1 + run)[:2])
     for key in runs:
@@ -160,15 +165,15 @@ def run_model(name, args):
         result[key + "_cpu_s"] = statistics.median(cpu for _, cpu in runs[key])
         result[key + "_runs"] = runs[key]
     result["rss_end_gib"] = peak_rss_gib()
-    result["rows_with_gradient"] = rows_with_gradient(ours, batch)
+    result["rows_with_gradient"] = rows_with_gradient(ours, new_batch())
     if args.products:  # ours only: the profiler's per-op cost would swamp the reference's small ops
-        result["ours_profiled_s"], result["ours_products_s"] = product_seconds(ours, batch, args.seed)
+        result["ours_profiled_s"], result["ours_products_s"] = product_seconds(ours, new_batch(), args.seed)
     return result
 
 
 def rows_with_gradient(trainer, batch):
     """Share of the captions of each pass (anchor, T3, T4) whose representation gets a nonzero
-    gradient in one more step of `trainer` (not timed). Our backward skips the others (models/
+    gradient in one more step of `trainer` on a fresh batch (not timed). Our backward skips the others (models/
     row_skipping.py, the GRU's sub-layout), so the step's cost depends on it; the reference's
     does not."""
     model, shares = trainer.model, []

@@ -50,6 +50,40 @@ static inline float tanh_poly(float x) {
     return copysignf(t, x);
 }
 
+/* Non-temporal ("streaming") stores for what a step writes but only the backward, or the products
+ * after the whole recurrence, read again: they skip the read-for-ownership of the destination and
+ * do not evict the step's working set (gates, state, W_hh) from the caches. Rows are written
+ * through a CHUNK-float buffer in L1. Where the vector width or the alignment does not fit, the
+ * kernels store normally. */
+#define CHUNK 256
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define STREAM_WIDTH 16
+static inline void stream(float *restrict dst, const float *restrict src, int64_t m) {
+    for (int64_t j = 0; j < m; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+}
+static inline void stream_fence(void) { _mm_sfence(); }
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define STREAM_WIDTH 8
+static inline void stream(float *restrict dst, const float *restrict src, int64_t m) {
+    for (int64_t j = 0; j < m; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+}
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+#define STREAM_WIDTH 0
+static inline void stream(float *restrict dst, const float *restrict src, int64_t m) {
+    memcpy(dst, src, (size_t)m * sizeof(float));
+}
+static inline void stream_fence(void) {}
+#endif
+
+/* Whether rows of H floats starting at p can be streamed: vector-aligned rows of whole vectors. */
+static inline int streamable(const float *p, int64_t H) {
+    return STREAM_WIDTH > 0 && H % STREAM_WIDTH == 0
+        && ((uintptr_t)p % (STREAM_WIDTH * sizeof(float))) == 0;
+}
+
 /* ---- GRU cell (gate order r, z, n as nn.GRU) --------------------------------------------------
  * gi: (n, 3H) input gates W_ih x + b_ih; gh: (n, 3H) hidden gates W_hh h + b_hh;
  * h_prev: (n, H) (zeros at the first step). Writes h (n, H) and, if r_s is not NULL, what the
@@ -63,7 +97,23 @@ void aoq_gru_cell_forward(const float *restrict gi, int64_t gi_stride, const flo
     for (int64_t b = 0; b < n; b++) {
         const float *restrict gir = gi + b * gi_stride, *restrict ghr = gh + b * 3 * H;
         int64_t o = b * H;
-        if (r_s) {
+        if (r_s && streamable(r_s, H) && streamable(z_s, H) && streamable(cand_s, H) && streamable(ghn_s, H)) {
+            for (int64_t j0 = 0; j0 < H; j0 += CHUNK) {
+                int64_t m = H - j0 < CHUNK ? H - j0 : CHUNK;
+                float lr[CHUNK], lz[CHUNK], lc[CHUNK];
+                for (int64_t j = 0; j < m; j++) {
+                    float r = sigmoid(gir[j0 + j] + ghr[j0 + j]);
+                    float z = sigmoid(gir[H + j0 + j] + ghr[H + j0 + j]);
+                    float c = tanh_poly(gir[2 * H + j0 + j] + r * ghr[2 * H + j0 + j]);
+                    h[o + j0 + j] = c + z * (h_prev[o + j0 + j] - c);
+                    lr[j] = r; lz[j] = z; lc[j] = c;
+                }
+                stream(r_s + o + j0, lr, m);
+                stream(z_s + o + j0, lz, m);
+                stream(cand_s + o + j0, lc, m);
+                stream(ghn_s + o + j0, ghr + 2 * H + j0, m);
+            }
+        } else if (r_s) {
             for (int64_t j = 0; j < H; j++) {
                 float r = sigmoid(gir[j] + ghr[j]);
                 float z = sigmoid(gir[H + j] + ghr[H + j]);
@@ -83,6 +133,7 @@ void aoq_gru_cell_forward(const float *restrict gi, int64_t gi_stride, const flo
             }
         }
     }
+    stream_fence();
 }
 
 /* Backward of one step. d = dh + grad_out (each (n, H)); writes grad_gi (n, 3H), grad_gh (n, 3H)
@@ -93,6 +144,33 @@ void aoq_gru_cell_backward(const float *restrict dh, const float *restrict grad_
                            const float *restrict cand_s, const float *restrict ghn_s,
                            const float *restrict h_prev, float *restrict grad_gi,
                            float *restrict grad_gh, float *restrict dz, int64_t n, int64_t H) {
+    if (streamable(grad_gi, H)) {
+        for (int64_t b = 0; b < n; b++) {
+            int64_t o = b * H, g = b * 3 * H;
+            for (int64_t j0 = 0; j0 < H; j0 += CHUNK) {
+                int64_t m = H - j0 < CHUNK ? H - j0 : CHUNK;
+                float lr[CHUNK], lz[CHUNK], ln[CHUNK];
+                for (int64_t jj = 0; jj < m; jj++) {
+                    int64_t j = j0 + jj;
+                    float d = dh[o + j] + grad_out[o + j];
+                    float r = r_s[o + j], z = z_s[o + j], c = cand_s[o + j];
+                    float d_cand = d * (1.0f - z) * (1.0f - c * c);
+                    float g_r = d_cand * ghn_s[o + j] * r * (1.0f - r);
+                    float g_z = d * (h_prev[o + j] - c) * z * (1.0f - z);
+                    lr[jj] = g_r; lz[jj] = g_z; ln[jj] = d_cand;
+                    grad_gh[g + j] = g_r;
+                    grad_gh[g + H + j] = g_z;
+                    grad_gh[g + 2 * H + j] = d_cand * r;
+                    dz[o + j] = d * z;
+                }
+                stream(grad_gi + g + j0, lr, m);
+                stream(grad_gi + g + H + j0, lz, m);
+                stream(grad_gi + g + 2 * H + j0, ln, m);
+            }
+        }
+        stream_fence();
+        return;
+    }
     for (int64_t b = 0; b < n; b++) {
         int64_t o = b * H, g = b * 3 * H;
         for (int64_t j = 0; j < H; j++) {
