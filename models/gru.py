@@ -47,9 +47,11 @@ def run_gru(rnn, x, lengths=None, directions="concat", token_map=None):
         torch.as_tensor(lengths, dtype=torch.long).cpu()
     if lengths.shape != (batch,):
         raise ValueError(f"lengths {tuple(lengths.shape)} do not match a batch of {batch} rows")
-    if batch == 0:
+    if batch == 0:  # the options still decide the feature size
         dirs = 2 if rnn.bidirectional else 1
-        return x.new_zeros(0, 0, dirs * rnn.hidden_size), x.new_zeros(dirs, 0, rnn.hidden_size)
+        none = x.new_zeros(0, rnn.hidden_size)
+        features = _combine(none, none if rnn.bidirectional else None, directions, token_map).shape[1]
+        return x.new_zeros(0, 0, features), x.new_zeros(dirs, 0, rnn.hidden_size)
     if int(lengths.max()) > steps or int(lengths.min()) < 1:
         raise ValueError(f"lengths must lie in [1, {steps}]")
     if x.is_cuda:

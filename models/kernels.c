@@ -80,8 +80,12 @@ static inline void stream_fence(void) {}
 
 /* Whether rows of H floats starting at p can be streamed: vector-aligned rows of whole vectors. */
 static inline int streamable(const float *p, int64_t H) {
-    return STREAM_WIDTH > 0 && H % STREAM_WIDTH == 0
-        && ((uintptr_t)p % (STREAM_WIDTH * sizeof(float))) == 0;
+#if STREAM_WIDTH > 0
+    return H % STREAM_WIDTH == 0 && ((uintptr_t)p % (STREAM_WIDTH * sizeof(float))) == 0;
+#else
+    (void)p, (void)H;
+    return 0;
+#endif
 }
 
 /* ---- GRU cell (gate order r, z, n as nn.GRU) --------------------------------------------------

@@ -8,7 +8,10 @@ to dW = G^T X, db = sum G or dX = G W, so those products run on the rows with a 
 (active x out) by (active x in) product instead of (rows x out) by (rows x in).
 
 The result is the dense one up to float rounding (fewer rows change the products' blocking, not
-the terms). Used on the CPU outside autocast (`applies`); elsewhere the callers use F.linear.
+the terms), with one deliberate difference: a row without a gradient contributes nothing even
+where its input is not finite, where plain autograd would turn 0 x inf into NaN in dW. (A NaN
+that reaches the loss still propagates: its rows then have a NaN gradient, which counts as
+nonzero.) Used on the CPU outside autocast (`applies`); elsewhere the callers use F.linear.
 """
 import torch
 import torch.nn.functional as F
@@ -18,8 +21,10 @@ DENSE_ABOVE = 0.95  # active fraction above which gathering the rows costs more 
 
 
 def applies(x):
-    """Whether `linear` is used for input x: CPU, float32, no autocast."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    """Whether `linear` is used for input x: CPU, float32 or float64, no autocast (the GRU's
+    backward skips the same rows in every dtype, so float32 and float64 runs agree)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x, weight, bias=None):

@@ -196,6 +196,10 @@ def test_gradients_are_finite_with_padding(direction, norm):
 
 
 
+SCAN_VARIANTS = [{}, {"raw_feature_norm": "softmax", "agg_func": "Mean"},
+                 {"raw_feature_norm": "l1norm", "agg_func": "Max"}, {"raw_feature_norm": "no_norm", "agg_func": "Sum"}]
+
+
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("kernel", ["t2i", "i2t", "equal", "prob"])
@@ -213,14 +217,15 @@ def test_zero_padding_skips_the_mask_with_the_same_gradients(kernel, paired, spa
         im, w = img.clone().requires_grad_(), words.clone().requires_grad_()
         options = dict(paired=paired, chunk=2, sparse_grad=sparse_grad)
         if kernel in xa.DIRECTIONS:
-            scores = xa.scan_scores(im, w, lengths, direction=kernel, **options)
+            scores = [xa.scan_scores(im, w, lengths, direction=kernel, **options, **variant)
+                      for variant in SCAN_VARIANTS]
         else:
-            scores = xa.bfan_scores(im, w, lengths, focal_type=kernel, **options)
+            scores = [xa.bfan_scores(im, w, lengths, focal_type=kernel, **options)]
         # a few entries get a gradient, as with a hardest-negative loss
-        weights = torch.zeros_like(scores).flatten()
+        weights = torch.zeros_like(scores[0]).flatten()
         weights[::3] = torch.linspace(0.5, 2.0, len(weights[::3]), dtype=weights.dtype)
-        (scores.flatten() * weights).sum().backward()
-        return scores.detach(), im.grad, w.grad
+        sum((s.flatten() * weights).sum() for s in scores).backward()
+        return torch.stack([s.detach() for s in scores]), im.grad, w.grad
 
     want, got = run(noisy), run(zero)
     for a, b in zip(got, want):

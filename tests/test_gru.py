@@ -94,7 +94,7 @@ def cell_engine(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("hidden", [40, 64])   # 64: whole vectors, the kernels' streaming stores
+@pytest.mark.parametrize("hidden", [40, 64, 272])  # 64, 272: the kernels' streaming stores, 272 in two chunks
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_float32_paths_match_float64_nn_gru(cell_engine, bidirectional, hidden):
     rnn64 = make(bidirectional, seed=3, inp=6, hidden=hidden)
@@ -133,6 +133,10 @@ def test_lengths_must_match_the_batch_and_an_empty_batch_is_empty():
         run_gru(rnn, torch.randn(3, 5, 5), torch.tensor([5, 2]))
     out, h_n = run_gru(rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long))
     assert out.shape == (0, 0, 14) and h_n.shape == (2, 0, 7)
+    out, _ = run_gru(rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long), directions="mean")
+    assert out.shape == (0, 0, 7)
+    out, _ = run_gru(rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long), token_map=lambda r: r[:, :3])
+    assert out.shape == (0, 0, 3)
     with pytest.raises(ValueError, match="biases"):
         run_gru(torch.nn.GRU(5, 4, batch_first=True, bias=False), torch.randn(2, 3, 5))
 
@@ -161,8 +165,8 @@ def test_rows_without_a_gradient_are_left_out_of_the_backward(cell_engine, bidir
     original = gru._backward_direction
     monkeypatch.setattr(gru, "_backward_direction",
                         lambda grad, *rest: tokens_run.append(len(grad)) or original(grad, *rest))
-    rnn64 = make(bidirectional, seed=4, inp=6, hidden=24)
-    rnn32 = make(bidirectional, seed=4, dtype=torch.float32, inp=6, hidden=24)
+    rnn64 = make(bidirectional, seed=4, inp=6, hidden=32)   # 32: the kernels' streaming stores too
+    rnn32 = make(bidirectional, seed=4, dtype=torch.float32, inp=6, hidden=32)
     lengths = torch.tensor([7, 2, 9, 9, 1, 4])
     g = torch.Generator().manual_seed(6)
     x64 = torch.randn(len(lengths), 9, 6, dtype=torch.float64, generator=g).requires_grad_()

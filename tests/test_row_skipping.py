@@ -63,12 +63,56 @@ def test_the_skipping_path_gathers_only_active_rows(monkeypatch):
     assert seen and set(seen) == {4}
 
 
-def test_applies_to_float32_cpu_outside_autocast():
+def test_applies_to_float_cpu_tensors_outside_autocast():
     x = torch.randn(2, 3)
-    assert row_skipping.applies(x)
-    assert not row_skipping.applies(x.double())
+    assert row_skipping.applies(x) and row_skipping.applies(x.double())
+    assert not row_skipping.applies(x.half())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not row_skipping.applies(x)
+
+
+def test_a_row_without_gradient_adds_nothing_even_if_not_finite():
+    """The documented difference from plain autograd: 0 x inf is not turned into NaN."""
+    x, w, b, grad = data(seed=4)
+    x[1, 2, 0] = float("inf")
+    grad[1, 2] = 0
+    wl = w.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(row_skipping.linear(x, wl, b), [wl], grad)
+    keep = torch.ones(4, 3, dtype=torch.bool)
+    keep[1, 2] = False
+    torch.testing.assert_close(gw, grad[keep].t() @ x[keep], atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.parametrize("precomp_enc_type", ["basic", "weight_norm"])
+@pytest.mark.parametrize("bi_gru", [True, False])
+def test_scan_encoders_in_float32_match_plain_autograd(precomp_enc_type, bi_gru, monkeypatch):
+    """SCAN's encoders use row skipping in float32: with images and captions that get no
+    gradient, every parameter gradient equals the one with row skipping off (plain autograd)."""
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model("scan", vocab_size=30, img_dim=12, embed_size=32, word_dim=6,
+                         precomp_enc_type=precomp_enc_type, bi_gru=bi_gru)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(6, 5, 12, generator=g)
+    ids = torch.randint(0, 30, (6, 7), generator=g)
+    lengths = torch.tensor([7, 3, 5, 1, 7, 2])
+    img_weights = torch.randn(6, 5, 32, generator=g)
+    cap_weights = torch.randn(6, 7, 32, generator=g)
+    img_weights[[1, 4]] = 0
+    cap_weights[[0, 2, 5]] = 0
+
+    def gradients():
+        model.zero_grad()
+        img = model.encode_images(images)
+        words = model.encode_captions(ids, lengths).words
+        ((img * img_weights).sum() + (words * cap_weights[:, :words.shape[1]]).sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    skipping = gradients()
+    monkeypatch.setattr(row_skipping, "applies", lambda x: False)
+    plain = gradients()
+    for name in plain:
+        torch.testing.assert_close(skipping[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_nonzero_rows_sees_tiny_negative_and_nan_entries():
