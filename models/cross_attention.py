@@ -7,7 +7,9 @@ true caption `lengths` (B_c,). Every function has two modes:
 - all pairs (`paired=False`): (B_i, B_c) scores, captions processed `chunk` at a time so memory
   stays bounded, in order of length so each chunk is cut to its own longest caption; every pair
   is independent, so neither chunking nor the order changes any score;
-- paired (`paired=True`, B_i == B_c): (B,) scores of image b against caption b only.
+- paired (`paired=True`, B_i == B_c): (B,) scores of image b against caption b only. With a
+  gradient to compute they are scored like an all-pairs block and differentiated by hand
+  (models/pair_recompute.py `paired_scores`); without one, by the plain paired block.
 
 Padded words never participate: they are zeroed (so they add nothing to a query-axis
 normalisation or a Gram matrix), set to -inf before softmaxes over words, and left out of the
@@ -263,8 +265,7 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
     Paired: the contexts are img and words themselves (gram = False; see attended_cosines)."""
     region_norms = torch.linalg.vector_norm(img, dim=-1)   # (B_i, k)
     if paired:
-        if img.shape[0] != words.shape[0]:
-            raise ValueError(f"paired mode needs as many images as captions ({img.shape[0]} vs {words.shape[0]})")
+        _check_paired(img, words)
         yield (words @ img.transpose(1, 2), mask, torch.linalg.vector_norm(words, dim=-1), region_norms,
                img, words, False)
         return
@@ -303,7 +304,16 @@ def _all_pair_blocks(mask, lengths, chunk):
 
 
 def _wants_sparse_grad(sparse_grad, paired, img, words):
-    return sparse_grad and not paired and torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
+    return sparse_grad and not paired and _needs_grad(img, words)
+
+
+def _check_paired(img, words):
+    if img.shape[0] != words.shape[0]:
+        raise ValueError(f"paired mode needs as many images as captions ({img.shape[0]} vs {words.shape[0]})")
+
+
+def _needs_grad(img, words):
+    return torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
 
 
 def _collect(parts, paired, lengths):
@@ -341,6 +351,9 @@ def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_
     if _wants_sparse_grad(sparse_grad, paired, img, words):
         return pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk),
                                                           _all_pair_blocks(mask, lengths, chunk), block_scores)[0]
+    if paired and _needs_grad(img, words):
+        _check_paired(img, words)
+        return pair_recompute.paired_scores(img, words, mask, block_scores)[0]
     parts = [block_scores(block)[0] for block in _pair_blocks(img, words, mask, lengths, paired, chunk)]
     return _collect(parts, paired, lengths)
 
@@ -380,6 +393,9 @@ def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, pa
     elif _wants_sparse_grad(sparse_grad, paired, img, words):
         scores, fallbacks = pair_recompute.scores_with_sparse_backward(
             img, words, mask, _chunks(lengths, chunk), _all_pair_blocks(mask, lengths, chunk), block_scores)
+    elif paired and _needs_grad(img, words):
+        _check_paired(img, words)
+        scores, fallbacks = pair_recompute.paired_scores(img, words, mask, block_scores)
     else:
         parts = []
         for block in _pair_blocks(img, words, mask, lengths, paired, chunk):

@@ -19,6 +19,10 @@ The gradients are the dense ones up to float rounding (the same formulas). With 
 gradient (a loss summing over all negatives) this would be slower than plain autograd, so the
 models use it only for hardest-negative losses (`training_scores(..., few_gradients=True)`).
 
+`paired_scores` does the same for the B pairs (image b, caption b) of the offline scores: every
+pair is re-scored, but the products are still differentiated by hand, into one gradient buffer
+per side, instead of by autograd through six batched products of tiny matrices.
+
 Block layout (models/cross_attention.py `_pair_blocks`): (S (..., L, k), word mask (..., L),
 word norms (..., L), region norms (..., k), image Gram, caption Gram, True).
 """
@@ -39,6 +43,19 @@ def scores_with_sparse_backward(img, words, mask, chunks, blocks, block_scores):
     are counted in the forward only.
     """
     return _SparseBackwardScores.apply(img, words, mask, chunks, blocks, block_scores)
+
+
+def paired_scores(img, words, mask, block_scores):
+    """(scores (B,), fallbacks) of the pairs (image b, caption b), differentiable in img (B, k, d)
+    and words (B, L, d) (zero past each caption's length, `mask` (B, L) True at real words).
+
+    The same scores as cross_attention's paired blocks, computed like an all-pairs block (Gram
+    matrices for the attended vectors' norms) and differentiated like one: the pairs are re-scored
+    with autograd from the kept S, and the products (S = W R^T, the Grams, the norms) are
+    differentiated by hand into one gradient buffer per side. Plain autograd here would run six
+    batched products of tiny matrices, half with transposed operands, and sum three gradients
+    into the image features."""
+    return _PairedScores.apply(img, words, mask, block_scores)
 
 
 def _contexts(img, words):
@@ -88,6 +105,55 @@ class _SparseBackwardScores(torch.autograd.Function):
                                     ctx.mask, img, words, grad_w, grad_r, grads)
         grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
         return grad_r, grad_w, None, None, None, None
+
+
+CONTEXTS = ("word_norms", "region_norms", "img_gram", "cap_gram")
+
+
+class _PairedScores(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, img, words, mask, block_scores):
+        c = _contexts(img, words)
+        s = words @ img.transpose(1, 2)                      # (B, L, k)
+        scores, fallbacks = block_scores(_block(s, mask, c))
+        if fallbacks is None:
+            fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
+        ctx.save_for_backward(img, words, s, *(c[name] for name in CONTEXTS))
+        ctx.mask, ctx.block_scores = mask, block_scores
+        kind = img.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        ctx.mark_non_differentiable(fallbacks)
+        return scores, fallbacks
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_scores, _):
+        img, words, s, *kept = ctx.saved_tensors
+        kind, dtype, enabled = ctx.autocast
+        c = dict(zip(CONTEXTS, kept))
+        with torch.autocast(kind, dtype=dtype, enabled=enabled), torch.enable_grad():
+            leaves = {"s": s.detach().requires_grad_(), **{n: t.detach().requires_grad_() for n, t in c.items()}}
+            names = list(leaves)
+            found = dict(zip(names, torch.autograd.grad(
+                ctx.block_scores(_block(leaves["s"], ctx.mask, leaves))[0], [leaves[n] for n in names],
+                grad_scores, allow_unused=True)))
+        ds = found.pop("s")
+        with torch.autocast(kind, enabled=False):              # the features' own precision
+            if ds is None:
+                grad_w, grad_r = torch.zeros_like(words), torch.zeros_like(img)
+            else:  # S_b = W_b R_b^T: dW_b = dS_b R_b, dR_b = dS_b^T W_b
+                ds = ds.to(torch.promote_types(img.dtype, words.dtype))
+                grad_w = (ds @ img.to(ds.dtype)).to(words.dtype)
+                grad_r = (ds.transpose(1, 2) @ words.to(ds.dtype)).to(img.dtype)
+            grads = {n: found[n] if found[n] is not None else torch.zeros_like(c[n]) for n in CONTEXTS}
+            grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
+        return grad_r, grad_w, None, None
+
+
+def _block(s, mask, c):
+    """A block of pairs with leading dim (B,): S, word mask, norms, Grams (gram = True)."""
+    return (s, mask, c["word_norms"], c["region_norms"], c["img_gram"], c["cap_gram"], True)
 
 
 def _caption_positions(chunks, n_cap):

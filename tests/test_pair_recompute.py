@@ -170,3 +170,69 @@ def test_custom_backwards_refuse_a_second_derivative():
     grad = torch.autograd.grad((xattn.l2norm(x) * torch.arange(4.0)).sum(), x, create_graph=True)[0]
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad.pow(2).sum(), x)
+
+
+# ---- paired scores (pair_recompute.paired_scores) --------------------------------------------
+def paired_features(seed=3, k=4, d=8):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(len(LENGTHS), k, d, dtype=torch.float64, generator=g)
+    words = torch.randn(len(LENGTHS), int(LENGTHS.max()), d, dtype=torch.float64, generator=g)
+    words[torch.arange(words.shape[1])[None, :] >= LENGTHS[:, None]] = 0
+    return img, words
+
+
+def paired_against_diagonal(score, want=("img", "words")):
+    """Gradients of the paired scores, and of the diagonal of the all-pairs matrix scored with
+    plain autograd (no sparse backward), for the same incoming gradient."""
+    out = []
+    for paired in (True, False):
+        img, words = paired_features()
+        img.requires_grad_("img" in want)
+        words.requires_grad_("words" in want)
+        scores = score(img, words, paired)
+        scores = scores if paired else scores.diagonal()
+        leaves = [t for t in (img, words) if t.requires_grad]
+        weights = torch.linspace(-1.0, 2.0, len(LENGTHS), dtype=torch.float64)
+        weights[2] = 0
+        out.append((scores.detach(), torch.autograd.grad(scores, leaves, weights)))
+    (got, got_grads), (want_scores, want_grads) = out
+    torch.testing.assert_close(got, want_scores, atol=1e-12, rtol=1e-12)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("direction", xattn.DIRECTIONS)
+@pytest.mark.parametrize("norm,agg", [("clipped_l2norm", "LogSumExp"), ("softmax", "Mean"),
+                                      ("l2norm", "Max"), ("clipped_l1norm", "Sum")])
+def test_scan_paired_gradients_equal_the_diagonal_with_autograd(direction, norm, agg):
+    paired_against_diagonal(lambda img, words, paired: xattn.scan_scores(
+        img, words, LENGTHS, direction=direction, raw_feature_norm=norm, agg_func=agg, paired=paired, chunk=2))
+
+
+@pytest.mark.parametrize("focal", xattn.FOCAL_TYPES)
+@pytest.mark.parametrize("want", [("img", "words"), ("img",), ("words",)])
+def test_bfan_paired_gradients_equal_the_diagonal_and_fallbacks_agree(focal, want):
+    paired_against_diagonal(lambda img, words, paired: xattn.bfan_scores(
+        img, words, LENGTHS, focal_type=focal, paired=paired, chunk=4), want)
+    img, words = paired_features()
+    with torch.no_grad():   # the plain paired blocks
+        _, plain = xattn.bfan_scores(img, words, LENGTHS, focal_type=focal, paired=True, return_fallbacks=True)
+    _, recomputed = xattn.bfan_scores(img.requires_grad_(), words, LENGTHS, focal_type=focal, paired=True,
+                                      return_fallbacks=True)
+    assert int(recomputed) == int(plain)
+
+
+def test_paired_scores_with_and_without_a_gradient_agree_and_bf16_runs():
+    img, words = paired_features()
+    with torch.no_grad():
+        plain = xattn.scan_scores(img, words, LENGTHS, paired=True)
+    recomputed = xattn.scan_scores(img.clone().requires_grad_(), words, LENGTHS, paired=True)
+    torch.testing.assert_close(recomputed.detach(), plain, atol=1e-12, rtol=1e-12)
+    img32, words32 = img.float().requires_grad_(), words.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = xattn.bfan_scores(img32, words32, LENGTHS, paired=True)
+    scores.float().sum().backward()
+    assert img32.grad.dtype == torch.float32 and torch.isfinite(img32.grad).all()
+    assert words32.grad.dtype == torch.float32 and torch.isfinite(words32.grad).all()
+    with pytest.raises(ValueError, match="as many images"):
+        xattn.scan_scores(img32[:3], words32, LENGTHS, paired=True)
