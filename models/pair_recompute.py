@@ -93,7 +93,7 @@ class _SparseBackwardScores(torch.autograd.Function):
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
             c = _contexts(img, words)
         grad_w, grad_r = torch.zeros_like(words), torch.zeros_like(img)
-        grads = {name: torch.zeros_like(value) for name, value in c.items()}
+        grads = {}  # gradients of the contexts some pair uses (filled in by _pair_gradients)
         chunk_of, position = _caption_positions(ctx.chunks, words.shape[0])
         pairs = grad_scores.nonzero().cpu()                 # (P, 2): image, caption
         for index, s in enumerate(kept):
@@ -146,7 +146,7 @@ class _PairedScores(torch.autograd.Function):
                 ds = ds.to(torch.promote_types(img.dtype, words.dtype))
                 grad_w = (ds @ img.to(ds.dtype)).to(words.dtype)
                 grad_r = (ds.transpose(1, 2) @ words.to(ds.dtype)).to(img.dtype)
-            grads = {n: found[n] if found[n] is not None else torch.zeros_like(c[n]) for n in CONTEXTS}
+            grads = {n: found[n] for n in CONTEXTS if found[n] is not None}
             grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
         return grad_r, grad_w, None, None
 
@@ -197,6 +197,8 @@ def _pair_gradients(block_scores, s, positions, i, j, grad, c, mask, img, words,
             _index_add(grad_r, i, (ds.transpose(1, 2) @ w).to(img.dtype))
     for name, g in found.items():
         if g is not None:
+            if name not in grads:
+                grads[name] = torch.zeros_like(c[name])
             _index_add(cut[name](grads[name]), rows[name], g)
 
 
@@ -207,11 +209,17 @@ def _through_contexts(img, words, c, grads, grad_w, grad_r):
     grads = {name: g.to(side[name].dtype) for name, g in grads.items()}
     c = {name: value.to(side[name].dtype) for name, value in c.items()}
     # in place: grad_w and grad_r are this backward's own buffers, each a pass over the features
-    grad_w.addcmul_(_norm_grad_scale(c["word_norms"], grads["word_norms"]).unsqueeze(-1), words)
-    grad_r.addcmul_(_norm_grad_scale(c["region_norms"], grads["region_norms"]).unsqueeze(-1), img)
+    # a context no pair's score used (the region norms and caption Grams of t2i, say) has no
+    # entry in `grads`: its terms would add zeros at the cost of a pass over the features
+    if "word_norms" in grads:
+        grad_w.addcmul_(_norm_grad_scale(c["word_norms"], grads["word_norms"]).unsqueeze(-1), words)
+    if "region_norms" in grads:
+        grad_r.addcmul_(_norm_grad_scale(c["region_norms"], grads["region_norms"]).unsqueeze(-1), img)
     # G = X X^T: dX = (dG + dG^T) X
-    grad_r.baddbmm_(grads["img_gram"] + grads["img_gram"].transpose(1, 2), img)
-    grad_w.baddbmm_(grads["cap_gram"] + grads["cap_gram"].transpose(1, 2), words)
+    if "img_gram" in grads:
+        grad_r.baddbmm_(grads["img_gram"] + grads["img_gram"].transpose(1, 2), img)
+    if "cap_gram" in grads:
+        grad_w.baddbmm_(grads["cap_gram"] + grads["cap_gram"].transpose(1, 2), words)
     return grad_r, grad_w
 
 
