@@ -30,18 +30,24 @@ def incoming_gradient(kind, shape, seed=1):
     return dense * keep
 
 
-def both_paths(score, grad_kind, want=("img", "words")):
-    """(scores, grads) of score(img, words, sparse_grad) for sparse_grad False and True."""
+def both_ways(score, make_features, incoming, want=("img", "words")):
+    """[(scores, grads)] of score(img, words, flag) for flag False and True, with the incoming
+    gradient incoming(scores.shape); gradients of the features named in `want`."""
     results = []
-    for sparse in (False, True):
-        img, words = features()
+    for flag in (False, True):
+        img, words = make_features()
         img.requires_grad_("img" in want)
         words.requires_grad_("words" in want)
-        scores = score(img, words, sparse)
+        scores = score(img, words, flag)
         leaves = [t for t in (img, words) if t.requires_grad]
-        grads = torch.autograd.grad(scores, leaves, incoming_gradient(grad_kind, scores.shape), allow_unused=True)
+        grads = torch.autograd.grad(scores, leaves, incoming(scores.shape), allow_unused=True)
         results.append((scores.detach(), [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]))
     return results
+
+
+def both_paths(score, grad_kind, want=("img", "words")):
+    """(scores, grads) of score(img, words, sparse_grad) for sparse_grad False and True."""
+    return both_ways(score, features, lambda shape: incoming_gradient(grad_kind, shape), want)
 
 
 def assert_same(results):
@@ -184,18 +190,16 @@ def paired_features(seed=3, k=4, d=8):
 def paired_against_diagonal(score, want=("img", "words")):
     """Gradients of the paired scores, and of the diagonal of the all-pairs matrix scored with
     plain autograd (no sparse backward), for the same incoming gradient."""
-    out = []
-    for paired in (False, True):
-        img, words = paired_features()
-        img.requires_grad_("img" in want)
-        words.requires_grad_("words" in want)
+    def weights(shape):
+        w = torch.linspace(-1.0, 2.0, shape[0], dtype=torch.float64)
+        w[2] = 0
+        return w
+
+    def paired_or_diagonal(img, words, paired):
         scores = score(img, words, paired)
-        scores = scores if paired else scores.diagonal()
-        leaves = [t for t in (img, words) if t.requires_grad]
-        weights = torch.linspace(-1.0, 2.0, len(LENGTHS), dtype=torch.float64)
-        weights[2] = 0
-        out.append((scores.detach(), torch.autograd.grad(scores, leaves, weights)))
-    assert_same(out)
+        return scores if paired else scores.diagonal()
+
+    assert_same(both_ways(paired_or_diagonal, paired_features, weights, want))
 
 
 @pytest.mark.parametrize("direction", xattn.DIRECTIONS)
