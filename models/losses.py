@@ -65,15 +65,32 @@ def hinge(margin, negative, positive):
     return (margin + negative - positive).clamp(min=0)
 
 
+# The reference pushes the diagonal down by this much before taking the online hardest negative
+# of the adaptive weights (docs/reference_behaviours.md, "diagonal offset").
+DIAGONAL_OFFSET = 10.0
+
+
 def online_hardest_negatives(scores):
     """Hardest in-batch negatives: (max_{j!=b} S[b,j], max_{i!=b} S[i,b]), each (B,).
 
-    The diagonal is excluded with a mask (not the reference's "subtract 10", which only works
-    for scores in [-1, 1]); with cosine scores the result is the same.
+    The diagonal is excluded with a mask, so with B = 1 both are -inf and every online hinge is 0,
+    as in the reference (whose masked hinge row then holds only a zero).
     """
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     masked = scores.masked_fill(eye, float("-inf"))  # (B, B)
     return masked.max(dim=1).values, masked.max(dim=0).values
+
+
+def weight_hardest_negatives(scores):
+    """The online scores the adaptive weights use, as the reference: max of S - 10 I, each (B,).
+
+    For B >= 2 and scores within a range narrower than 10 (cosine, SCAN, BFAN) this equals
+    `online_hardest_negatives`; with B = 1 it is the positive minus 10, a finite weight that
+    multiplies a zero hinge, where -inf would give -inf * 0 = NaN.
+    """
+    eye = torch.eye(scores.shape[0], dtype=scores.dtype, device=scores.device)
+    shifted = scores - DIAGONAL_OFFSET * eye  # (B, B)
+    return shifted.max(dim=1).values, shifted.max(dim=0).values
 
 
 def adaptive_weight(offline, online, alpha, beta):
@@ -114,6 +131,7 @@ def retrieval_loss(scores, offline, cfg):
         h_i = hinge(cfg.margin_online, on_i, positive)  # caption anchor, hardest image
         if flags["adaptive"]:
             off_t, off_i = offline.off_t, offline.off_i
+            on_t, on_i = weight_hardest_negatives(scores)
             if cfg.detach_weights:
                 off_t, off_i, on_t, on_i = off_t.detach(), off_i.detach(), on_t.detach(), on_i.detach()
             h_t = adaptive_weight(off_t, on_t, cfg.alpha, cfg.beta) * h_t
