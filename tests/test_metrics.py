@@ -17,23 +17,23 @@ def exact_gaussian(rng, n, d):
 
 
 def reference_ranks(S):
-    """Ranks by full descending argsort of each row (i2t) and each column (t2i) of S (n, 5n)."""
+    """Ranks as the reference evaluation: per query, `argsort(d)[::-1]` with a stable sort (so
+    among equal scores the higher index comes first), rank = position of the ground truth
+    (i2t: the best of the image's 5 captions). S is (n, 5n)."""
     n_img, n_cap = S.shape
     i2t = np.empty(n_img, dtype=np.int64)
     for q in range(n_img):
-        order = np.argsort(-S[q], kind="stable")
-        pos = np.empty(n_cap, dtype=np.int64)
-        pos[order] = np.arange(n_cap)
-        i2t[q] = pos[5 * q:5 * q + 5].min()
+        order = np.argsort(S[q], kind="stable")[::-1]
+        i2t[q] = min(int(np.nonzero(order == c)[0][0]) for c in range(5 * q, 5 * q + 5))
     t2i = np.empty(n_cap, dtype=np.int64)
     for c in range(n_cap):
-        order = np.argsort(-S[:, c], kind="stable")
+        order = np.argsort(S[:, c], kind="stable")[::-1]
         t2i[c] = int(np.nonzero(order == c // 5)[0][0])
     return i2t, t2i
 
 
 def has_ties(S):
-    """True if some score ties with a ground-truth score (argsort order would then be arbitrary)."""
+    """True if some score ties with a ground-truth score (then the tie rule decides the rank)."""
     for q in range(S.shape[0]):
         best = S[q, 5 * q:5 * q + 5].max()
         if np.any(np.delete(S[q], np.arange(5 * q, 5 * q + 5)) == best):

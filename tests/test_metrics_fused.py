@@ -8,10 +8,15 @@ from pipeline_steps.common import topk_native
 
 
 def count_ranks(S):
-    """Brute force by counting: i2t = #captions above the best own caption, t2i = #images above own."""
-    n_img = S.shape[0]
-    i2t = np.array([np.sum(S[q] > S[q, 5 * q:5 * q + 5].max()) for q in range(n_img)])
-    t2i = np.array([np.sum(S[:, c] > S[c // 5, c]) for c in range(5 * n_img)])
+    """Brute force by counting, with the reference's tie rule (equal scores: higher index first):
+    i2t = min over the 5 own captions g of #(above g) + #(equal to g with a higher index);
+    t2i = #images above the own image + #images equal to it with a higher index."""
+    n_img, n_cap = S.shape
+    idx_cap, idx_img = np.arange(n_cap), np.arange(n_img)
+    i2t = np.array([min(np.sum(S[q] > S[q, g]) + np.sum((S[q] == S[q, g]) & (idx_cap > g))
+                        for g in range(5 * q, 5 * q + 5)) for q in range(n_img)])
+    t2i = np.array([np.sum(S[:, c] > S[c // 5, c]) + np.sum((S[:, c] == S[c // 5, c]) & (idx_img > c // 5))
+                    for c in range(n_cap)])
     return i2t, t2i
 
 
@@ -54,6 +59,7 @@ def test_own_image_never_counted_when_positive_rounds_differently():
     # Others are compared with the (lowered) positive: scores equal to it now count, own never.
     lowered = np.array([np.sum(np.delete(S[:, c], c // 5) > S[c // 5, c] - 1e-3)
                         for c in range(5 * n)])
+    assert not np.array_equal(lowered, count_ranks(S)[1])  # the lowering matters here
     np.testing.assert_array_equal(t2i, lowered)
     np.testing.assert_array_equal(i2t, count_ranks(S)[0])
 

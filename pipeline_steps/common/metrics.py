@@ -154,29 +154,44 @@ def _positive_scores(score_block, n_img, block_size, max_block_elems):
     return torch.cat(parts)
 
 
-def _count_above_native(lib, s, best_gt, pos, pool, threads):
+def _count_native(lib, s, best_gt, row_from, pos, col_below, pool, threads):
     """(row counts (B,), column counts (C,)) of one CPU block with the compiled kernel."""
     tile = s.to(torch.float32).contiguous().numpy()
     row_thr = best_gt.to(torch.float32).contiguous().numpy()
     col_thr = pos.to(torch.float32).contiguous().numpy()
+    row_from, col_below = (x.to(torch.int64).contiguous().numpy() for x in (row_from, col_below))
     rows = np.zeros(tile.shape[0], dtype=np.int64)
     edges = np.linspace(0, tile.shape[0], threads + 1).round().astype(int)
     cols = [np.zeros(tile.shape[1], dtype=np.int32) for _ in range(threads)]
-    jobs = [pool.submit(topk_native.count_above, lib, tile[lo:hi], row_thr[lo:hi], col_thr,
-                        rows[lo:hi], cols[t])
+    jobs = [pool.submit(topk_native.count_ranks, lib, tile[lo:hi], row_thr[lo:hi], row_from[lo:hi],
+                        col_thr, col_below[lo:hi], rows[lo:hi], cols[t])
             for t, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if hi > lo]
     for job in jobs:
         job.result()
     return torch.from_numpy(rows), torch.from_numpy(np.sum(cols, axis=0, dtype=np.int64))
 
 
+def _count_torch(s, best_gt, row_from, pos, col_below):
+    """The same counts as `_count_native`, with torch (GPU, or CPU without a C compiler)."""
+    cols = torch.arange(s.shape[1], device=s.device)
+    row_ties = (s == best_gt[:, None]) & (cols[None, :] >= row_from[:, None])
+    row_counts = (s > best_gt[:, None]).sum(dim=1) + row_ties.sum(dim=1)
+    col_ties = (s == pos[None, :]) & (cols[None, :] < col_below[:, None])
+    col_counts = (s > pos[None, :]).sum(dim=0) + col_ties.sum(dim=0)
+    return row_counts, col_counts
+
+
 def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
     """Exact 0-based retrieval ranks for `n_img` images and their 5 * n_img captions.
 
-    i2t rank of image q: number of captions scoring strictly higher than the best of q's 5
-    captions (= best position of any ground-truth caption in the sorted caption list).
-    t2i rank of caption c: number of images scoring strictly higher than image c // 5.
-    Ties are therefore resolved in favour of the ground truth.
+    A rank is a position in the list sorted by decreasing score where, among equal scores, the
+    higher index comes first: the reference's `numpy.argsort(d)[::-1]` with a stable sort
+    (docs/evaluation.md). A tie therefore never goes to the ground truth by rule, and a
+    collapsed model (all scores equal) scores as badly as that order says, not perfectly.
+    i2t rank of image q: the best position of any of its 5 captions = the captions scoring above
+    q's best caption g, plus those scoring equal to it with an index above g (g: the last of the
+    5 with the best score). t2i rank of caption c: the images scoring above image c // 5, plus
+    those scoring equal with an index above c // 5.
 
     One pass over row blocks (images [a,b) x all captions) gives both directions: each block's
     rows count captions above their best positive (i2t) and its columns add the images above each
@@ -211,11 +226,16 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
             # i2t positives are read from this very block, so they are compared with themselves.
             own = s.gather(1, gt_cols)  # (B, 5)
             best_gt = own.max(dim=1).values  # (B,)
+            # The last of the 5 with the best score ranks first among them; captions after it
+            # that tie with it rank above it.
+            last_best = (CAPS_PER_IMAGE - 1) - (own == best_gt[:, None]).flip(1).to(torch.uint8).argmax(dim=1)
+            row_from = gt_cols[:, 0] + last_best + 1  # (B,)
+            col_below = gt_cols[:, 0]  # (B,) captions of earlier images: this image ties above them
             if lib is not None and s.device.type == "cpu":
-                row_counts, col_counts = _count_above_native(lib, s, best_gt, pos, pool, threads)
+                row_counts, col_counts = _count_native(lib, s, best_gt, row_from, pos, col_below,
+                                                       pool, threads)
             else:
-                row_counts = (s > best_gt[:, None]).sum(dim=1)
-                col_counts = (s > pos[None, :]).sum(dim=0)
+                row_counts, col_counts = _count_torch(s, best_gt, row_from, pos, col_below)
             i2t[a:b] = row_counts.cpu().numpy()
             # Never count an image against its own caption (its score here may differ from the
             # diagonal block's by rounding).

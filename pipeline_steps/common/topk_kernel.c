@@ -375,20 +375,51 @@ void aoq_merge_sorted(const float *scores, const int32_t *ids, int64_t n_lists, 
 }
 
 /*
- * Evaluation ranks in one read of a tile (rows = images, columns = captions, row-major):
- * row_counts[r] += #{j : tile[r][j] > row_thr[r]} and col_counts[j] += #{r : tile[r][j] > col_thr[j]}.
- * Branch-free, so the compiler vectorises both counts.
+ * Evaluation ranks in one read of a tile (rows = images, columns = captions, row-major), with the
+ * reference's tie rule: a ranking sorts scores descending and puts the higher index first among
+ * equal scores, so an item ties against the ground truth only when its index is higher.
+ *   row_counts[r] += #{j : tile[r][j] > row_thr[r]}, but >= for the columns j >= row_from[r];
+ *   col_counts[j] += #{r : tile[r][j] > col_thr[j]}, but >= for the rows r with j < col_below[r].
+ * Each row is read in at most three branch-free segments, so the compiler vectorises the counts.
  */
-void aoq_count_above(const float *tile, int64_t n_rows, int64_t n_cols, const float *row_thr,
-                     const float *col_thr, int64_t *row_counts, int32_t *col_counts) {
+#define COUNT_SEGMENT(ROW_OP, COL_OP)                                                     \
+    for (int64_t j = lo; j < hi; j++) {                                                   \
+        float s = row[j];                                                                 \
+        above += s ROW_OP t;                                                              \
+        col_counts[j] += s COL_OP col_thr[j];                                             \
+    }
+
+static inline int32_t count_segment(const float *row, float t, const float *col_thr,
+                                    int32_t *col_counts, int64_t lo, int64_t hi, int row_ge,
+                                    int col_ge) {
+    int32_t above = 0;
+    if (row_ge && col_ge) {
+        COUNT_SEGMENT(>=, >=)
+    } else if (row_ge) {
+        COUNT_SEGMENT(>=, >)
+    } else if (col_ge) {
+        COUNT_SEGMENT(>, >=)
+    } else {
+        COUNT_SEGMENT(>, >)
+    }
+    return above;
+}
+
+static inline int64_t clamp_index(int64_t x, int64_t n) { return x < 0 ? 0 : (x > n ? n : x); }
+
+void aoq_count_ranks(const float *tile, int64_t n_rows, int64_t n_cols, const float *row_thr,
+                     const int64_t *row_from, const float *col_thr, const int64_t *col_below,
+                     int64_t *row_counts, int32_t *col_counts) {
     for (int64_t r = 0; r < n_rows; r++) {
         const float *row = tile + r * n_cols;
         float t = row_thr[r];
+        int64_t a = clamp_index(row_from[r], n_cols), b = clamp_index(col_below[r], n_cols);
+        int64_t cuts[4] = {0, a < b ? a : b, a < b ? b : a, n_cols};
         int32_t above = 0;
-        for (int64_t j = 0; j < n_cols; j++) {
-            float s = row[j];
-            above += s > t;
-            col_counts[j] += s > col_thr[j];
+        for (int seg = 0; seg < 3; seg++) {
+            int64_t lo = cuts[seg], hi = cuts[seg + 1];
+            if (hi > lo)
+                above += count_segment(row, t, col_thr, col_counts, lo, hi, lo >= a, lo < b);
         }
         row_counts[r] += above;
     }

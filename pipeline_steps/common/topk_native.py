@@ -45,8 +45,8 @@ def _bind(lib):
     lib.aoq_finalize.argtypes = [_f32p, _i32p, _i32p, _i64, _i64, _i64, _i64, _i32p, ctypes.c_void_p]
     lib.aoq_merge_sorted.restype = None
     lib.aoq_merge_sorted.argtypes = [_f32p, _i32p, _i64, _i64, _i64, _i64, _i32p]
-    lib.aoq_count_above.restype = None
-    lib.aoq_count_above.argtypes = [_f32p, _i64, _i64, _f32p, _f32p, _i64p, _i32p]
+    lib.aoq_count_ranks.restype = None
+    lib.aoq_count_ranks.argtypes = [_f32p, _i64, _i64, _f32p, _i64p, _f32p, _i64p, _i64p, _i32p]
     return lib
 
 
@@ -112,14 +112,17 @@ def finalize(lib, queues, q_lo, q_hi, out, out_scores=None):
         raise RuntimeError("a top-k queue holds fewer entries than k (internal error)")
 
 
-def count_above(lib, tile, row_thr, col_thr, row_counts, col_counts):
-    """row_counts[r] += #(tile[r] > row_thr[r]); col_counts[j] += #(tile[:, j] > col_thr[j]).
+def count_ranks(lib, tile, row_thr, row_from, col_thr, col_below, row_counts, col_counts):
+    """Tie-aware counts of one tile (the reference's rule: among equal scores the higher index
+    ranks first): row_counts[r] += #(tile[r, j] > row_thr[r]), with >= where j >= row_from[r];
+    col_counts[j] += #(tile[r, j] > col_thr[j]), with >= where j < col_below[r].
 
-    tile: C-contiguous float32 (R, C); row_thr float32 (R,); col_thr float32 (C,);
-    row_counts int64 (R,), col_counts int32 (C,), both C-contiguous and updated in place.
+    tile: C-contiguous float32 (R, C); row_thr float32 (R,), row_from int64 (R,); col_thr float32
+    (C,); col_below int64 (R,); row_counts int64 (R,), col_counts int32 (C,), updated in place.
     """
     n_rows, n_cols = tile.shape
-    lib.aoq_count_above(tile, n_rows, n_cols, row_thr, col_thr, row_counts, col_counts)
+    lib.aoq_count_ranks(tile, n_rows, n_cols, row_thr, row_from, col_thr, col_below, row_counts,
+                        col_counts)
 
 
 def merge_sorted(lib, scores, ids, r_lo, r_hi, out):
