@@ -7,6 +7,18 @@ linked as DEST/<name>); nothing is copied. Unsafe entries (absolute, `..`, links
 are refused before anything is written; each folder is unpacked beside DEST and renamed onto
 DEST/<last component>. `--stamp` (JSON: source, sha256, folders, files and sizes) is written last.
 
+Size limits, also checked before anything is written (an archive could be a bomb, or the disk too
+small for a 33 GB COCO folder, which would otherwise fail midway and fill the disk on the way):
+- the declared unpacked size of the chosen entries, plus a margin of 5% (at least 64 MiB) for
+  file-system overhead and the pipeline's next outputs, must fit in the free space of DEST's file
+  system (or of its nearest existing parent);
+- a zip entry may not unpack to more than `--max-ratio` (default 200) times its compressed size,
+  the mark of a zip bomb: SCAN's float features compress about 1.1x and its text about 4x. Entries
+  up to 1 MiB are exempt (however well they compress, they cannot fill a disk). A tar archive is
+  compressed as one stream, so it has no per-entry ratio; the free-space check covers it, since
+  tar headers declare each entry's size;
+- no entry is written past its declared size: a stream that yields more is refused.
+
 Example:
     python -m pipeline_steps.download_data \
         --urls https://iudata.blob.core.windows.net/scan/data.zip \
@@ -31,10 +43,15 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from pipeline_steps.common.atomic import write_text_atomic
+from pipeline_steps.common.atomic import remove_stale_temporaries, temporary_path, write_text_atomic
+from pipeline_steps.common.errors import one_line_errors
 
 log = logging.getLogger("download_data")
 CHUNK = 1 << 20
+DEFAULT_MAX_RATIO = 200.0       # zip bombs deflate ~1000x; SCAN's features ~1.1x, its text ~4x
+RATIO_EXEMPT_BYTES = 1 << 20    # smaller entries cannot fill a disk, whatever their ratio
+SPACE_MARGIN_FRACTION = 0.05    # free space asked for beyond the unpacked size (block rounding,
+SPACE_MARGIN_MIN = 64 << 20     # metadata, the pipeline's next outputs): 5%, at least 64 MiB
 
 
 class MirrorError(Exception):
@@ -182,8 +199,57 @@ def _check(archive, name, kind, linkname, prefix=""):
             bad(f"link to {linkname!r} points outside {prefix or 'the archive'}")
 
 
-def extract(archive, folders, dest):
-    """Extract the entries under each archive folder to DEST/<last component>; return {folder: path}."""
+def free_bytes(path):
+    """Free bytes on the file system holding `path` (a module function, so tests can patch it)."""
+    return shutil.disk_usage(path).free
+
+
+def _nearest_existing(path):
+    """`path` or its nearest existing parent: DEST itself is only created after the checks."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _size(n):
+    """Bytes exactly (comparable with df -B1) and in GiB (readable)."""
+    return f"{n} bytes ({n / (1 << 30):.2f} GiB)"
+
+
+def _check_space(archive, plan, dest):
+    """Refuse if the declared sizes of the chosen entries, plus a margin, exceed DEST's free space.
+
+    All of it is needed at once: an older extracted folder is only removed after the new one is
+    complete. For a tar archive this is the only bomb guard (see the module docstring).
+    """
+    total = sum(m[2] for _, chosen in plan.values() for m in chosen if m[1] == "file")
+    need = total + max(int(total * SPACE_MARGIN_FRACTION), SPACE_MARGIN_MIN)
+    where = _nearest_existing(dest)
+    free = free_bytes(where)
+    if need > free:
+        raise SystemExit(f"error: {archive}: refusing to extract {', '.join(plan)} into {dest}: "
+                         f"the entries unpack to {_size(total)}, {_size(need)} with the margin, "
+                         f"but {where} has {_size(free)} free")
+
+
+def _check_ratio(archive, name, info, max_ratio):
+    """Refuse a zip entry that unpacks to more than `max_ratio` times its compressed size."""
+    if not isinstance(info, zipfile.ZipInfo) or info.file_size <= RATIO_EXEMPT_BYTES:
+        return  # tar: one compressed stream, no per-entry ratio (the free-space check covers it)
+    ratio = info.file_size / max(info.compress_size, 1)
+    if ratio > max_ratio:
+        raise SystemExit(f"error: {archive}: refusing entry {name!r}: it unpacks {info.file_size} "
+                         f"bytes from {info.compress_size}, a compression ratio of {ratio:.0f} "
+                         f"(over --max-ratio {max_ratio:g}; a zip bomb?)")
+
+
+def extract(archive, folders, dest, max_ratio=DEFAULT_MAX_RATIO):
+    """Extract the entries under each archive folder to DEST/<last component>; return {folder: path}.
+
+    Every entry is checked (paths, links, compression ratio, total size against free space)
+    before anything is written.
+    """
     archive, dest = Path(archive), Path(dest)
     handle, members = _members(archive)
     with handle:
@@ -196,20 +262,22 @@ def extract(archive, folders, dest):
             if not chosen:
                 raise SystemExit(f"error: {archive}: no entries under {prefix!r}")
             links = {m[0].rstrip("/") for m in chosen if m[1] == "symlink"}
-            for name, kind, _, linkname, _ in chosen:
+            for name, kind, _, linkname, info in chosen:
                 _check(archive, name, kind, linkname, prefix)
                 if any(str(up) in links for up in PurePosixPath(name).parents):
                     raise SystemExit(f"error: {archive}: refusing entry {name!r}: its path goes "
                                      f"through a symlink entry")
+                _check_ratio(archive, name, info, max_ratio)
             plan[folder] = (prefix, chosen)
+        _check_space(archive, plan, dest)
         dest.mkdir(parents=True, exist_ok=True)
         done = {}
         for folder, (prefix, chosen) in plan.items():
             final = dest / PurePosixPath(folder.strip("/")).name
-            tmp = dest / f".{final.name}.tmp-{os.getpid()}"
+            tmp = temporary_path(final)
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                _unpack(handle, prefix, chosen, tmp)
+                _unpack(archive, handle, prefix, chosen, tmp)
                 _replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -218,10 +286,10 @@ def extract(archive, folders, dest):
     return done
 
 
-def _unpack(handle, prefix, chosen, tmp):
+def _unpack(archive, handle, prefix, chosen, tmp):
     tmp.mkdir(parents=True)
     with _bar(sum(m[2] for m in chosen if m[1] == "file"), 0, f"extract {prefix}") as bar:
-        for name, kind, _, linkname, info in chosen:
+        for name, kind, size, linkname, info in chosen:
             target = tmp / name[len(prefix):]
             if kind == "dir":
                 target.mkdir(parents=True, exist_ok=True)
@@ -238,9 +306,28 @@ def _unpack(handle, prefix, chosen, tmp):
                 src = handle.open(info) if isinstance(handle, zipfile.ZipFile) \
                     else handle.extractfile(info)
                 with src, open(target, "wb") as out:
-                    while chunk := src.read(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
+                    _copy_entry(src, out, size, archive, name, bar)
+
+
+def _copy_entry(src, out, size, archive, name, bar):
+    """Copy one entry's bytes from `src` to `out`, never writing more than its declared `size`.
+
+    The free-space check trusted the declared sizes, so a stream that yields more (a forged
+    header, a reader that does not stop) is refused rather than written.
+    """
+    written = 0
+    while chunk := src.read(min(CHUNK, size - written + 1)):  # +1: one byte too many shows it
+        written += len(chunk)
+        if written > size:
+            raise SystemExit(f"error: {archive}: refusing entry {name!r}: it unpacks to more "
+                             f"than its declared {size} bytes")
+        out.write(chunk)
+        bar.update(len(chunk))
+
+
+def _old_name(final):
+    """Where an older folder waits for removal while `final` is replaced."""
+    return final.with_name(f"{final.name}-old")
 
 
 def _replace(new, final):
@@ -249,7 +336,7 @@ def _replace(new, final):
     if final.is_symlink() or final.is_file():
         final.unlink()
     elif final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temporary_path(_old_name(final))
         os.replace(final, old)
     os.replace(new, final)
     if old:
@@ -267,7 +354,7 @@ def adopt_folder(path, dest, name):
         raise SystemExit(f"error: {final}: exists and is not a link; move it away or adopt it "
                          f"in place (--adopt-folder {final})")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
+    tmp = temporary_path(final)
     tmp.unlink(missing_ok=True)
     os.symlink(path, tmp, target_is_directory=True)
     _replace(tmp, final)
@@ -298,7 +385,13 @@ def parse_args(argv):
     parser.add_argument("--stamp", required=True, help="JSON record, written last")
     parser.add_argument("--timeout", type=float, default=60.0, help="connection timeout (s)")
     parser.add_argument("--retries", type=int, default=3, help="resumed attempts per mirror")
+    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
+                        help="refuse a zip entry over 1 MiB that unpacks to more than this many times "
+                             "its compressed size (a zip bomb; SCAN's features compress ~1.1x, its "
+                             "text ~4x; default %(default)g)")
     args = parser.parse_args(argv)
+    if not args.max_ratio > 0:
+        parser.error("--max-ratio must be positive")
     if args.urls and not args.archive:
         parser.error("--urls needs --archive")
     if not args.adopt_folder and not args.extract:
@@ -336,9 +429,13 @@ def _obtain_archive(args):
     return archive, source, digest
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    finals = [Path(args.dest) / PurePosixPath(f.strip("/")).name for f in args.extract]
+    # A killed extraction leaves a folder of several GB (the .part download is kept on purpose).
+    remove_stale_temporaries(args.stamp, *finals, *map(_old_name, finals))
     if args.adopt_folder:
         src = Path(args.adopt_folder).resolve()
         name = PurePosixPath(args.extract[0].strip("/")).name if args.extract else src.name
@@ -348,7 +445,7 @@ def main(argv=None):
         archive, source, digest = _obtain_archive(args)
         record = {"mode": "adopt-archive" if args.adopt_archive else "download", "source": source,
                   "archive": str(archive), "sha256": digest}
-        folders = extract(archive, args.extract, args.dest)
+        folders = extract(archive, args.extract, args.dest, max_ratio=args.max_ratio)
     record["extracted"] = folders
     record["files"] = _file_list(folders.values())
     write_text_atomic(args.stamp, json.dumps(record, indent=2) + "\n")

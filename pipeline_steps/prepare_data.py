@@ -4,7 +4,9 @@ Inputs:  a precomp folder (`{split}_ims.npy`, `{split}_caps.txt`), optionally a 
 Outputs (in --out): `vocab.json` (SCAN layout), `{split}_ids.npz` (ragged caption ids: `ids`,
 `offsets`), `manifest.json` (per split: images, captions, row layout, feature width; the
 tokenizer that made the ids; the vocabulary source).
-Every split is validated before anything is written, so bad input leaves no output behind.
+Every split is validated before anything is written, so bad input leaves no output behind:
+image features must be finite, and every caption line used must hold at least one token (an empty
+line is refused with its file and line number, not stored as a 0-token caption).
 
 Example:
     python -m pipeline_steps.prepare_data --data results/demo_data/demo_precomp \
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_steps.common.atomic import atomic_path, write_text_atomic
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.precomp import DataError, validate_split
 from pipeline_steps.common.reference_files import load_vocab_pickle
 from pipeline_steps.common.text import (build_vocab, encode, load_vocab_json, make_tokenizer,
@@ -44,9 +47,39 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _refuse_blank_lines(path, lines):
+    """SystemExit naming the first empty (or whitespace-only) caption line, 1-based.
+
+    Stored, it would silently become a 0-token caption (the text encoder sees only <start> <end>)
+    paired with an image; in SCAN's release an empty line means a damaged or misaligned file.
+    """
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():  # the tokenizer strips the same ASCII whitespace
+            raise SystemExit(f"error: {path}: line {number} is an empty caption")
+
+
+def _tokenize_captions(path, lines, tokenize):
+    """Token lists of `lines`; SystemExit naming the line of a caption that is not UTF-8 or that
+    tokenizes to nothing (e.g. only non-ASCII spaces such as U+00A0, which strip() keeps)."""
+    token_lists = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            tokens = tokenize(line)
+        except UnicodeDecodeError as err:
+            raise SystemExit(f"error: {path}: line {number}: caption is not valid UTF-8 ({err})") from None
+        if not tokens:
+            raise SystemExit(f"error: {path}: line {number} is an empty caption (no tokens)")
+        token_lists.append(tokens)
+    return token_lists
+
+
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    remove_stale_temporaries(out / "vocab.json", out / "manifest.json",
+                             *(out / f"{split}_ids.npz" for split in args.splits))
     if "train" not in args.splits:
         raise SystemExit("--splits must include train")
     try:
@@ -62,15 +95,15 @@ def main(argv=None):
     except ValueError as err:  # malformed vocabulary json
         raise SystemExit(f"error: {err}") from None
 
+    captions = {}
+    for split, info in infos.items():  # the cheap check of every split before any tokenizing
+        path = Path(args.data) / f"{split}_caps.txt"
+        captions[split] = (path, read_caption_lines(path)[:info.n_captions])
+        _refuse_blank_lines(*captions[split])
     tokenize, tokenizer_name = make_tokenizer(args.tokenizer)
     tokens = {}
-    for split, info in infos.items():
-        path = Path(args.data) / f"{split}_caps.txt"
-        lines = read_caption_lines(path)[:info.n_captions]
-        try:
-            tokens[split] = [tokenize(line) for line in lines]
-        except UnicodeDecodeError as err:
-            raise SystemExit(f"error: {path}: caption is not valid UTF-8 ({err})") from None
+    for split, (path, lines) in captions.items():
+        tokens[split] = _tokenize_captions(path, lines, tokenize)
         log.info("tokenized %s: %d captions", split, len(lines))
     if word2idx is None:
         # Reference rule: counts over train + dev (all dev captions the loader uses).
@@ -80,7 +113,6 @@ def main(argv=None):
     else:
         vocab_source = f"loaded: {args.vocab_json or args.vocab_pkl}"
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"data": str(args.data), "tokenizer": tokenizer_name, "vocab": vocab_source,
                 "vocab_size": len(word2idx), "splits": {}}

@@ -32,9 +32,9 @@ def _release_files():
     return files
 
 
-def _zip_bytes(files):
+def _zip_bytes(files, compression=zipfile.ZIP_STORED):
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w", compression) as zf:
         for name, data in files.items():
             zf.writestr(name, data)
     return buf.getvalue()
@@ -280,3 +280,106 @@ def test_adopt_archive_extracts_without_copy(tmp_path, suffix):
     assert [p.name for p in archive.parent.iterdir()] == [archive.name]
     with pytest.raises(SystemExit, match="sha256 mismatch"):
         _run(tmp_path, ["--adopt-archive", str(archive), "--sha256", "0" * 64])
+
+
+BOMB = "data/f30k_precomp/zeros.bin"
+
+
+def _bomb_zip(tmp_path):
+    """The release plus 4 MB of zeros, deflated about 1000x (archive of a few hundred KB)."""
+    archive = tmp_path / "staged" / "bomb.zip"
+    archive.parent.mkdir(exist_ok=True)
+    archive.write_bytes(_zip_bytes({**_release_files(), BOMB: bytes(4 << 20)}, zipfile.ZIP_DEFLATED))
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(BOMB)
+    return archive, info.file_size / info.compress_size
+
+
+def _assert_nothing_extracted(tmp_path):
+    assert list((tmp_path / "data").iterdir()) == []  # no extracted files, no .*.tmp-* folder
+    assert not (tmp_path / "stamp.json").exists()
+
+
+def test_zip_bomb_entry_is_refused(tmp_path):
+    archive, ratio = _bomb_zip(tmp_path)
+    assert ratio > 500
+    (tmp_path / "data").mkdir()
+    for cap in ([], ["--max-ratio", str(ratio * 0.99)]):
+        with pytest.raises(SystemExit) as err:
+            _run(tmp_path, ["--adopt-archive", str(archive), *cap])
+        message = str(err.value)
+        assert message.startswith(f"error: {archive}: refusing entry '{BOMB}': ")
+        assert f"ratio of {ratio:.0f}" in message and "\n" not in message
+        _assert_nothing_extracted(tmp_path)
+    # A cap above its ratio lets the entry through (the option is honoured).
+    assert _run(tmp_path, ["--adopt-archive", str(archive), "--max-ratio", str(ratio * 1.01)]) == 0
+    assert (tmp_path / "data" / "f30k_precomp" / "zeros.bin").read_bytes() == bytes(4 << 20)
+
+
+def test_max_ratio_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        _run(tmp_path, ["--adopt-archive", str(tmp_path / "x.zip"), "--max-ratio", "0"])
+    assert err.value.code == 2  # an argparse usage error, before the archive is even looked at
+    assert "--max-ratio must be positive" in capsys.readouterr().err
+
+
+def test_deflated_zip_with_large_entries_extracts(tmp_path):
+    files = _release_files()
+    big = np.random.default_rng(3).random((2 << 20) // 4, dtype=np.float32).tobytes()  # ~1.1x
+    text = "".join(f"a man riding a horse number {k}\n" for k in range(60_000)).encode()  # ~2 MB
+    files.update({"data/f30k_precomp/big_ims.bin": big, "data/f30k_precomp/big_caps.txt": text})
+    archive = tmp_path / "normal.zip"
+    archive.write_bytes(_zip_bytes(files, zipfile.ZIP_DEFLATED))
+    assert _run(tmp_path, ["--adopt-archive", str(archive)]) == 0
+    folder = tmp_path / "data" / "f30k_precomp"
+    assert {p.name for p in folder.iterdir()} == WANTED | {"big_ims.bin", "big_caps.txt"}
+    for name in WANTED | {"big_ims.bin", "big_caps.txt"}:
+        assert (folder / name).read_bytes() == files[f"data/f30k_precomp/{name}"]
+
+
+def _tar_gz(path):
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in _release_files().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_free_space_is_checked_before_extracting(tmp_path, monkeypatch, suffix):
+    archive = tmp_path / f"data{suffix}"
+    if suffix == ".zip":
+        archive.write_bytes(ZIP)
+    else:
+        _tar_gz(archive)
+    total = sum(len(data) for name, data in _release_files().items()
+                if name.startswith("data/f30k_precomp/"))
+    need = total + download_data.SPACE_MARGIN_MIN  # a tiny archive: the minimum margin applies
+    asked, free = [], {"bytes": need - 1}
+    monkeypatch.setattr(download_data, "free_bytes", lambda path: asked.append(path) or free["bytes"])
+    with pytest.raises(SystemExit) as err:
+        _run(tmp_path, ["--adopt-archive", str(archive)])
+    message = str(err.value)
+    assert message.startswith(f"error: {archive}: refusing to extract data/f30k_precomp into ")
+    assert f"{total} bytes" in message and f"{need} bytes" in message
+    assert f"{need - 1} bytes" in message and "\n" not in message
+    assert asked == [tmp_path]  # DEST does not exist yet: its nearest existing parent
+    assert not (tmp_path / "data").exists() and not (tmp_path / "stamp.json").exists()
+    free["bytes"] = need  # just enough
+    assert _run(tmp_path, ["--adopt-archive", str(archive)]) == 0
+    _assert_extracted(tmp_path)
+
+
+def test_entry_is_never_written_past_its_declared_size(tmp_path):
+    class Bar:
+        def update(self, n):
+            pass
+    out = io.BytesIO()
+    with pytest.raises(SystemExit) as err:
+        download_data._copy_entry(io.BytesIO(b"x" * 10), out, 5, "a.zip", "data/f/x.npy", Bar())
+    assert str(err.value) == ("error: a.zip: refusing entry 'data/f/x.npy': it unpacks to more "
+                              "than its declared 5 bytes")
+    assert out.getvalue() == b""
+    out = io.BytesIO()
+    download_data._copy_entry(io.BytesIO(b"x" * 10), out, 10, "a.zip", "data/f/x.npy", Bar())
+    assert out.getvalue() == b"x" * 10

@@ -5,8 +5,9 @@ import nltk
 import numpy as np
 import pytest
 
-from pipeline_steps import prepare_data
-from pipeline_steps.common.precomp import ImageFeatures, SplitInfo
+from pipeline_steps import make_demo_data, prepare_data
+from pipeline_steps.common import precomp
+from pipeline_steps.common.precomp import DataError, ImageFeatures, SplitInfo, validate_split
 from pipeline_steps.common.text import CaptionIds
 
 D = 8
@@ -18,7 +19,7 @@ PAIRS = [
     (b"A man. He rides a horse", ["a", "man.", "he", "rides", "a", "horse"]),
     ("CAF\u00c9 sign (red)".encode(), ["caf\u00c9", "sign", "(", "red", ")"]),
     (b"kids play", ["kids", "play"]),
-    (b"", []),
+    (b"\tA red\tball ", ["a", "red", "ball"]),  # empty lines are refused (test_empty_caption_...)
 ]
 ZEBRA = (b"A zebra runs", ["a", "zebra", "runs"])  # only in test: "zebra" is not in the vocabulary
 N_IMAGES = {"train": 3, "dev": 2, "test": 2}
@@ -205,7 +206,6 @@ def test_bad_input_fails_cleanly(tmp_path, case):
 
 
 def test_known_release_split_sizes_are_enforced(tmp_path):
-    from pipeline_steps.common.precomp import DataError, validate_split
     folder = tmp_path / "coco_precomp"
     folder.mkdir()
     np.save(folder / "test_ims.npy", np.zeros((2, 36, 4), dtype=np.float32))
@@ -213,3 +213,128 @@ def test_known_release_split_sizes_are_enforced(tmp_path):
     with pytest.raises(DataError, match="test_caps.txt: 10 captions, but coco_precomp test has 5000"):
         validate_split(folder, "test", 4, dataset="coco_precomp")
     assert validate_split(folder, "test", 4, dataset="demo_precomp").n_images == 2  # unknown: no table
+
+
+BAD_VALUES = {"NaN": np.nan, "+Inf": np.inf, "-Inf": -np.inf}
+
+
+@pytest.mark.parametrize("word", sorted(BAD_VALUES))
+@pytest.mark.parametrize("split", ["train", "dev"])  # one row per image / one row per caption (dev)
+def test_non_finite_features_fail_cleanly(tmp_path, split, word):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _make_folder(data)
+    path = data / f"{split}_ims.npy"
+    feats = np.load(path)
+    rows = slice(5, 10) if split == "dev" else slice(1, 3)  # dev: all 5 rows of image 1
+    feats[rows, 4, 2] = BAD_VALUES[word]
+    np.save(path, feats)
+    out.mkdir()
+    with pytest.raises(SystemExit) as info:
+        _run(data, out)
+    row = 5 if split == "dev" else 1
+    assert info.value.code == f"error: {path}: image 1 (row {row}) holds {word}"
+    assert list(out.rglob("*")) == []  # no vocab.json, manifest.json or *_ids.npz
+
+
+@pytest.mark.parametrize("block_rows", [4, None])  # several blocks (bad ones not the first) / one
+@pytest.mark.parametrize("rows_per_image", [1, 5])
+@pytest.mark.parametrize("word", sorted(BAD_VALUES))
+def test_first_non_finite_image_is_named(tmp_path, word, rows_per_image, block_rows):
+    n_images = 13  # 13 or 65 rows: the last block of 4 is partial
+    feats = np.repeat(np.random.default_rng(0).random((n_images, 36, 4), dtype=np.float32),
+                      rows_per_image, axis=0)
+    caps = [b"a dog"] * (5 * n_images)
+    _write_split(tmp_path, "train", feats, caps)
+    assert validate_split(tmp_path, "train", 4, block_rows=block_rows).n_images == n_images
+
+    later = feats.copy()
+    later[-1, 35, 3] = BAD_VALUES[word]  # the very last value, in the partial last block
+    _write_split(tmp_path, "train", later, caps)
+    with pytest.raises(DataError) as info:
+        validate_split(tmp_path, "train", 4, block_rows=block_rows)
+    last = len(feats) - 1
+    assert str(info.value) == f"{tmp_path / 'train_ims.npy'}: image {n_images - 1} (row {last}) holds {word}"
+
+    # Bad values in images 6 and 9: image 6 is named, and its first bad value (region 3 before
+    # region 20, whatever image 9 holds); with blocks of 4 rows neither is in the first block.
+    first_row = 6 * rows_per_image
+    feats[first_row:first_row + rows_per_image, 3, 1] = BAD_VALUES[word]
+    feats[first_row:first_row + rows_per_image, 20, 0] = np.nan if word != "NaN" else np.inf
+    feats[9 * rows_per_image:10 * rows_per_image, 0, 0] = np.nan
+    _write_split(tmp_path, "train", feats, caps)
+    with pytest.raises(DataError) as info:
+        validate_split(tmp_path, "train", 4, block_rows=block_rows)
+    message = str(info.value)
+    assert message == f"{tmp_path / 'train_ims.npy'}: image 6 (row {first_row}) holds {word}"
+    assert "\n" not in message
+
+
+def _rss_file_kib():
+    """Resident file-backed memory of this process (Linux), in KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+def test_finite_check_reads_every_row_without_keeping_it_resident(tmp_path, monkeypatch):
+    n, dim = 700, 512  # 700 x 36 x 512 float32 = 52 MB on disk
+    feats = np.lib.format.open_memmap(tmp_path / "train_ims.npy", mode="w+", dtype=np.float32,
+                                      shape=(n, 36, dim))
+    feats[:, 0, 0] = 1.0
+    feats.flush()
+    del feats
+    (tmp_path / "train_caps.txt").write_bytes(b"a dog\n" * (5 * n))
+    file_kib = (tmp_path / "train_ims.npy").stat().st_size // 1024
+
+    def peak_growth(release):
+        """Largest RssFile growth seen after each block (the mapping closes when the pass ends)."""
+        before, seen = _rss_file_kib(), [0]
+
+        def after_block(array):
+            release(array)
+            seen.append(_rss_file_kib() - before)
+        monkeypatch.setattr(precomp, "release_mapped_pages", after_block)
+        validate_split(tmp_path, "train", dim, block_rows=50)  # blocks of 3.7 MB
+        return max(seen), len(seen) - 1
+
+    growth_released, blocks = peak_growth(precomp.release_mapped_pages)
+    growth_kept, _ = peak_growth(lambda array: None)
+    assert blocks == n // 50
+    assert growth_kept > file_kib // 2      # the pass does read the whole file
+    assert growth_released < file_kib // 4  # and, releasing each block, does not keep it mapped
+
+
+@pytest.mark.parametrize("split, number, line, problem", [
+    ("train", 12, b"", "is an empty caption"),
+    ("train", 12, b" \t ", "is an empty caption"),
+    ("dev", 3, b"  ", "is an empty caption"),  # CRLF file: the b"\r" is not a word either
+    ("test", 7, "\u00a0".encode(), "is an empty caption (no tokens)"),  # strip() keeps U+00A0
+], ids=["empty", "whitespace", "crlf-spaces", "nbsp-no-tokens"])
+def test_empty_caption_fails_cleanly(tmp_path, split, number, line, problem):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _make_folder(data)
+    path = data / f"{split}_caps.txt"
+    eol = b"\r\n" if split == "dev" else b"\n"
+    caps = path.read_bytes().split(eol)[:-1]
+    caps[number - 1] = line
+    caps[number] = line  # a second one after it: the first one is named
+    path.write_bytes(b"".join(c + eol for c in caps))
+    out.mkdir()
+    with pytest.raises(SystemExit) as info:
+        _run(data, out)
+    assert info.value.code == f"error: {path}: line {number} {problem}"
+    assert list(out.rglob("*")) == []  # no vocab.json, manifest.json or *_ids.npz
+
+
+def test_empty_caption_in_generated_demo_data_fails_cleanly(tmp_path):
+    data, out = tmp_path / "demo_precomp", tmp_path / "prepared"
+    make_demo_data.main(["--out", str(data), "--seed", "0", "--n-train", "20", "--n-dev", "10",
+                         "--n-test", "10", "--n-testall-per-fold", "4", "--img-dim", "16"])
+    path = data / "dev_caps.txt"
+    lines = path.read_bytes().split(b"\n")
+    lines[30] = b""
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(SystemExit) as info:
+        prepare_data.main(["--data", str(data), "--out", str(out), "--img-dim", "16",
+                           "--splits", "train", "dev", "test"])
+    assert info.value.code == f"error: {path}: line 31 is an empty caption"
+    assert not out.exists() or list(out.rglob("*")) == []

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline_steps.common.errors import InputError
+
 CAPTIONS_PER_IMAGE = 5
 REGIONS = 36
 # The reference uses only the first 5,000 dev captions (1,000 images) for validation.
 DEV_CAPTION_LIMIT = 5000
+# Rows read at a time by the whole-file NaN/Inf pass: about this many bytes (one COCO block: 227 rows).
+BLOCK_BYTES = 64 << 20
 
 
 # Caption lines of SCAN's release per (dataset, split) (Karpathy splits; spec tables). A folder
@@ -24,7 +28,7 @@ KNOWN_CAPTION_COUNTS = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset file is missing or malformed; the message names the file and the problem."""
 
 
@@ -45,6 +49,17 @@ def count_lines(path):
         return sum(1 for _ in handle)
 
 
+def release_mapped_pages(array):
+    """Tell the kernel this process no longer needs the pages of `array`'s file mapping.
+
+    MADV_DONTNEED takes them out of the process's resident set; they stay in the page cache, so a
+    later read is not a disk read. A no-op for arrays that are not memory-mapped (or no madvise).
+    """
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def open_features(path):
     """Open `{split}_ims.npy` memory-mapped (never read whole); errors name the file."""
     try:
@@ -55,10 +70,13 @@ def open_features(path):
         raise DataError(f"{path}: not a readable .npy array ({err})") from None
 
 
-def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, dataset=None):
+def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, dataset=None,
+                   block_rows=None):
     """Check one split and return its SplitInfo; raise DataError naming the file on problems.
 
     `dataset` (e.g. "coco_precomp") additionally checks the caption count of a known release.
+    Every feature value is checked to be finite, reading `block_rows` rows at a time (default:
+    about 64 MiB); see `_check_finite`.
     """
     folder = Path(folder)
     ims_path, caps_path = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
@@ -82,15 +100,45 @@ def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, d
     rows = features.shape[0]
     if rows == n_caps:
         rows_per_image = CAPTIONS_PER_IMAGE
-        _check_repeated_rows(features, ims_path, check_duplicates)
     elif rows * CAPTIONS_PER_IMAGE == n_caps:
         rows_per_image = 1
     else:
         raise DataError(f"{ims_path}: {rows} image rows do not match {n_caps} captions in "
                         f"{caps_path.name} (expected {n_caps // CAPTIONS_PER_IMAGE} or {n_caps} rows)")
+    # Before the repeated-rows check: NaN != NaN, so a NaN there would read as "rows differ".
+    _check_finite(features, ims_path, rows_per_image, block_rows)
+    if rows_per_image == CAPTIONS_PER_IMAGE:
+        _check_repeated_rows(features, ims_path, check_duplicates)
     if split == "dev" and dev_limit:
         n_caps = min(n_caps, DEV_CAPTION_LIMIT)
     return SplitInfo(split, n_caps // CAPTIONS_PER_IMAGE, n_caps, rows_per_image, img_dim)
+
+
+def _check_finite(features, path, rows_per_image, block_rows=None):
+    """Raise DataError naming the first image (and row) that holds NaN or Inf.
+
+    Such a value passes every shape check and only surfaces later as a NaN loss or a crash that
+    names neither the file nor the image. The whole file is read (COCO train: 33 GB) in blocks of
+    about 64 MiB, and each block's pages are dropped from this process's resident set after it
+    is checked, so the pass needs one block of memory however large the split is.
+    """
+    row_bytes = features.itemsize * int(np.prod(features.shape[1:]))
+    block_rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, features.shape[0], block_rows):
+        block = np.asarray(features[start:start + block_rows])
+        if not np.isfinite(block).all():  # the common case costs one reduction per block
+            _raise_first_non_finite(block, start, path, rows_per_image)
+        release_mapped_pages(features)
+
+
+def _raise_first_non_finite(block, start, path, rows_per_image):
+    """The block holds a non-finite value: find the first bad row and the first bad value in it."""
+    values = block.reshape(len(block), -1)
+    row = int(np.argmin(np.isfinite(values).all(axis=1)))
+    value = values[row][np.argmin(np.isfinite(values[row]))]
+    problem = "NaN" if np.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    row += start
+    raise DataError(f"{path}: image {row // rows_per_image} (row {row}) holds {problem}")
 
 
 def _check_repeated_rows(features, path, samples):
@@ -147,6 +195,4 @@ class ImageFeatures:
     def release_pages(self):
         """Drop this process's mapping of the pages read so far (they stay in the page cache)."""
         self._read_since_release = 0
-        mapping = getattr(self._array, "_mmap", None)
-        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        release_mapped_pages(self._array)
