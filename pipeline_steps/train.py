@@ -39,13 +39,15 @@ from tqdm import tqdm
 from models import create_model
 from models.losses import LossConfig, OfflineScores, retrieval_loss
 from pipeline_steps.common import distributed
-from pipeline_steps.common.atomic import atomic_path, write_text_atomic
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
 from pipeline_steps.common.checkpoint import save_checkpoint
+from pipeline_steps.common.errors import InputError, one_line_errors
 from pipeline_steps.common.encode import encode_split, representation_scorer
 from pipeline_steps.common.metrics import evaluate, val_score4
 from pipeline_steps.common.optim import Optimizers
 from pipeline_steps.common.precision import MixedPrecision
+from pipeline_steps.common.resume import FolderInUse, ResumeFolder, best_name
 from pipeline_steps.common.splits import open_split, read_manifest
 
 log = logging.getLogger("train")
@@ -165,23 +167,38 @@ def validate(model, dev, cfg, device):
 
 class Run:
     """Training state that a resume restores: weights, optimiser, position, best score, history.
-    Every process restores it; rank 0 alone saves it, with every process's random state."""
+    Rank 0 holds the resume folder's lock and alone writes it (with every process's random
+    state); every process restores from it (pipeline_steps/common/resume.py)."""
 
     def __init__(self, args, model, optimizer, resume_dir, ctx=distributed.SINGLE):
         self.args, self.model, self.optimizer, self.ctx = args, model, optimizer, ctx
-        self.dir = Path(resume_dir)
+        self.folder = ResumeFolder(resume_dir)
+        self.dir = self.folder.path
         self.epoch, self.next_batch, self.iteration = 0, 0, 0
-        self.best_score, self.history = float("-inf"), []
+        self.best_score, self.best_iteration, self.history = float("-inf"), None, []
+        self.saved_iteration = None  # the iteration of the resume state on disk
         self.fingerprint = fingerprint(args)
 
+    def take_folder(self):
+        """Rank 0 locks the resume folder and drops a state that is not complete; every process
+        stops with the same one-line error if another trainer holds it."""
+        problem = None
+        if self.ctx.is_main:
+            try:
+                self.folder.lock()
+            except FolderInUse as err:
+                problem = str(err)
+            else:
+                self.folder.load_state(self.fingerprint)  # discards an unusable state
+        problem = next((p for p in self.ctx.gather_objects(problem) if p), None)
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        self.ctx.barrier()
+
     def try_resume(self):
-        state_path = self.dir / "state.pt"
-        if not state_path.exists():
+        if not (self.dir / "state.pt").exists():
             return False
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning("resume state in %s belongs to another configuration; starting over", self.dir)
-            return False
+        state = torch.load(self.dir / "state.pt", map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -191,7 +208,8 @@ class Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.next_batch = state["epoch"], state["next_batch"]
         self.iteration, self.best_score = state["iteration"], state["best_score"]
-        self.history = state["history"]
+        self.best_iteration, self.history = state["best_iteration"], state["history"]
+        self.saved_iteration = self.iteration
         log.info("resuming at epoch %d batch %d (iteration %d)", self.epoch, self.next_batch, self.iteration)
         return True
 
@@ -200,13 +218,15 @@ class Run:
         rank_rng = self.ctx.gather_objects(self.ctx.rng_state()) if self.ctx.enabled else None
         if self.ctx.is_main:
             cuda_all = torch.cuda.is_available() and not self.ctx.enabled  # a process touches its GPU only
-            with atomic_path(self.dir / "state.pt") as tmp:
-                torch.save({"fingerprint": self.fingerprint, "model": self.model.state_dict(),
-                            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state_all() if cuda_all else [],
-                            "rank_rng": rank_rng, "epoch": self.epoch, "next_batch": self.next_batch,
-                            "iteration": self.iteration, "best_score": self.best_score,
-                            "history": self.history}, tmp)
+            best = None if self.best_iteration is None else best_name(self.best_iteration)
+            self.folder.save_state({
+                "fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if cuda_all else [], "rank_rng": rank_rng,
+                "epoch": self.epoch, "next_batch": self.next_batch, "iteration": self.iteration,
+                "best_score": self.best_score, "best_iteration": self.best_iteration,
+                "best_file": best, "history": self.history})
+        self.saved_iteration = self.iteration
         self.ctx.barrier()
 
     def checkpoint(self, path, metrics):
@@ -214,14 +234,18 @@ class Run:
                         val_score4=val_score4(metrics), metrics=metrics, seed=self.args.seed,
                         train_config=self.args.train_config, loss_config=self.args.loss_config)
 
+    @property
+    def best_path(self):
+        return self.dir / best_name(self.best_iteration)
+
 
 def run_validation(run, dev, cfg, device, train_loss, lr, label):
     metrics = validate(run.model, dev, cfg, device)
     score = val_score4(metrics)
     is_best = score > run.best_score  # strictly greater, as the reference
     if is_best:
-        run.best_score = score
-        run.checkpoint(run.dir / "best.pt", metrics)
+        run.best_score, run.best_iteration = score, run.iteration
+        run.checkpoint(run.best_path, metrics)  # a new name: the saved state still names the old one
     row = {"epoch": run.epoch, "iteration": run.iteration, "lr": lr, "train_loss": train_loss,
            **{k: round(metrics[k], 4) for k in METRIC_KEYS}, "val_score4": round(score, 4),
            "best": int(is_best)}
@@ -229,6 +253,20 @@ def run_validation(run, dev, cfg, device, train_loss, lr, label):
     log.info("VAL %s epoch=%d iter=%d lr=%.3g train_loss=%.4f %s val_score4=%.2f best=%d", label,
              run.epoch, run.iteration, lr, train_loss,
              " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_KEYS), score, int(is_best))
+
+
+class NonFinite(Exception):
+    """A loss or gradient was NaN or Inf."""
+
+
+def check_finite(what, value, label, run):
+    """Stop at once on a NaN/Inf, naming the run and the step. The resume state of the last
+    validation stays, so a rerun replays the same steps and stops the same way."""
+    if not math.isfinite(value):
+        kept = ("no resume state yet" if run.saved_iteration is None else
+                f"the resume state of iteration {run.saved_iteration} is kept in {run.dir}")
+        raise NonFinite(f"non-finite {what} ({value}) at {label} epoch={run.epoch} "
+                        f"iteration={run.iteration + 1}; training stopped, {kept}")
 
 
 def history_csv(history):
@@ -243,12 +281,92 @@ def write_outputs(run, args):
     last_metrics = run.history[-1]
     run.checkpoint(args.out_last, {k: last_metrics[k] for k in METRIC_KEYS})
     with atomic_path(args.out_best) as tmp:
-        shutil.copyfile(run.dir / "best.pt", tmp)
+        shutil.copyfile(run.best_path, tmp)
     write_text_atomic(args.out_log, history_csv(run.history))
-    shutil.rmtree(run.dir)  # finished: a forced rerun starts from scratch
+    run.folder.remove()  # finished: a forced rerun starts from scratch
     log.info("done: best val_score4=%.2f", run.best_score)
 
 
+def build(args, cfg, loss_cfg, ctx):
+    """Data, model, offline candidates, optimiser and precision of a run."""
+    features, captions, info = open_split(args.data, args.prepared, "train")
+    dev = open_split(args.data, args.prepared, "dev")
+    ctx.check_batch_split(info.n_captions, cfg.batch_size)
+    vocab_size = read_manifest(args.prepared)["vocab_size"]
+    model_cfg = json.loads(args.model_config) | {"vocab_size": vocab_size, "img_dim": info.img_dim}
+    try:
+        model = create_model(args.model, **model_cfg).to(ctx.device)
+    except (TypeError, ValueError) as err:  # an unknown field or value of the model's config
+        raise InputError(f"--model {args.model} --model-config: {err}") from None
+    ctx.prepare_model(model, args.seed)  # multi-process: whole-batch BatchNorm, own dropout streams
+    candidates = None
+    if loss_cfg.needs_offline:
+        candidates = OfflineCandidates(args.candidates_i2t, args.candidates_t2i, info.n_images,
+                                       cfg.offline_size)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    try:
+        precision = MixedPrecision(cfg.amp, ctx.device)
+    except ValueError as err:
+        raise SystemExit(f"error: --train-config: {err}") from None
+    # VSRN parity (Q-DUP): the captioning parameters get two Adam steps per iteration.
+    double = "caption" if getattr(model.config, "caption_double_step", False) else None
+    optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
+    return (features, captions, info), dev, model, candidates, optimizer, precision
+
+
+def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label):
+    """The loop: epochs of batches, a validation every val_step iterations and at each epoch's
+    end, the resume state saved after each validation."""
+    features, captions, info = train_split
+    model, optimizer, ctx, seed = run.model, run.optimizer, run.ctx, run.args.seed
+    caption_targets = model.caption_targets_of if model.needs_caption_targets else None
+    model.train()
+    while run.epoch < cfg.epochs:
+        lr = lr_at_epoch(cfg, run.epoch)
+        optimizer.set_lr(lr)
+        epoch_loss = loss_config_at_epoch(loss_cfg, cfg, run.epoch)
+        batches = epoch_batches(info.n_captions, cfg.batch_size, seed, run.epoch)
+        dataset = TrainBatches(features, captions, batches, seed, run.epoch, candidates,
+                               first_batch=run.next_batch, caption_targets=caption_targets,
+                               shard=(ctx.rank, ctx.world_size))
+        # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
+        # resumed run, which creates one mid-epoch, would diverge from an uninterrupted one.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+                                             generator=torch.Generator().manual_seed(seed))
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
+                   mininterval=5, file=sys.stderr, disable=not ctx.is_main)
+        for batch in bar:
+            with precision.autocast():
+                loss, _ = training_loss(model, batch, epoch_loss, ctx.device, ctx)
+            losses.append(loss.item())
+            check_finite("loss", losses[-1], label, run)
+            optimizer.zero_grad()
+            precision.backward(loss)
+            precision.unscale(optimizer)
+            ctx.sum_gradients(model.parameters())  # before clipping: the total norm is the batch's
+            total_norm = optimizer.clip(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not precision.skips_overflow:  # fp16's scaler skips such steps by design
+                check_finite("gradient norm", total_norm, label, run)
+            if precision.should_step(total_norm):
+                optimizer.step()
+            run.iteration += 1
+            run.next_batch += 1
+            if run.iteration % cfg.val_step == 0 and run.next_batch < len(batches):
+                if ctx.is_main:  # the others wait in save_state
+                    run_validation(run, dev, cfg, ctx.device, float(np.mean(losses)), lr, label)
+                losses = []
+                run.save_state()
+        bar.close()
+        if ctx.is_main:
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            run_validation(run, dev, cfg, ctx.device, mean_loss, lr, label)
+        run.epoch, run.next_batch = run.epoch + 1, 0
+        run.save_state()
+
+
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     cfg = _json_config(args.train_config, TrainConfig, "--train-config")
@@ -261,80 +379,26 @@ def main(argv=None):
                         format=f"%(asctime)s {prefix}%(name)s %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = ctx.device
     torch.manual_seed(args.seed)
+    train_split, dev, model, candidates, optimizer, precision = build(args, cfg, loss_cfg, ctx)
 
-    features, captions, info = open_split(args.data, args.prepared, "train")
-    dev = open_split(args.data, args.prepared, "dev")
-    ctx.check_batch_split(info.n_captions, cfg.batch_size)
-    vocab_size = read_manifest(args.prepared)["vocab_size"]
-    model_cfg = json.loads(args.model_config) | {"vocab_size": vocab_size, "img_dim": info.img_dim}
-    model = create_model(args.model, **model_cfg).to(device)
-    ctx.prepare_model(model, args.seed)  # multi-process: whole-batch BatchNorm, own dropout streams
-    candidates = None
-    if loss_cfg.needs_offline:
-        candidates = OfflineCandidates(args.candidates_i2t, args.candidates_t2i, info.n_images,
-                                       cfg.offline_size)
-    torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
-    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    try:
-        precision = MixedPrecision(cfg.amp, device)
-    except ValueError as err:
-        raise SystemExit(f"error: --train-config: {err}") from None
-    # VSRN parity (Q-DUP): the captioning parameters get two Adam steps per iteration.
-    double = "caption" if getattr(model.config, "caption_double_step", False) else None
-    optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
-    caption_targets = model.caption_targets_of if model.needs_caption_targets else None
     run = Run(args, model, optimizer, args.resume_dir, ctx)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    run.try_resume()
-    ctx.agree("where training resumes", (run.epoch, run.next_batch, run.iteration))
-    ctx.broadcast_from_main(model.state_dict().values())
-    label = f"model={args.model} variant={loss_cfg.variant} seed={args.seed}"
-
-    model.train()
-    while run.epoch < cfg.epochs:
-        lr = lr_at_epoch(cfg, run.epoch)
-        optimizer.set_lr(lr)
-        epoch_loss = loss_config_at_epoch(loss_cfg, cfg, run.epoch)
-        batches = epoch_batches(info.n_captions, cfg.batch_size, args.seed, run.epoch)
-        dataset = TrainBatches(features, captions, batches, args.seed, run.epoch, candidates,
-                               first_batch=run.next_batch, caption_targets=caption_targets,
-                               shard=(ctx.rank, ctx.world_size))
-        # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
-        # resumed run, which creates one mid-epoch, would diverge from an uninterrupted one.
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
-                                             generator=torch.Generator().manual_seed(args.seed))
-        losses = []
-        bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
-                   mininterval=5, file=sys.stderr, disable=not ctx.is_main)
-        for batch in bar:
-            with precision.autocast():
-                loss, _ = training_loss(model, batch, epoch_loss, device, ctx)
-            optimizer.zero_grad()
-            precision.backward(loss)
-            precision.unscale(optimizer)
-            ctx.sum_gradients(model.parameters())  # before clipping: the total norm is the batch's
-            total_norm = optimizer.clip(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if precision.should_step(total_norm):
-                optimizer.step()
-            losses.append(loss.item())
-            run.iteration += 1
-            run.next_batch += 1
-            if run.iteration % cfg.val_step == 0 and run.next_batch < len(batches):
-                if ctx.is_main:  # the others wait in save_state
-                    run_validation(run, dev, cfg, device, float(np.mean(losses)), lr, label)
-                losses = []
-                run.save_state()
-        bar.close()
+    run.take_folder()  # one trainer per resume folder; an incomplete state is dropped
+    try:
+        if ctx.is_main:  # only now is nothing else writing these
+            remove_stale_temporaries(args.out_best, args.out_last, args.out_log)
+        run.try_resume()
+        ctx.agree("where training resumes", (run.epoch, run.next_batch, run.iteration))
+        ctx.broadcast_from_main(model.state_dict().values())
+        label = f"model={args.model} variant={loss_cfg.variant} seed={args.seed}"
+        try:
+            train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label)
+        except NonFinite as err:
+            raise SystemExit(f"error: {err}") from None
         if ctx.is_main:
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
-            run_validation(run, dev, cfg, device, mean_loss, lr, label)
-        run.epoch, run.next_batch = run.epoch + 1, 0
-        run.save_state()
-
-    if ctx.is_main:
-        write_outputs(run, args)
+            write_outputs(run, args)
+    finally:
+        run.folder.unlock()  # the process may live on (tests, notebooks): let the next one in
     ctx.close()
     return 0
 

@@ -182,7 +182,8 @@ def test_two_processes_resume_after_a_kill_exactly(dataset, tmp_path):
     argv = train_args(dataset, tmp_path / "two", "vsrn", "adapoffquin")
     run_two(argv, tmp_path / "trace_killed", kill_after_saves=2, dropout=True)  # after iteration 6
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["resume"]  # no outputs yet
-    assert sorted(p.name for p in (tmp_path / "two" / "resume").iterdir()) == ["best.pt", "state.pt"]
+    kept = sorted(p.name for p in (tmp_path / "two" / "resume").iterdir())
+    assert kept[0] == ".lock" and kept[1].startswith("best-") and kept[2:] == ["state.pt"], kept
     resumed = run_two(argv, tmp_path / "trace_resumed", dropout=True)
     for rank in range(2):
         assert resumed[rank]["losses"] == full[rank]["losses"][6:]

@@ -27,6 +27,12 @@ class MixedPrecision:
         self.dtype, self.device_type = AMP_DTYPES[mode], device.type
         self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
 
+    @property
+    def skips_overflow(self):
+        """True when inf/NaN gradients are expected now and then (fp16 loss scaling): the step is
+        skipped and the scale lowered, instead of stopping the run."""
+        return self.scaler is not None
+
     def autocast(self):
         """Context for the forward pass and the loss."""
         if self.dtype is None:
