@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline_steps.common.atomic import remove_stale_temporaries, temporary_path
+from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.precomp import CAPTIONS_PER_IMAGE
 from pipeline_steps.common.splits import read_manifest
 
@@ -73,14 +75,16 @@ def image_of_caption(caption_rows, images):
 def link(target, source):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(target)
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(Path(source).resolve())
     os.replace(tmp, target)
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    remove_stale_temporaries(args.out_i2t, args.out_t2i)
     train = read_manifest(args.prepared)["splits"]["train"]
     n_img, n_cap = train["n_images"], train["n_captions"]
     try:

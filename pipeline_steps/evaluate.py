@@ -20,8 +20,10 @@ import json
 import logging
 import sys
 
-from pipeline_steps.common.atomic import write_text_atomic
-from pipeline_steps.common.checkpoint import load_checkpoint, pick_device
+from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
+from pipeline_steps.common.checkpoint import load_checkpoint
+from pipeline_steps.common.device import pick_device
+from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.encode import encode_split, representation_scorer
 from pipeline_steps.common.metrics import ensemble_scorer, evaluate
 from pipeline_steps.common.splits import open_split
@@ -52,16 +54,21 @@ def score_split(checkpoints, data, prepared, split, batch_size, device):
         model, checkpoint = load_checkpoint(path, device)
         images, caps = encode_split(model, features, captions, info.n_captions, batch_size, device)
         scorers.append(representation_scorer(model, images, caps, info.n_images))
-        variant = json.loads(checkpoint.get("loss_config", "{}")).get("variant", "baseline")
-        models.append({"checkpoint": str(path), "model": model.name, "variant": variant,
-                       "seed": checkpoint.get("seed"), "epoch": checkpoint.get("epoch")})
+        loss_config = json.loads(checkpoint.get("loss_config", "{}"))
+        models.append({"checkpoint": str(path), "model": model.name,
+                       "variant": loss_config.get("variant", "baseline"), "seed": checkpoint.get("seed"),
+                       "epoch": checkpoint.get("epoch"), "iteration": checkpoint.get("iteration"),
+                       "loss_config": loss_config,
+                       "train_config": json.loads(checkpoint.get("train_config", "{}"))})
     scorer = scorers[0] if len(scorers) == 1 else ensemble_scorer(scorers)
     return scorer, info.n_images, models
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    remove_stale_temporaries(*(e[3] for e in args.evaluation))
     for name, split, protocol, _ in args.evaluation:
         if protocol not in ("full", "5fold"):
             raise SystemExit(f"error: evaluation {name}: protocol must be full or 5fold, not {protocol!r}")

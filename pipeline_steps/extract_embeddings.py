@@ -17,8 +17,10 @@ import sys
 import h5py
 from tqdm import tqdm
 
-from pipeline_steps.common.atomic import atomic_path
-from pipeline_steps.common.checkpoint import load_checkpoint, pick_device
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
+from pipeline_steps.common.checkpoint import load_checkpoint
+from pipeline_steps.common.device import pick_device
+from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.encode import iter_caption_representations, iter_image_representations
 from pipeline_steps.common.splits import open_split
 
@@ -38,9 +40,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    remove_stale_temporaries(args.out)
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
@@ -48,7 +52,7 @@ def main(argv=None):
     model, checkpoint = load_checkpoint(args.checkpoint, device)
     if not model.single_vector:
         raise SystemExit(f"error: model {model.name!r} has no single-vector embeddings; "
-                         "mine with an embedding model (see config: aoq.miner)")
+                         "mine with an embedding model (config: mining.model)")
     features, captions, info = open_split(args.data, args.prepared, args.split)
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as h5:
         blocks = {"images": (iter_image_representations(model, features, args.batch_size, device),

@@ -19,7 +19,9 @@ import sys
 
 from models import create_model
 from models.registry import model_class
+from pipeline_steps.common.atomic import remove_stale_temporaries
 from pipeline_steps.common.checkpoint import save_checkpoint
+from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.reference_files import load_reference_checkpoint
 from pipeline_steps.common.splits import read_manifest
 
@@ -36,11 +38,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    remove_stale_temporaries(args.out)
+    reference = load_reference_checkpoint(args.reference)  # its refusals name the file already
     try:
-        reference = load_reference_checkpoint(args.reference)
         cls = model_class(args.arch)
         if not hasattr(cls, "load_reference_state"):
             raise ValueError(f"model {args.arch!r} cannot read the reference checkpoint layout")

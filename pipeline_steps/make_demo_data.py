@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_steps.common.atomic import atomic_path, write_text_atomic
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 
 GENERATOR_VERSION = "1"
 N_REGIONS = 36
@@ -271,6 +271,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    remove_stale_temporaries(Path(args.out) / "demo_meta.json",
+                             *(Path(args.out) / f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt")))
     sizes = {"train": args.n_train, "dev": args.n_dev, "test": args.n_test,
              "testall": N_FOLDS * args.n_testall_per_fold}
     protos = make_prototypes(args.seed, args.img_dim)

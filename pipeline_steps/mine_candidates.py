@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline_steps.common.atomic import atomic_path
-from pipeline_steps.common.checkpoint import pick_device
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
+from pipeline_steps.common.device import pick_device
+from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.mining import ENGINES, mine_both, t2i_queue_bytes
 
 log = logging.getLogger("mine_candidates")
@@ -49,9 +50,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    remove_stale_temporaries(args.out_i2t, args.out_t2i)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

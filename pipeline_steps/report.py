@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from models.losses import VARIANT_LABELS
-from pipeline_steps.common.atomic import atomic_path, write_text_atomic
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from pipeline_steps.common.errors import one_line_errors
 
 COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 HEADER = "| Model | Method | R@1 | R@5 | R@10 | R@1 | R@5 | R@10 | rsum |"
@@ -87,15 +88,18 @@ def plot_curves(log_paths, target):
     # Log scale: warm-up epochs sum the hinge over all negatives and are orders of magnitude larger.
     axes[1].set(xlabel="iteration", ylabel="mean training loss since last validation", title="training",
                 yscale="log")
-    axes[0].legend(fontsize=7)
+    if log_paths:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
+    remove_stale_temporaries(args.out_md, args.out_csv, args.out_png)
     table = metrics_table(args.metrics)
     write_text_atomic(args.out_csv, table.to_csv(index=False, float_format="%.4f"))
     plot_curves(args.val_logs, args.out_png)

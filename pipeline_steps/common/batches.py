@@ -49,9 +49,12 @@ class OfflineCandidates:
         n_caps = n_images * CAPTIONS_PER_IMAGE
         for path, arr, rows, need in ((i2t_path, self.i2t, n_images, offline_size),
                                       (t2i_path, self.t2i, n_caps, -(-offline_size // 5))):
-            if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] < need or arr.dtype != np.int32:
-                raise DataError(f"{path}: expected int32 array ({rows}, >= {need}), "
-                                f"found {arr.dtype} {arr.shape}")
+            if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.int32:
+                raise DataError(f"{path}: expected an int32 array of {rows} rows (one per training "
+                                f"{'image' if rows == n_images else 'caption'}), found {arr.dtype} {arr.shape}")
+            if arr.shape[1] < need:
+                raise DataError(f"{path}: offline_size {offline_size} draws from the first {need} "
+                                f"candidates of each row, but the file holds {arr.shape[1]}")
 
     def __getstate__(self):
         return {"paths": self.paths, "offline_size": self.offline_size}

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline_steps.common.checkpoint import pick_device
+from pipeline_steps.common.device import pick_device
 
 log = logging.getLogger(__name__)
 TIMEOUT = datetime.timedelta(hours=4)  # other ranks wait at a barrier while rank 0 validates

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .errors import InputError
 from .text import check_word2idx, load_vocab_json, vocab_json_text
 
 
-class ReferenceFileError(ValueError):
+class ReferenceFileError(InputError):
     """A released file is unreadable, malformed or holds an object we refuse to build."""
 
 
