@@ -1,12 +1,17 @@
 """The Snakemake workflow end to end on a tiny config: full run, no-op rerun, selective reruns, lint."""
 import copy
 import json
+import os
 import re
+import signal
 import subprocess
+import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from tests.helpers import ENV, REPO, SNAKEFILE, SNAKEMAKE, planned_jobs, snakemake, tiny_config
+from tests.helpers import ENV, REPO, SNAKEFILE, SNAKEMAKE, planned_jobs, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -202,3 +207,59 @@ def test_gpu_settings_reach_the_jobs(tmp_path):
         assert all("gpu=1" in res and cmd.startswith(slot.format(1) + f"pipeline_steps.{step} ")
                    for res, cmd in gpu[rule]), gpu[rule]
     assert gpu["prepare_data"] == cpu["prepare_data"]  # CPU-only rules are untouched
+
+
+def trainer_processes():
+    """{pid: --resume-dir} of the running `python -m pipeline_steps.train` processes."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and b"pipeline_steps.train" in args and b"--resume-dir" in args:
+            found[int(entry.name)] = args[args.index(b"--resume-dir") + 1].decode()
+    return found
+
+
+def test_a_killed_retrain_is_resumed_and_no_result_describes_old_settings(tmp_path):
+    """The audit's repro: finish the DAG, change an AOQ setting, kill -9 one retraining trainer.
+    Snakemake deletes that job's outputs but not the older evaluations and report downstream, so
+    it used to plan nothing. A plain rerun must resume the killed training, and every metrics
+    file and the report must then describe the new setting."""
+    config = tiny_config()
+    config["aoq"]["train"].update(epochs=30, val_step=1)  # long enough to be caught mid-run
+    # One retraining: once it is killed, nothing else is left to make the evaluation look stale.
+    config["aoq"]["variants"] = ["adapoffquin"]
+    assert snakemake(tmp_path, config).returncode == 0
+    changed = copy.deepcopy(config)
+    changed["aoq"]["loss"]["alpha"] = 0.5
+    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
+                       str(write_config(tmp_path, changed)), "--cores", "2"]
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    killed, deadline = None, time.time() + 300
+    while killed is None and time.time() < deadline and run.poll() is None:
+        for pid, resume in trainer_processes().items():
+            if (tmp_path / resume / "state.pt").exists():
+                os.kill(pid, signal.SIGKILL)
+                killed = resume
+                break
+        time.sleep(0.02)
+    assert killed, "no trainer was caught running"
+    assert run.wait(timeout=600) != 0
+    planned = planned_jobs(snakemake(tmp_path, changed, "-n"))
+    assert {rule for rule, _ in planned} >= {"train", "evaluate", "report"}, planned
+    result = snakemake(tmp_path, changed)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    variant = Path(killed).parent.name
+    log = (tmp_path / "logs" / "demo_precomp" / "train" / f"vsepp_{variant}_seed0.log").read_text()
+    assert "resuming at epoch" in log
+    results = tmp_path / "results" / "demo_precomp"
+    report = pd.read_csv(results / "report" / "report.csv")
+    for variant in config["aoq"]["variants"]:
+        for evaluation in config["evaluation"]:
+            metrics = json.loads((results / "eval" / "vsepp" / variant / f"{evaluation['name']}.json").read_text())
+            assert [m["loss_config"]["alpha"] for m in metrics["models"]] == [0.5]
+            row = report[(report.evaluation == evaluation["name"]) & (report.variant == variant)]
+            assert row.rsum.item() == pytest.approx(metrics["rsum"], abs=1e-4)
+    assert not (tmp_path / "results" / ".resume").exists() or not any((tmp_path / "results" / ".resume").iterdir())

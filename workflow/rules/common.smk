@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import sys
@@ -26,20 +27,17 @@ MODELS = {name: entry for name, entry in config["models"].items()
 # ensembles of several models (each with all its seeds), e.g. SCAN t-i AVG + i-t LSE; an ensemble
 # with an unselected member is left out.
 ENSEMBLES = {name: [name] for name in MODELS} | {
-    name: members for name, members in config.get("ensembles", {}).items()
+    name: members for name, members in config["ensembles"].items()
     if set(members) <= set(MODELS)
 }
-MODEL_KEYS = ("arch", "train", "variants", "seeds")
-for _name, _members in config.get("ensembles", {}).items():
-    if _name in config["models"] or not set(_members) <= set(config["models"]):
-        raise ValueError(f"config: ensemble {_name!r} must not reuse a model name and may only "
-                         f"list models of `models:` (got {_members})")
+# Keys of a model entry that are the pipeline's, not the architecture's config.
+MODEL_KEYS = ("arch", "train", "baseline", "aoq", "variants", "seeds")
 
 
 # Released checkpoints (name -> {path, arch}) and the ensembles of them to evaluate; every
 # checkpoint alone is an ensemble of one.
-RELEASED = config.get("released", {}).get("checkpoints", {})
-RELEASED_ENSEMBLES = {c: [c] for c in RELEASED} | config.get("released", {}).get("ensembles", {})
+RELEASED = config["released"]["checkpoints"]
+RELEASED_ENSEMBLES = {c: [c] for c in RELEASED} | config["released"]["ensembles"]
 
 
 def seeds_of(model):
@@ -69,12 +67,12 @@ wildcard_constraints:
 # `gpu` count. SLURM assigns the devices itself; a local run hands each job its own through a GPU
 # slot, among resources.local_gpus devices (counted with nvidia-smi when null).
 GPU_CLASSES = ("train", "extract", "mine", "evaluate")
-if config["resources"].get("local_gpus") is not None:
+if config["resources"]["local_gpus"] is not None:
     os.environ.update(AOQ_LOCAL_GPUS=str(config["resources"]["local_gpus"]))
 
 
 def gpus_of(kind):
-    gpus = config["resources"][kind].get("gpus")
+    gpus = config["resources"][kind]["gpus"]
     return config["resources"]["gpus_per_job"] if gpus is None else gpus
 
 
@@ -102,26 +100,18 @@ def step_command(kind, module):
 def download_source_flags(wildcards):
     """Where the data comes from: an existing folder, an archive on disk, or the mirrors."""
     d = config["download"]
-    if d.get("adopt_folder"):
+    if d["adopt_folder"]:
         return f"--adopt-folder {d['adopt_folder']} --extract {d['extract']}"
-    if d.get("adopt_archive"):
+    if d["adopt_archive"]:
         return f"--adopt-archive {d['adopt_archive']} --extract {d['extract']}"
     return f"--urls {' '.join(d['urls'])} --archive {d['archive']} --extract {d['extract']}"
 
 
-if config.get("download", {}).get("enabled"):
-    if config["demo"]["enabled"]:
-        raise ValueError("config: demo.enabled and download.enabled exclude each other")
-    if os.path.basename(config["download"]["extract"].rstrip("/")) != os.path.basename(DATA):
-        raise ValueError("config: download.extract must end in the dataset folder of dataset.path "
-                         f"({config['download']['extract']!r} vs {DATA!r})")
-
-
 def vocab_flags(wildcards):
     """A released vocabulary instead of building one: SCAN json or the VSRN/AOQ Python-2 pickle."""
-    if config["dataset"].get("vocab_json"):
+    if config["dataset"]["vocab_json"]:
         return f"--vocab-json {config['dataset']['vocab_json']}"
-    if config["dataset"].get("vocab_pkl"):
+    if config["dataset"]["vocab_pkl"]:
         return f"--vocab-pkl {config['dataset']['vocab_pkl']}"
     return ""
 
@@ -159,7 +149,7 @@ def miner_candidates():
     """The i2t / t2i files every AOQ run trains with: mined by the configured baseline, or the
     authors' files (mining.candidate_files) once checked."""
     m = config["mining"]
-    if m.get("candidate_files"):
+    if m["candidate_files"]:
         folder = f"{R}/candidates/authors"
     else:
         folder = f"{R}/candidates/{m['model']}/seed{m['seed']}"
@@ -171,14 +161,17 @@ def model_config(model):
 
 
 def train_section(model, variant):
-    section = config["baseline"]["train"] if variant == "baseline" else config["aoq"]["train"]
-    return section | MODELS[model].get("train", {})
+    """The training settings of a run: the round's section (baseline or aoq), then the model's
+    `train:` (both rounds), then the model's own `baseline: {train}` or `aoq: {train}`."""
+    round_ = "baseline" if variant == "baseline" else "aoq"
+    entry = MODELS[model]
+    return config[round_]["train"] | entry.get("train", {}) | entry.get(round_, {}).get("train", {})
 
 
 def loss_section(variant):
     # The baseline gets only its own margin, so AOQ hyperparameters never rerun it.
     if variant == "baseline":
-        return {"variant": "baseline", "margin_online": config["baseline"].get("margin", 0.2)}
+        return {"variant": "baseline", "margin_online": config["baseline"]["margin"]}
     return {"variant": variant, **config["aoq"]["loss"]}
 
 
@@ -201,8 +194,44 @@ def evaluation_flags(outputs):
                     for e, out in zip(config["evaluation"], outputs))
 
 
-def evaluation_by_name(name):
-    return next(e for e in config["evaluation"] if e["name"] == name)
+# Provenance. A rule's params hold a digest of every setting its output depends on, its own and
+# those of everything upstream. Snakemake reruns a rule whose params changed, and then the jobs
+# that make its inputs, even when those were deleted by a failed job while the rule's own older
+# outputs stayed: without this, a training killed after a settings change left evaluations and a
+# report of the old settings looking current ("Nothing to be done").
+def digest(value):
+    return hashlib.sha256(as_json(value).encode()).hexdigest()[:16]
+
+
+def data_settings():
+    return {"dataset": config["dataset"], "demo": config["demo"] if config["demo"]["enabled"] else None}
+
+
+def candidate_settings():
+    m = config["mining"]
+    if m["candidate_files"]:
+        return {"files": m["candidate_files"]}
+    return {"miner": run_settings(m["model"], "baseline", m["seed"]), "k_i2t": m["k_i2t"],
+            "k_t2i": m["k_t2i"], "dtype": m["dtype"]}
+
+
+def run_settings(model, variant, seed):
+    """Everything a trained checkpoint depends on."""
+    settings = {"data": data_settings(), "arch": MODELS[model]["arch"], "model": model_config(model),
+                "train": train_section(model, variant), "loss": loss_section(variant), "seed": int(seed)}
+    if variant != "baseline":
+        settings["candidates"] = candidate_settings()
+    return settings
+
+
+def evaluation_settings(name, variant):
+    runs = [run_settings(m, variant, s) for m in ENSEMBLES[name] for s in seeds_of(m)]
+    return {"runs": runs, "evaluation": config["evaluation"]}
+
+
+def report_settings():
+    return {"evaluations": [evaluation_settings(n, v) for n in ENSEMBLES for v in ensemble_variants(n)],
+            "title": config["report"]["title"]}
 
 
 def trained_runs():

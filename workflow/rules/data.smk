@@ -9,7 +9,7 @@ if config["demo"]["enabled"]:
             data=lambda w, output: os.path.dirname(output.meta),
             demo=config["demo"],
             img_dim=config["dataset"]["img_dim"],
-            dev_layout=lambda w: "--dev-rows-per-caption" if config["demo"].get("dev_rows_per_caption") else "",
+            dev_layout=lambda w: "--dev-rows-per-caption" if config["demo"]["dev_rows_per_caption"] else "",
         resources:
             **job_resources("light"),
         conda:
@@ -23,7 +23,7 @@ if config["demo"]["enabled"]:
             " {params.dev_layout} > {log} 2>&1"
 
 
-if config.get("download", {}).get("enabled"):
+if config["download"]["enabled"]:
 
     rule download_data:
         output:
@@ -32,7 +32,7 @@ if config.get("download", {}).get("enabled"):
             stamp=f"{DATA}.download.json",
         params:
             source=download_source_flags,
-            sha=lambda w: f"--sha256 {config['download']['sha256']}" if config["download"].get("sha256") else "",
+            sha=lambda w: f"--sha256 {config['download']['sha256']}" if config["download"]["sha256"] else "",
             dest=lambda w, output: os.path.dirname(output.stamp),
         resources:
             **job_resources("data"),
@@ -59,8 +59,8 @@ rule prepare_data:
         splits=" ".join(config["dataset"]["splits"]),
         img_dim=config["dataset"]["img_dim"],
         vocab=vocab_flags,
-        threshold=config["dataset"].get("vocab_threshold", 4),
-        tokenizer=config["dataset"].get("tokenizer", "auto"),
+        threshold=config["dataset"]["vocab_threshold"],
+        tokenizer=config["dataset"]["tokenizer"],
         name=DATASET,
     resources:
         **job_resources("data"),

@@ -9,7 +9,8 @@ rule evaluate:
         data=data_dir,
         prepared=prepared_dir,
         evaluations=lambda w, output: evaluation_flags(output.metrics),
-        device=config["run"].get("device", "auto"),
+        device=config["run"]["device"],
+        settings=lambda w: digest(evaluation_settings(w.name, w.variant)),
     threads: 4
     resources:
         **job_resources("evaluate"),

@@ -8,7 +8,8 @@ rule extract_embeddings:
         step=step_command("extract", "pipeline_steps.extract_embeddings"),
         data=data_dir,
         prepared=prepared_dir,
-        device=config["run"].get("device", "auto"),
+        device=config["run"]["device"],
+        settings=lambda w: digest(run_settings(w.model, "baseline", w.seed)),
     threads: 4
     resources:
         **job_resources("extract"),
@@ -32,9 +33,10 @@ rule mine_candidates:
         step=step_command("mine", "pipeline_steps.mine_candidates"),
         k_i2t=config["mining"]["k_i2t"],
         k_t2i=config["mining"]["k_t2i"],
-        dtype=config["mining"].get("dtype", "float32"),
-        block_mb=config["mining"].get("block_mb", 512),
-        device=config["run"].get("device", "auto"),
+        dtype=config["mining"]["dtype"],
+        block_mb=config["mining"]["block_mb"],
+        device=config["run"]["device"],
+        settings=lambda w: digest(run_settings(w.model, "baseline", w.seed)),
     threads: 4
     resources:
         **job_resources("mine"),
@@ -50,7 +52,7 @@ rule mine_candidates:
         " --block-mb {params.block_mb} --device {params.device} --threads {threads} > {log} 2>&1"
 
 
-if config["mining"].get("candidate_files"):
+if config["mining"]["candidate_files"]:
 
     rule adopt_candidates:
         input:

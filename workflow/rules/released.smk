@@ -32,7 +32,7 @@ rule evaluate_released:
         data=data_dir,
         prepared=prepared_dir,
         evaluations=lambda w, output: evaluation_flags(output.metrics),
-        device=config["run"].get("device", "auto"),
+        device=config["run"]["device"],
     threads: 4
     resources:
         **job_resources("evaluate"),

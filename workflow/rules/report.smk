@@ -7,7 +7,8 @@ rule report:
         csv=f"{R}/report/report.csv",
         png=f"{R}/report/curves.png",
     params:
-        title=config.get("report", {}).get("title", "AOQ reproduction"),
+        title=config["report"]["title"],
+        settings=digest(report_settings()),
     resources:
         **job_resources("light"),
     conda:

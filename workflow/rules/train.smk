@@ -14,9 +14,10 @@ rule train:
         train_config=lambda w: as_json(train_section(w.model, w.variant)),
         loss_config=lambda w: as_json(loss_section(w.variant)),
         candidates=candidate_flags,
-        device=config["run"].get("device", "auto"),
+        device=config["run"]["device"],
         # Resume state survives a failed job because it is not a declared output.
         resume=lambda w: f"results/.resume/{DATASET}/{w.model}/{w.variant}/seed{w.seed}",
+        settings=lambda w: digest(run_settings(w.model, w.variant, w.seed)),
     threads: 4
     resources:
         **job_resources("train"),

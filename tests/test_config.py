@@ -1,0 +1,153 @@
+"""The configuration: refused when Snakemake starts, in one line naming the key; the schema mirrors
+the code it describes; a model overrides its baseline and AOQ training separately."""
+import copy
+import dataclasses
+import json
+import re
+
+import pytest
+import yaml
+
+import models.cross_attention as xattn
+from models.losses import VARIANTS
+from models.registry import model_class, model_names
+from models.scan import PRECOMP_ENC_TYPES
+from tests.helpers import REPO, snakemake, tiny_config
+from tests.test_workflow import planned_commands
+
+pytestmark = pytest.mark.workflow
+PIPELINE_KEYS = {"arch", "train", "baseline", "aoq", "variants", "seeds"}
+
+
+def model_entry_schema():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    return schema["definitions"]["model_entry"]
+
+
+def arch_rules(arch):
+    return next(rule["then"] for rule in model_entry_schema()["allOf"]
+                if rule["if"]["properties"]["arch"]["const"] == arch)
+
+
+def test_model_entries_mirror_the_registry():
+    ENTRY = model_entry_schema()
+    assert sorted(ENTRY["properties"]["arch"]["enum"]) == model_names()
+    for arch in model_names():
+        fields = {f.name for f in dataclasses.fields(model_class(arch).config_class)}
+        keys = set(arch_rules(arch)["propertyNames"]["enum"])
+        assert keys - PIPELINE_KEYS == fields - {"vocab_size", "img_dim"}, arch  # those come from the data
+
+
+def test_value_enums_mirror_the_models():
+    scan, bfan = arch_rules("scan")["properties"], arch_rules("bfan")["properties"]
+    assert tuple(scan["cross_attn"]["enum"]) == xattn.DIRECTIONS
+    assert tuple(scan["agg_func"]["enum"]) == xattn.AGG_FUNCS
+    assert tuple(scan["raw_feature_norm"]["enum"]) == xattn.RAW_FEATURE_NORMS
+    assert tuple(bfan["focal_type"]["enum"]) == xattn.FOCAL_TYPES
+    assert tuple(scan["precomp_enc_type"]["enum"]) == tuple(bfan["precomp_enc_type"]["enum"]) == PRECOMP_ENC_TYPES
+    assert set(model_entry_schema()["properties"]["variants"]["items"]["enum"]) == set(VARIANTS) - {"baseline"}
+
+
+def test_the_miners_architectures_are_the_single_vector_models():
+    text = (REPO / "workflow" / "rules" / "validate.smk").read_text()
+    listed = set(re.search(r"EMBEDDING_ARCHS = \(([^)]*)\)", text).group(1).replace('"', "").replace(" ", "").split(","))
+    assert listed - {""} == {a for a in model_names() if model_class(a).single_vector}
+
+
+def bad(change):
+    config = tiny_config()
+    change(config)
+    return config
+
+
+def deep_set(config, key, value):
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config[part]
+    config[last] = value
+
+
+REFUSALS = {
+    "unknown top-level key": (lambda c: c.update(evaluations=[]), "config: (top level): unknown key 'evaluations'"),
+    "unknown model key": (lambda c: deep_set(c, "models.vsepp.embed_sise", 3),
+                          "config: models.vsepp: unknown key 'embed_sise'"),
+    "key of another arch": (lambda c: deep_set(c, "models.vsepp.focal_type", "prob"),
+                            "config: models.vsepp: unknown key 'focal_type'"),
+    "unknown training key in a model": (lambda c: deep_set(c, "models.vsepp.aoq", {"train": {"lr_updat": 3}}),
+                                        "config: models.vsepp.aoq.train: unknown key 'lr_updat'"),
+    "negative beta": (lambda c: deep_set(c, "aoq.loss.beta", -3), "config: aoq.loss.beta: -3 is less than"),
+    "zero alpha": (lambda c: deep_set(c, "aoq.loss.alpha", 0), "config: aoq.loss.alpha: 0 is less than"),
+    "negative margin": (lambda c: deep_set(c, "aoq.loss.margin_online", -0.1), "config: aoq.loss.margin_online:"),
+    "miner not a model": (lambda c: deep_set(c, "mining.model", "vsrn"),
+                          "config: mining.model: 'vsrn' is not an entry of `models:`"),
+    "miner cannot mine": (lambda c: c["models"].update(vsepp={"arch": "scan"}),
+                          "config: mining.model: 'vsepp' is a scan model"),
+    "miner seed not trained": (lambda c: deep_set(c, "mining.seed", 3), "config: mining.seed: 3 is not a seed"),
+    "run.models unknown": (lambda c: deep_set(c, "run.models", ["vsepp", "vsrn"]),
+                           "config: run.models: 'vsrn' is not an entry of `models:`"),
+    "bad device": (lambda c: deep_set(c, "run.device", "gpu"), "config: run.device: 'gpu' does not match"),
+    "offline_size above k_i2t": (lambda c: deep_set(c, "aoq.train.offline_size", 31),
+                                 "config: aoq.train.offline_size: 31 (model vsepp) draws from the top 31 i2t"),
+    "offline_size above 5 k_t2i": (lambda c: deep_set(c, "mining.k_t2i", 3),
+                                   "config: aoq.train.offline_size: 20 (model vsepp) draws from the top 4 t2i"),
+    "k_i2t above the split": (lambda c: c["mining"].update(k_i2t=196),
+                              "config: mining.k_i2t: 196, but an image of the 40-image training split"),
+    "k_t2i above the split": (lambda c: c["mining"].update(k_t2i=40),
+                              "config: mining.k_t2i: 40, but a caption of the 40-image training split"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_configs_are_refused_in_one_line_naming_the_key(tmp_path, case):
+    change, expected = REFUSALS[case]
+    result = snakemake(tmp_path, bad(change), "-n")
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert output.splitlines()[-1].startswith(expected), output[-2000:]
+    assert "Traceback" not in output and 'File "' not in output, output[-2000:]
+
+
+def test_the_largest_consistent_k_is_accepted(tmp_path):
+    config = tiny_config()
+    config["mining"].update(k_i2t=195, k_t2i=39)
+    assert snakemake(tmp_path, config, "-n").returncode == 0
+
+
+def train_configs(result):
+    """(model, variant) -> the --train-config JSON of each planned training job."""
+    out = {}
+    for _, command in planned_commands(result)["train"]:
+        model = re.search(r"--resume-dir results/\.resume/\w+/(\w+)/(\w+)/seed", command).groups()
+        out[model] = json.loads(re.search(r"--train-config '([^']*)'", command).group(1))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["f30k", "coco"])
+def test_bfan_aoq_runs_use_the_releases_lr_update(tmp_path, preset):
+    """The presets' models and schedules on the tiny demo DAG: BFAN's baseline keeps its own step
+    (15), its AOQ runs take the AOQ release's 10; the model's other settings reach both rounds."""
+    overlay = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
+    config = tiny_config()
+    config["models"] = copy.deepcopy(overlay["models"])
+    config["run"]["models"] = ["vsrn", "bfan_equal"]
+    config["mining"].update(model="vsrn")
+    config["baseline"] = overlay["baseline"]
+    config["aoq"]["train"] = overlay["aoq"]["train"] | {"offline_size": 20}
+    trains = train_configs(snakemake(tmp_path, config, "-n", "-p"))
+    expected_epochs = 15 if preset == "f30k" else 20
+    assert trains[("bfan_equal", "baseline")]["lr_update"] == 15
+    for variant in config["aoq"]["variants"]:
+        assert trains[("bfan_equal", variant)]["lr_update"] == 10
+        assert trains[("bfan_equal", variant)]["epochs"] == expected_epochs
+        assert trains[("vsrn", variant)]["lr_update"] == 10
+    assert trains[("bfan_equal", "baseline")]["epochs"] == expected_epochs
+
+
+def test_model_level_round_overrides_reach_only_their_round(tmp_path):
+    config = tiny_config()
+    config["models"]["vsepp"].update(train={"learning_rate": 0.01}, baseline={"train": {"epochs": 3}},
+                                     aoq={"train": {"epochs": 2, "learning_rate": 0.02}})
+    trains = train_configs(snakemake(tmp_path, config, "-n", "-p"))
+    assert (trains[("vsepp", "baseline")]["epochs"], trains[("vsepp", "baseline")]["learning_rate"]) == (3, 0.01)
+    for variant in config["aoq"]["variants"]:
+        assert (trains[("vsepp", variant)]["epochs"], trains[("vsepp", variant)]["learning_rate"]) == (2, 0.02)

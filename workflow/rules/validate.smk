@@ -1,0 +1,121 @@
+# The configuration is checked before anything is planned: first against the schema (which also
+# fills in its defaults), then the rules that span several keys. A refusal is one line naming the
+# key (`config: <key>: <problem>`), printed without a traceback.
+import math
+import sys
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from snakemake.exceptions import WorkflowError
+
+# Architectures with one vector per image and caption, the only ones that can mine candidates
+# (tests/test_config_schema.py checks this against the models' `single_vector`).
+EMBEDDING_ARCHS = ("vsepp", "vsrn")
+
+
+def refuse(key, problem):
+    sys.exit(f"config: {key}: {problem}")
+
+
+def refuse_schema_violation(schema_path):
+    """The most relevant schema violation, as one line naming its key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    error = best_match(Draft202012Validator(schema).iter_errors(config))
+    key = ".".join(map(str, error.absolute_path)) or "(top level)"
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        refuse(key, "unknown key " + ", ".join(map(repr, extra)))
+    if "propertyNames" in error.schema_path and error.validator == "enum":
+        refuse(key, f"unknown key {error.instance!r} (known here: {', '.join(error.validator_value)})")
+    refuse(key, error.message)
+
+
+try:
+    validate(config, "../schemas/config.schema.yaml", set_default=True)
+except WorkflowError:
+    refuse_schema_violation(Path(workflow.current_basedir) / "../schemas/config.schema.yaml")
+
+
+def _seeds(entry):
+    return entry.get("seeds", config["run"]["seeds"])
+
+
+def _aoq_variants(entry):
+    return entry.get("variants", config["aoq"]["variants"])
+
+
+def _training_images():
+    """Images of the training split, when known before anything runs (else None)."""
+    if config["demo"]["enabled"]:
+        return config["demo"]["n_train"]
+    captions = Path(config["dataset"]["path"]) / "train_caps.txt"
+    if captions.is_file():
+        with open(captions, "rb") as handle:
+            return sum(1 for _ in handle) // 5
+    return None
+
+
+def check_models():
+    models = config["models"]
+    for name in config["run"].get("models", []):
+        if name not in models:
+            refuse("run.models", f"{name!r} is not an entry of `models:` ({', '.join(models)})")
+    for name, members in config["ensembles"].items():
+        if name in models or not set(members) <= set(models):
+            refuse(f"ensembles.{name}", "an ensemble must not reuse a model name and may only list "
+                   f"entries of `models:` (got {members})")
+
+
+def check_mining():
+    """The miner exists and can mine; K covers what AOQ training draws and what the split has."""
+    models, mining = config["models"], config["mining"]
+    selected = config["run"].get("models", list(models))
+    aoq = [name for name in selected if _aoq_variants(models[name])]
+    if not aoq or mining["candidate_files"]:
+        return
+    miner = mining["model"]
+    if miner not in models:
+        refuse("mining.model", f"{miner!r} is not an entry of `models:` ({', '.join(models)})")
+    if miner not in selected:
+        refuse("mining.model", f"{miner!r} mines the candidates, so it must be among run.models")
+    if models[miner]["arch"] not in EMBEDDING_ARCHS:
+        refuse("mining.model", f"{miner!r} is a {models[miner]['arch']} model; mining needs one "
+               f"vector per item ({' or '.join(EMBEDDING_ARCHS)})")
+    if mining["seed"] not in _seeds(models[miner]):
+        refuse("mining.seed", f"{mining['seed']} is not a seed of {miner!r} ({_seeds(models[miner])})")
+    for name in aoq:
+        train = config["aoq"]["train"] | models[name].get("train", {}) \
+            | models[name].get("aoq", {}).get("train", {})
+        size = train.get("offline_size", 300)
+        key = "aoq.train.offline_size" if "offline_size" in config["aoq"]["train"] else "offline_size"
+        if size > mining["k_i2t"]:
+            refuse(key, f"{size} (model {name}) draws from the top {size} i2t candidates, but "
+                   f"mining.k_i2t keeps {mining['k_i2t']}")
+        if math.ceil(size / 5) > mining["k_t2i"]:
+            refuse(key, f"{size} (model {name}) draws from the top {math.ceil(size / 5)} t2i "
+                   f"candidates, but mining.k_t2i keeps {mining['k_t2i']}")
+    n_train = _training_images()
+    if n_train is not None:
+        if mining["k_i2t"] > 5 * (n_train - 1):
+            refuse("mining.k_i2t", f"{mining['k_i2t']}, but an image of the {n_train}-image "
+                   f"training split has only {5 * (n_train - 1)} captions besides its own")
+        if mining["k_t2i"] > n_train - 1:
+            refuse("mining.k_t2i", f"{mining['k_t2i']}, but a caption of the {n_train}-image "
+                   f"training split has only {n_train - 1} other images")
+
+
+def check_download():
+    if not config["download"]["enabled"]:
+        return
+    if config["demo"]["enabled"]:
+        refuse("download.enabled", "demo.enabled and download.enabled exclude each other")
+    extract, path = config["download"]["extract"], config["dataset"]["path"]
+    if Path(extract.rstrip("/")).name != Path(path).name:
+        refuse("download.extract", f"must end in the dataset folder of dataset.path ({extract!r} vs {path!r})")
+
+
+check_models()
+check_mining()
+check_download()
