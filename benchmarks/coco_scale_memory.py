@@ -46,8 +46,8 @@ def make_split(workdir, n_img, dim, vocab=10_000):
 
 def phase_load(data, prepared, aoq):
     import torch
-    from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
-    from pipeline_steps.common.splits import open_split
+    from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
+    from pipeline_steps.data.splits import open_split
     features, captions, info = open_split(data, prepared, "train")
     candidates = None
     if aoq:
@@ -67,7 +67,7 @@ def phase_extract(data, prepared, workdir, embed_size):
     import torch
     from models import create_model
     from pipeline_steps import extract_embeddings
-    from pipeline_steps.common.checkpoint import save_checkpoint
+    from pipeline_steps.training.checkpoint import save_checkpoint
     torch.manual_seed(0)
     model = create_model("vsepp", vocab_size=10_000, img_dim=DIM, embed_size=embed_size, word_dim=64)
     save_checkpoint(workdir / "model.pt", model, seed=0)

@@ -62,7 +62,7 @@ def make_split(workdir, n_images, img_dim, vocab, seed=0):
 
 def split_of(workdir, n_images, img_dim):
     """(features folder, prepared folder, SplitInfo) of the split make_split wrote."""
-    from pipeline_steps.common.precomp import SplitInfo
+    from pipeline_steps.data.precomp import SplitInfo
     return workdir / "data", workdir / "prepared", SplitInfo("train", n_images, 5 * n_images, 1, img_dim)
 
 
@@ -76,9 +76,9 @@ def evict(path):
 
 
 def loader_for(args, workdir, split, caption_targets, epoch):
-    from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
-    from pipeline_steps.common.precomp import ImageFeatures
-    from pipeline_steps.common.text import CaptionIds
+    from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
+    from pipeline_steps.data.precomp import ImageFeatures
+    from pipeline_steps.data.text import CaptionIds
     data, prepared, info = split
     features = ImageFeatures(data, info)
     candidates = OfflineCandidates(workdir / "i2t.npy", workdir / "t2i.npy", info.n_images, K_I2T)

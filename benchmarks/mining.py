@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.synthetic import CAPS, paired_embeddings  # noqa: E402
-from pipeline_steps.common import mining  # noqa: E402
+from pipeline_steps.retrieval import mining  # noqa: E402
 
 
 

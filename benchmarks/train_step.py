@@ -57,7 +57,7 @@ def caption_ids(rng, n, vocab, mean, std):
 
 def make_batch(model, sizes, rng, words_mean, words_std):
     """A training batch as TrainBatches builds it: anchors, (T3, I3), (T4, I4), caption targets."""
-    from pipeline_steps.common.batches import pad_captions
+    from pipeline_steps.data.batches import pad_captions
     b = sizes["batch"]
     batch = {"index": torch.arange(b)}
     for prefix in ("", "neg_", "pos2_"):
@@ -78,7 +78,7 @@ class Ours:
 
     def __init__(self, model, lr, grad_clip=2.0):
         from models.losses import LossConfig
-        from pipeline_steps.common.optim import Optimizers
+        from pipeline_steps.training.optim import Optimizers
         self.model, self.grad_clip = model, grad_clip
         self.loss_cfg = LossConfig(variant="adapoffquin")
         double = "caption" if getattr(model.config, "caption_double_step", False) else None

@@ -48,7 +48,7 @@ class MatchingModel(nn.Module):
     def training_scores(self, img, cap, few_gradients):
         """score_all for the loss. few_gradients: the loss gives a gradient to a few entries per
         row and column only (hardest negatives), so a model whose every score is a pair
-        computation may skip the others in its backward (models/pair_recompute.py)."""
+        computation may skip the others in its backward (accel/pairs.py)."""
         return self.score_all(img, cap)
 
     def anchor_forward(self, batch, device):

@@ -1,14 +1,14 @@
 """BFAN (Liu et al., Bidirectional Focal Attention Network) over bottom-up region features.
 
-Spec: /work/shared/spec/scan_bfan_vsepp_data.md §B.1-B.3. Encoders as SCAN (models/scan.py) with
+docs/models.md describes it. Encoders as SCAN (models/scan.py) with
 the text GRU always bidirectional (directions averaged). Score: focal attention in both directions,
-S = mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t) (models/cross_attention.py).
+S = mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t) (models/attention.py).
 """
 from dataclasses import dataclass
 
 import torch
 
-from models import cross_attention as xattn
+from models import attention as xattn
 from models.registry import register_model
 from models.scan import PRECOMP_ENC_TYPES, RegionWordModel
 

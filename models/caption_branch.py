@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gru import run_gru
+from models.rnn import run_gru
 
 
 class RegionEncoder(nn.Module):

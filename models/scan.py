@@ -1,7 +1,6 @@
 """SCAN (Lee et al., Stacked Cross Attention) over bottom-up region features.
 
-Spec: /work/shared/spec/scan_bfan_vsepp_data.md §A.2 (image encoder), A.3 (text encoder),
-A.4-A.5 (cross attention, in models/cross_attention.py).
+docs/models.md describes it; the cross attention is in models/attention.py.
 
 Image: per-region Linear (Xavier-uniform, zero bias; or whole-matrix weight norm) -> l2norm per
 region -> (B, k, d). Text: Embedding U(-0.1, 0.1) -> GRU (bi-GRU directions averaged) -> per-token
@@ -16,10 +15,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from models import cross_attention as xattn
-from models import row_skipping
+from accel import linear as fast_linear
+from models import attention as xattn
 from models.base import MatchingModel
-from models.gru import run_gru
+from models.rnn import run_gru
 from models.registry import register_model
 
 PRECOMP_ENC_TYPES = ("basic", "weight_norm")
@@ -94,9 +93,10 @@ class RegionWordModel(MatchingModel):
 
     def encode_images(self, images):
         """images (B, k, img_dim) -> (B, k, embed_size), each region l2-normalised."""
-        # the backward skips images without a gradient (offline pairs whose hinge is inactive)
-        regions = row_skipping.linear(images, self.img_fc.weight, self.img_fc.bias) \
-            if row_skipping.applies(images) else self.img_fc(images)
+        if fast_linear.applies(images):  # its backward skips images without a gradient
+            regions = fast_linear.linear(images, self.img_fc.weight, self.img_fc.bias)
+        else:
+            regions = self.img_fc(images)
         return regions if self.config.no_imgnorm else xattn.l2norm(regions, dim=-1)
 
     def encode_captions(self, ids, lengths):

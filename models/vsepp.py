@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.base import MatchingModel, l2norm
-from models.gru import run_gru
+from models.rnn import run_gru
 from models.registry import register_model
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from models.base import MatchingModel, l2norm
 from models.caption_branch import CaptionModel, masked_caption_nll
-from models.gru import run_gru
+from models.rnn import run_gru
 from models.registry import register_model
 
 START_ID, END_ID = 1, 2

@@ -23,8 +23,8 @@ import numpy as np
 
 from pipeline_steps.common.atomic import remove_stale_temporaries, temporary_path
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.common.precomp import CAPTIONS_PER_IMAGE
-from pipeline_steps.common.splits import read_manifest
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
+from pipeline_steps.data.splits import read_manifest
 
 BLOCK_ROWS = 65536
 

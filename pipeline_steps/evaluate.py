@@ -21,12 +21,12 @@ import logging
 import sys
 
 from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
-from pipeline_steps.common.checkpoint import load_checkpoint
+from pipeline_steps.training.checkpoint import load_checkpoint
 from pipeline_steps.common.device import pick_device
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.common.encode import encode_split, representation_scorer
-from pipeline_steps.common.metrics import ensemble_scorer, evaluate
-from pipeline_steps.common.splits import open_split
+from pipeline_steps.retrieval.encode import encode_split, representation_scorer
+from pipeline_steps.retrieval.metrics import ensemble_scorer, evaluate
+from pipeline_steps.data.splits import open_split
 
 log = logging.getLogger("evaluate")
 

@@ -18,11 +18,11 @@ import h5py
 from tqdm import tqdm
 
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
-from pipeline_steps.common.checkpoint import load_checkpoint
+from pipeline_steps.training.checkpoint import load_checkpoint
 from pipeline_steps.common.device import pick_device
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.common.encode import iter_caption_representations, iter_image_representations
-from pipeline_steps.common.splits import open_split
+from pipeline_steps.retrieval.encode import iter_caption_representations, iter_image_representations
+from pipeline_steps.data.splits import open_split
 
 log = logging.getLogger("extract_embeddings")
 

@@ -20,10 +20,10 @@ import sys
 from models import create_model
 from models.registry import model_class
 from pipeline_steps.common.atomic import remove_stale_temporaries
-from pipeline_steps.common.checkpoint import save_checkpoint
+from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.common.reference_files import load_reference_checkpoint
-from pipeline_steps.common.splits import read_manifest
+from pipeline_steps.data.reference_files import load_reference_checkpoint
+from pipeline_steps.data.splits import read_manifest
 
 log = logging.getLogger("import_checkpoint")
 

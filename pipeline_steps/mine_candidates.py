@@ -5,7 +5,7 @@ Output: `i2t_<ds>.npy` int32 (N, K_i2t): caption ids per image, own 5 captions e
         `t2i_<ds>.npy` int32 (5N, K_t2i): image ids per caption, own image excluded.
         Rows are sorted by decreasing similarity (the authors' layout). Both directions come from
         one pass over the score matrix (each tile of scores feeds both selections; see
-        pipeline_steps/common/mining.py), results are written into memory-mapped files, so
+        pipeline_steps/retrieval/mining.py), results are written into memory-mapped files, so
         memory stays bounded. Scores are fp32 by default (the reference used fp16 on GPU; its
         tie order cannot be reproduced anyway, spec §4.1); on CPU, equal scores are ordered by
         lower id.
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
 from pipeline_steps.common.device import pick_device
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.common.mining import ENGINES, mine_both, t2i_queue_bytes
+from pipeline_steps.retrieval.mining import ENGINES, mine_both, t2i_queue_bytes
 
 log = logging.getLogger("mine_candidates")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

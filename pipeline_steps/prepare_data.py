@@ -22,9 +22,9 @@ import numpy as np
 
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.common.precomp import DataError, validate_split
-from pipeline_steps.common.reference_files import load_vocab_pickle
-from pipeline_steps.common.text import (build_vocab, encode, load_vocab_json, make_tokenizer,
+from pipeline_steps.data.precomp import DataError, validate_split
+from pipeline_steps.data.reference_files import load_vocab_pickle
+from pipeline_steps.data.text import (build_vocab, encode, load_vocab_json, make_tokenizer,
                                         read_caption_lines, vocab_json_text)
 
 log = logging.getLogger("prepare_data")

@@ -9,7 +9,7 @@ Outputs: `--out-best` (best dev checkpoint by i2t R@1+R@5 + t2i R@1+R@5), `--out
 
 Several processes (one per GPU) train one model on shards of the same global batches when launched
 by torchrun or srun; the step computes what the single process computes, and rank 0 alone
-validates and writes (pipeline_steps/common/distributed.py):
+validates and writes (pipeline_steps/training/distributed.py):
     python -m torch.distributed.run --nproc_per_node 4 -m pipeline_steps.train ...
 
 Example:
@@ -38,17 +38,17 @@ from tqdm import tqdm
 
 from models import create_model
 from models.losses import LossConfig, OfflineScores, retrieval_loss
-from pipeline_steps.common import distributed
+from pipeline_steps.training import distributed
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
-from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
-from pipeline_steps.common.checkpoint import save_checkpoint
+from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
+from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.common.errors import InputError, one_line_errors
-from pipeline_steps.common.encode import encode_split, representation_scorer
-from pipeline_steps.common.metrics import evaluate, val_score4
-from pipeline_steps.common.optim import Optimizers
-from pipeline_steps.common.precision import MixedPrecision
-from pipeline_steps.common.resume import FolderInUse, ResumeFolder, best_name
-from pipeline_steps.common.splits import open_split, read_manifest
+from pipeline_steps.retrieval.encode import encode_split, representation_scorer
+from pipeline_steps.retrieval.metrics import evaluate, val_score4
+from pipeline_steps.training.optim import Optimizers
+from pipeline_steps.training.precision import MixedPrecision
+from pipeline_steps.training.resume import FolderInUse, ResumeFolder, best_name
+from pipeline_steps.data.splits import open_split, read_manifest
 
 log = logging.getLogger("train")
 METRIC_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
@@ -168,7 +168,7 @@ def validate(model, dev, cfg, device):
 class Run:
     """Training state that a resume restores: weights, optimiser, position, best score, history.
     Rank 0 holds the resume folder's lock and alone writes it (with every process's random
-    state); every process restores from it (pipeline_steps/common/resume.py)."""
+    state); every process restores from it (pipeline_steps/training/resume.py)."""
 
     def __init__(self, args, model, optimizer, resume_dir, ctx=distributed.SINGLE):
         self.args, self.model, self.optimizer, self.ctx = args, model, optimizer, ctx

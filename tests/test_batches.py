@@ -1,4 +1,4 @@
-"""Tests for pipeline_steps.common.batches: AOQ offline sampling rule, epochs, TrainBatches."""
+"""Tests for pipeline_steps.data.batches: AOQ offline sampling rule, epochs, TrainBatches."""
 import pickle
 import re
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches
-from pipeline_steps.common.precomp import DataError, ImageFeatures, SplitInfo
-from pipeline_steps.common.text import END, SPECIAL_TOKENS, START, CaptionIds, encode
+from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
+from pipeline_steps.data.precomp import DataError, ImageFeatures, SplitInfo
+from pipeline_steps.data.text import END, SPECIAL_TOKENS, START, CaptionIds, encode
 
 N_IMG, OFF = 30, 23  # 23 is not a multiple of 5: t2i needs ceil(23/5) = 5 columns
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-import models.cross_attention as xattn
+import models.attention as xattn
 from models.losses import VARIANTS
 from models.registry import model_class, model_names
 from models.scan import PRECOMP_ENC_TYPES

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from models import cross_attention as xa
+from models import attention as xa
 
 K, D = 5, 8
 

@@ -1,4 +1,4 @@
-"""Multi-process training (pipeline_steps/common/distributed.py) against the single process.
+"""Multi-process training (pipeline_steps/training/distributed.py) against the single process.
 
 Two gloo processes on the CPU (spawned with torchrun's environment, or by torchrun itself) train
 with global batches of 8 split 4 + 4 (each epoch's last batch, 5 items, splits 2 + 3) and must
@@ -26,9 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline_steps import train
-from pipeline_steps.common.batches import OfflineCandidates, TrainBatches, epoch_batches, shard_bounds
-from pipeline_steps.common.distributed import Context, Launch, launch_from_env
-from pipeline_steps.common.splits import open_split
+from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches, shard_bounds
+from pipeline_steps.training.distributed import Context, Launch, launch_from_env
+from pipeline_steps.data.splits import open_split
 from tests.helpers import make_prepared_demo
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

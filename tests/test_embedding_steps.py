@@ -8,9 +8,9 @@ import torch
 
 from models import create_model
 from pipeline_steps import evaluate, extract_embeddings, mine_candidates
-from pipeline_steps.common.checkpoint import save_checkpoint
-from pipeline_steps.common.encode import encode_split
-from pipeline_steps.common.splits import open_split
+from pipeline_steps.training.checkpoint import save_checkpoint
+from pipeline_steps.retrieval.encode import encode_split
+from pipeline_steps.data.splits import open_split
 from tests.helpers import make_prepared_demo
 
 

@@ -1,7 +1,7 @@
 """Reading a split row by row does not pile the file's pages into the process's resident set."""
 import numpy as np
 
-from pipeline_steps.common.precomp import ImageFeatures, SplitInfo
+from pipeline_steps.data.precomp import ImageFeatures, SplitInfo
 
 
 def rss_file_kib():

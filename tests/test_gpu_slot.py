@@ -22,7 +22,7 @@ def clean_env(**extra):
 
 
 def start(lock_dir, gpus, sleep, slots=None, child=CHILD, **env):
-    cmd = [sys.executable, "-m", "pipeline_steps.common.gpu_slot", "--gpus", str(gpus),
+    cmd = [sys.executable, "-m", "pipeline_steps.gpu_slot", "--gpus", str(gpus),
            "--lock-dir", str(lock_dir)]
     cmd += ["--slots", str(slots)] if slots is not None else []
     cmd += ["--", sys.executable, "-c", child, str(sleep)]

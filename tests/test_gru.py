@@ -1,11 +1,15 @@
-"""run_gru (models/gru.py) against nn.GRU on the packed batch: outputs, final states, gradients."""
+"""run_gru (models/rnn.py; on the CPU, accel/gru.py) against nn.GRU on the packed batch: outputs,
+final states, gradients."""
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.gru import run_gru
+import accel
+from accel import gru
+from models.rnn import run_gru
 
 
 def packed_reference(rnn, x, lengths):
@@ -86,10 +90,9 @@ def test_rejects_what_it_does_not_cover():
 @pytest.fixture(params=["kernel", "torch"])
 def cell_engine(request, monkeypatch):
     """Run the float32 recurrence through the compiled cell kernel, or through torch ops."""
-    from models import native
     if request.param == "torch":
-        monkeypatch.setattr(native, "model_kernels", lambda: None)
-    elif native.model_kernels() is None:
+        monkeypatch.setattr(gru, "cell_kernels", lambda: None)
+    elif gru.cell_kernels() is None:
         pytest.fail("the C compiler is part of the test environment: the cell kernel must build")
     return request.param
 
@@ -142,7 +145,7 @@ def test_lengths_must_match_the_batch_and_an_empty_batch_is_empty():
 
 
 def test_no_grad_keeps_nothing_for_a_backward(cell_engine, monkeypatch):
-    from models import gru
+    from accel import gru
     kept = []
     original = gru._forward_direction
     monkeypatch.setattr(gru, "_forward_direction",
@@ -160,7 +163,7 @@ def test_rows_without_a_gradient_are_left_out_of_the_backward(cell_engine, bidir
                                                               final_rows, monkeypatch):
     """Rows whose outputs get no gradient (an inactive hinge) are skipped; every gradient equals
     nn.GRU's in float64. A row with a gradient on its final state only still runs."""
-    from models import gru
+    from accel import gru
     tokens_run = []
     original = gru._backward_direction
     monkeypatch.setattr(gru, "_backward_direction",
@@ -189,20 +192,18 @@ def test_rows_without_a_gradient_are_left_out_of_the_backward(cell_engine, bidir
     assert tokens_run == ([run] * 2 * (2 if bidirectional else 1) if run else [])
 
 
-@pytest.mark.parametrize("engine", ["packed layout", "module"])
+@pytest.mark.parametrize("engine", ["packed layout", "module"])  # module: the plain path (GPUs, AOQ_NO_ACCEL)
 @pytest.mark.parametrize("directions, bidirectional", [("mean", True), ("concat", True), ("concat", False)])
 def test_direction_mean_and_token_map_act_on_real_tokens(engine, directions, bidirectional):
     """directions='mean' and token_map equal post-processing nn.GRU's padded output (average of
     the halves, then the map per position), padding stays zero; gradients too. The module engine
     is the path GPUs take."""
-    from models import gru
     rnn = make(bidirectional, seed=8)
     lengths = torch.tensor([3, 6, 1, 6])
     x = torch.randn(4, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
     token_map = lambda rows: rows / (rows.norm(dim=-1, keepdim=True) + 1e-8) * 2.0   # zero rows stay zero
-    if engine == "module":
-        got, got_h = gru._run_module(rnn, x, lengths, directions, token_map)
-    else:
+    with accel.disabled() if engine == "module" else contextlib.nullcontext():
+        assert gru.applies(x) == (engine == "packed layout")
         got, got_h = run_gru(rnn, x, lengths, directions=directions, token_map=token_map)
     want, want_h = packed_reference(rnn, x, lengths)
     if directions == "mean":

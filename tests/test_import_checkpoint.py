@@ -8,7 +8,7 @@ import torch
 
 from models import create_model
 from pipeline_steps import import_checkpoint
-from pipeline_steps.common.checkpoint import load_checkpoint
+from pipeline_steps.training.checkpoint import load_checkpoint
 
 
 def write_reference(path, model, data_name):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.common import metrics as M
-from pipeline_steps.common import topk_native
+from pipeline_steps.retrieval import metrics as M
+from accel import topk
 from tests.test_metrics import reference_metrics, reference_ranks
 
 
@@ -29,10 +29,10 @@ def matrix_scorer(S):
 
 @pytest.fixture(params=["native", "torch"])
 def counting_path(request, monkeypatch):
-    if request.param == "native" and topk_native.load_kernel() is None:
+    if request.param == "native" and topk.load_kernel() is None:
         pytest.skip("no C compiler: the native kernel cannot be built here")
     if request.param == "torch":
-        monkeypatch.setattr(topk_native, "load_kernel", lambda: None)
+        monkeypatch.setattr(topk, "load_kernel", lambda: None)
     return request.param
 
 

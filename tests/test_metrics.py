@@ -1,9 +1,9 @@
-"""Tests for pipeline_steps.common.metrics against a per-query full-sort reference."""
+"""Tests for pipeline_steps.retrieval.metrics against a per-query full-sort reference."""
 import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.common import metrics as M
+from pipeline_steps.retrieval import metrics as M
 
 
 def exact_gaussian(rng, n, d):

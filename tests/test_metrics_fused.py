@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.common import metrics as M
-from pipeline_steps.common import topk_native
+from pipeline_steps.retrieval import metrics as M
+from accel import topk
 
 
 def count_ranks(S):
@@ -31,10 +31,10 @@ def integer_scorer(seed, n_img, spread=2, d=5):
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("block_size", [1, 4, None])
 def test_both_counting_paths_match_brute_force_with_ties(monkeypatch, native, block_size):
-    if native and topk_native.load_kernel() is None:
+    if native and topk.load_kernel() is None:
         pytest.skip("no C compiler: the native kernel cannot be built here")
     if not native:
-        monkeypatch.setattr(topk_native, "load_kernel", lambda: None)
+        monkeypatch.setattr(topk, "load_kernel", lambda: None)
     scorer, S = integer_scorer(0, 37)
     i2t, t2i = M.retrieval_ranks(scorer, 37, block_size=block_size)
     ref_i2t, ref_t2i = count_ranks(S)

@@ -1,10 +1,10 @@
-"""Tests for pipeline_steps.common.mining against a brute-force full-sort reference."""
+"""Tests for pipeline_steps.retrieval.mining against a brute-force full-sort reference."""
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.common import mining
+from pipeline_steps.retrieval import mining
 
 N, D = 23, 8
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.common import mining, topk_native
+from accel import build, topk
+from pipeline_steps.retrieval import mining
 from tests.test_mining import reference_topk as stable_topk  # first k of a stable sort
 
 
@@ -45,7 +46,7 @@ def run(img, cap, k_i2t, k_t2i, **kwargs):
     return out_i, out_t
 
 
-needs_kernel = pytest.mark.skipif(topk_native.load_kernel() is None,
+needs_kernel = pytest.mark.skipif(topk.load_kernel() is None,
                                   reason="no C compiler: the native kernel cannot be built here")
 
 
@@ -127,25 +128,22 @@ def test_progress_and_errors():
 
 
 def test_kernel_cache_is_reused_and_atomic(tmp_path):
-    first = topk_native.build_library(tmp_path)
+    first = topk.build_library(tmp_path)
     mtime = first.stat().st_mtime_ns
-    assert topk_native.build_library(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert topk.build_library(tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary leftovers
 
 
 def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("AOQ_KERNEL_CACHE", str(tmp_path / "cache"))
-    topk_native.load_kernel.cache_clear()
-    try:
-        assert topk_native.load_kernel() is None
-        img, cap, S = continuous_data(3, 15, 4)
-        out_i, out_t = run(img, cap, 6, 4)  # auto -> torch
-        np.testing.assert_array_equal(out_i, stable_topk(S, own_caps, 6))
-        with pytest.raises(ValueError, match="could not be built"):
-            run(img, cap, 6, 4, engine="native")
-    finally:
-        topk_native.load_kernel.cache_clear()
+    monkeypatch.setattr(build, "_LOADED", {})  # forget the library this process loaded
+    assert topk.load_kernel() is None
+    img, cap, S = continuous_data(3, 15, 4)
+    out_i, out_t = run(img, cap, 6, 4)  # auto -> torch
+    np.testing.assert_array_equal(out_i, stable_topk(S, own_caps, 6))
+    with pytest.raises(ValueError, match="could not be built"):
+        run(img, cap, 6, 4, engine="native")
 
 
 @needs_kernel

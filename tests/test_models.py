@@ -6,7 +6,7 @@ import torch
 import models
 from models.base import MatchingModel
 from models.losses import LossConfig, retrieval_loss
-from pipeline_steps.common.checkpoint import load_checkpoint, save_checkpoint
+from pipeline_steps.training.checkpoint import load_checkpoint, save_checkpoint
 from tests.helpers import random_caption_batch, random_images
 
 CFG = dict(vocab_size=40, img_dim=12, embed_size=16, word_dim=8)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_steps.common.optim import Optimizers, clip_grad_norm_listed
+from pipeline_steps.training.optim import Optimizers, clip_grad_norm_listed
 
 
 class TwoPart(nn.Module):

@@ -1,10 +1,10 @@
-"""The sparse backward of all-pairs cross-attention scores (models/pair_recompute.py) against plain
+"""The sparse backward of all-pairs cross-attention scores (accel/pairs.py) against plain
 autograd through the same scores, and the hand-written l2norm backward against autograd."""
 import pytest
 import torch
 
 from models import create_model
-from models import cross_attention as xattn
+from models import attention as xattn
 from models.losses import LossConfig, retrieval_loss
 
 LENGTHS = torch.tensor([3, 7, 1, 5, 7, 2])
@@ -153,7 +153,7 @@ def test_sparse_backward_under_bf16_autocast_matches_dense_to_bf16_precision(nam
 def test_several_passes_and_zero_vectors(monkeypatch):
     """More nonzero pairs than one backward pass takes, and zero region / word vectors (the
     norm-is-zero branches of the hand-written norm gradients)."""
-    from models import pair_recompute
+    from accel import pairs as pair_recompute
     monkeypatch.setattr(pair_recompute, "PAIRS_PER_PASS", 3)
 
     def score(img, words, sparse):

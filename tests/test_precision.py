@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline_steps import train
-from pipeline_steps.common.precision import MixedPrecision
+from pipeline_steps.training.precision import MixedPrecision
 from tests.test_train import dataset, read_log, weights  # noqa: F401  (fixture)
 
 MODEL = '{"embed_size": 16, "word_dim": 8}'

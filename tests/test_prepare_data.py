@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline_steps import make_demo_data, prepare_data
-from pipeline_steps.common import precomp
-from pipeline_steps.common.precomp import DataError, ImageFeatures, SplitInfo, validate_split
-from pipeline_steps.common.text import CaptionIds
+from pipeline_steps.data import precomp
+from pipeline_steps.data.precomp import DataError, ImageFeatures, SplitInfo, validate_split
+from pipeline_steps.data.text import CaptionIds
 
 D = 8
 # (raw caption line, tokens worked out by hand: strip, ASCII lower-case, word_tokenize per line)

@@ -1,4 +1,4 @@
-"""Tests for pipeline_steps.common.reference_files on files built here the way Python 2 /
+"""Tests for pipeline_steps.data.reference_files on files built here the way Python 2 /
 PyTorch 0.4.1 wrote them (protocol 2, py2 `str` as BINSTRING opcodes, legacy torch format)."""
 import argparse
 import builtins
@@ -12,9 +12,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from pipeline_steps.common.reference_files import (ReferenceFileError, convert_vocab_pickle_to_json,
+from pipeline_steps.data.reference_files import (ReferenceFileError, convert_vocab_pickle_to_json,
                                                    load_reference_checkpoint, load_vocab_pickle)
-from pipeline_steps.common.text import load_vocab_json
+from pipeline_steps.data.text import load_vocab_json
 
 WORDS = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "caf\u00e9": 5, "a": 6}
 

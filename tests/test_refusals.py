@@ -11,7 +11,7 @@ import torch
 from models import create_model
 from pipeline_steps import (evaluate, extract_embeddings, import_checkpoint, mine_candidates, prepare_data,
                             report, train)
-from pipeline_steps.common.checkpoint import save_checkpoint
+from pipeline_steps.training.checkpoint import save_checkpoint
 from tests.helpers import make_prepared_demo
 
 

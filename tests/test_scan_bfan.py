@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import models
-from models import cross_attention as xa
+from models import attention as xa
 from models.bfan import BFAN, BFANConfig
 from models.losses import LossConfig, OfflineScores, retrieval_loss
 from models.scan import SCAN, CaptionFeatures, SCANConfig
-from pipeline_steps.common.checkpoint import load_checkpoint, save_checkpoint
+from pipeline_steps.training.checkpoint import load_checkpoint, save_checkpoint
 from tests.helpers import random_caption_batch, random_images
 
 CFG = dict(vocab_size=40, img_dim=12, embed_size=16, word_dim=8)
@@ -150,9 +150,9 @@ def test_model_scores_equal_the_kernels():
     bfan = make("bfan", focal_type="prob", lambda_softmax=10.0, chunk=3).eval()
     ids, lengths = caption_batch(batch=4)
     with torch.no_grad():
-        for model, kernel in ((scan, lambda v, c: xa.scan_i2t_scores(
-                v, c.words, c.lengths, raw_feature_norm="softmax", agg_func="Max", lambda_lse=5.0,
-                lambda_softmax=4.0)), (bfan, lambda v, c: xa.bfan_scores(v, c.words, c.lengths, "prob", 10.0))):
+        for model, kernel in ((scan, lambda v, c: xa.scan_scores(
+                v, c.words, c.lengths, direction="i2t", raw_feature_norm="softmax", agg_func="Max",
+                lambda_lse=5.0, lambda_softmax=4.0)), (bfan, lambda v, c: xa.bfan_scores(v, c.words, c.lengths, "prob", 10.0))):
             img, cap = model.encode_images(images(batch=4)), model.encode_captions(ids, lengths)
             torch.testing.assert_close(model.score_all(img, cap), kernel(img, cap), atol=1e-6, rtol=0)
     assert bfan.focal_fallbacks.dim() == 0 and int(bfan.focal_fallbacks) >= 0

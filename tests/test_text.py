@@ -1,4 +1,4 @@
-"""Tests for pipeline_steps.common.text: tokenizer, vocabulary, vocab json, ragged id store.
+"""Tests for pipeline_steps.data.text: tokenizer, vocabulary, vocab json, ragged id store.
 
 Expected outputs are worked out by hand from the reference rule (strip the raw bytes, lower-case
 ASCII letters only, decode UTF-8, nltk word_tokenize), not recomputed with the code under test.
@@ -9,9 +9,9 @@ import nltk
 import numpy as np
 import pytest
 
-from pipeline_steps.common import text
-from pipeline_steps.common.precomp import count_lines
-from pipeline_steps.common.text import (CaptionIds, build_vocab, encode, load_vocab_json,
+from pipeline_steps.data import text
+from pipeline_steps.data.precomp import count_lines
+from pipeline_steps.data.text import (CaptionIds, build_vocab, encode, load_vocab_json,
                                         make_tokenizer, read_caption_lines, vocab_json_text)
 
 SPECIALS = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3}

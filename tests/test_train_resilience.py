@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline_steps import train
-from pipeline_steps.common.batches import epoch_batches
+from pipeline_steps.data.batches import epoch_batches
 from tests.helpers import REPO
 from tests.test_train import TRAIN, dataset, run_train, same_weights  # noqa: F401 (fixture)
 
@@ -60,7 +60,7 @@ def test_non_finite_stops_at_once_naming_the_step_and_keeps_the_last_state(datas
 
 def hold_lock(folder):
     """A process that takes the folder's lock and sleeps (a trainer that still runs)."""
-    code = ("import sys, time; from pipeline_steps.common.resume import ResumeFolder; "
+    code = ("import sys, time; from pipeline_steps.training.resume import ResumeFolder; "
             "ResumeFolder(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
                             text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
@@ -190,7 +190,7 @@ def test_finished_runs_leave_no_empty_folders_under_the_resume_root(dataset, tmp
 def test_a_lock_survives_a_folder_removed_under_a_waiting_opener(tmp_path):
     """The holder removes the folder (run finished) while another process has the old lock file
     open: that process must not believe it holds the folder it finds recreated."""
-    from pipeline_steps.common.resume import ResumeFolder
+    from pipeline_steps.training.resume import ResumeFolder
 
     first = ResumeFolder(tmp_path / "r")
     first.lock()

@@ -7,7 +7,7 @@ import models
 from models.losses import LossConfig, retrieval_loss
 from models.caption_branch import masked_caption_nll
 from models.vsrn import RsGCN, caption_targets
-from pipeline_steps.common.checkpoint import load_checkpoint, save_checkpoint
+from pipeline_steps.training.checkpoint import load_checkpoint, save_checkpoint
 
 CFG = dict(vocab_size=30, img_dim=16, embed_size=12, word_dim=6, dim_hidden=8, dim_word=5, max_len=10)
 TOKENS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [20], [21, 22, 23, 24, 25]]

@@ -148,7 +148,7 @@ def test_authors_candidate_files_replace_mining(tmp_path):
 def test_whole_dag_on_a_scan_layout_folder_with_a_vocab_json(tmp_path):
     """Real-data mode: no demo rule; an existing SCAN-layout folder and a SCAN vocab json."""
     from pipeline_steps import make_demo_data
-    from pipeline_steps.common.text import build_vocab, make_tokenizer, read_caption_lines, vocab_json_text
+    from pipeline_steps.data.text import build_vocab, make_tokenizer, read_caption_lines, vocab_json_text
 
     folder = tmp_path / "data" / "scanlike_precomp"
     make_demo_data.main(["--out", str(folder), "--seed", "5", "--n-train", "40", "--n-dev", "10",
@@ -197,7 +197,7 @@ def test_gpu_settings_reach_the_jobs(tmp_path):
     config["resources"]["gpus_per_job"] = 1
     config["resources"]["train"]["gpus"] = 2
     gpu = planned_commands(snakemake(tmp_path, config, "-n", "-p"))
-    slot = "python -m pipeline_steps.common.gpu_slot --gpus {} -- python -m "
+    slot = "python -m pipeline_steps.gpu_slot --gpus {} -- python -m "
     for res, cmd in gpu["train"]:
         assert "gpu=2" in res and "mem_mb=500" in res and "runtime=7" in res
         assert cmd.startswith(slot.format(2) + "torch.distributed.run --standalone --nproc_per_node 2 "

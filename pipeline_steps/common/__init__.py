@@ -1,1 +1,1 @@
-"""Code shared by several steps (steps never import each other)."""
+"""Small helpers every step uses: atomic writes, one-line refusals, the device choice."""

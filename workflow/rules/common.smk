@@ -91,7 +91,7 @@ def step_command(kind, module):
     gpus = gpus_of(kind)
     if gpus == 0:
         return f"python -m {module}"
-    slot = f"python -m pipeline_steps.common.gpu_slot --gpus {gpus} --"
+    slot = f"python -m pipeline_steps.gpu_slot --gpus {gpus} --"
     if kind == "train" and gpus > 1:
         return f"{slot} python -m torch.distributed.run --standalone --nproc_per_node {gpus} -m {module}"
     return f"{slot} python -m {module}"

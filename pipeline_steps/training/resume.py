@@ -25,7 +25,7 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline_steps.common.checkpoint import load_torch, save_torch
+from pipeline_steps.training.checkpoint import load_torch, save_torch
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"

@@ -1,24 +1,24 @@
-"""The compiled running-top-k kernel (topk_kernel.c), built on first use and called via ctypes.
+"""The compiled running top-k (mining) and rank counting (evaluation) of topk.c, via ctypes.
 
 Why C: selecting the top 2,000 of 145,000 scores per image with torch.topk costs about as much as
 computing the scores (~10 ns per score on one core), and a running selection over tiles needs a
 per-element branch that torch cannot express without several passes. The kernel compares each
 score with its queue's threshold once; only the few that beat it do more work.
 
-The shared library is built by models/native.py (system C compiler, -march=native, a cache
+The shared library is built by accel/build.py (system C compiler, -march=native, a cache
 folder keyed by source, flags and CPU, atomic writes). `load_kernel()` returns None when no
-compiler is available; callers fall back to torch.
+compiler is available or the accelerated paths are switched off; callers then use torch.
 ctypes releases the GIL during each call, so Python threads run disjoint queue ranges in parallel.
 """
 import ctypes
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from models import native
+import accel
+from accel import build
 
-SOURCE = Path(__file__).with_name("topk_kernel.c")
+SOURCE = Path(__file__).with_name("topk.c")
 
 _f32p = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 _i32p = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
@@ -28,7 +28,7 @@ _i64 = ctypes.c_int64
 
 def build_library(directory=None):
     """Compile the kernel (if not cached) and return the library path; raises RuntimeError."""
-    return native.build_library(SOURCE, "aoq_topk", directory)
+    return build.build_library(SOURCE, "aoq_topk", directory)
 
 
 def _bind(lib):
@@ -50,10 +50,12 @@ def _bind(lib):
     return lib
 
 
-@lru_cache(maxsize=None)
 def load_kernel():
-    """The bound ctypes library, or None (logged once) if it cannot be built here."""
-    return native.load_library(SOURCE, "aoq_topk", _bind)
+    """The bound ctypes library, or None: switched off (AOQ_NO_ACCEL), or it cannot be built here
+    (logged once)."""
+    if not accel.enabled():
+        return None
+    return build.load_library(SOURCE, "aoq_topk", _bind)
 
 
 class Queues:

@@ -17,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+import accel
+
 DENSE_ABOVE = 0.95  # active fraction above which gathering the rows costs more than it saves
 
 
 def applies(x):
-    """Whether `linear` is used for input x: CPU, float32 or float64, no autocast (the GRU's
-    backward skips the same rows in every dtype, so float32 and float64 runs agree)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    """Whether `linear` is used for input x: accelerated paths on, CPU, float32 or float64, no
+    autocast (the GRU's backward skips the same rows in every dtype, so float32 and float64 runs
+    agree)."""
+    return (accel.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu"))
 
 

@@ -1,9 +1,9 @@
 /*
- * Fused CPU kernels of the models (float32), compiled on first use by models/native.py.
+ * Fused CPU kernels of the models (float32), compiled on first use by accel/build.py.
  *
  * Each kernel is the elementwise chain between two matrix products, done in one pass over
  * memory: the GRU cell of one time step (forward and backward). The products themselves stay in
- * torch. The formulas are those of the torch path they replace (models/gru.py); tests compare
+ * torch. The formulas are those of the torch path they replace (accel/gru.py); tests compare
  * both against float64.
  *
  * Loops are written so that gcc vectorises them (-O3 -march=native): no branches in the inner

@@ -8,7 +8,7 @@ at COCO scale (113,287 x 566,435 scores).
 `mine_both` is what the pipeline runs: i2t and t2i come from the same score matrix, so each tile
 of scores is computed once and feeds both selections (rows: the images' top K_i2t captions;
 columns: each caption's running top K_t2i images, kept across image blocks). On CPU the selection
-is the compiled running-top-k kernel (topk_native); on CUDA, or where no C compiler exists, it is
+is the compiled running-top-k kernel (accel/topk.py); on CUDA, or where no C compiler exists, it is
 torch.topk on row blocks plus a running column merge.
 
 `mine_i2t` / `mine_t2i` are the plain one-direction searches (one matrix product and torch.topk
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipeline_steps.common import topk_native
+from accel import topk
 
 log = logging.getLogger(__name__)
 CAPS_PER_IMAGE = 5
@@ -166,7 +166,7 @@ def queue_capacity(k):
 
 def t2i_queue_bytes(n_cap, k_t2i):
     """Memory the native engine holds for the caption queues during the whole pass."""
-    return n_cap * topk_native.Queues.bytes_per_queue(queue_capacity(k_t2i))
+    return n_cap * topk.Queues.bytes_per_queue(queue_capacity(k_t2i))
 
 
 def _resolve_engine(engine, device):
@@ -178,7 +178,7 @@ def _resolve_engine(engine, device):
         return "torch", None
     if engine == "torch":
         return "torch", None
-    lib = topk_native.load_kernel()
+    lib = topk.load_kernel()
     if lib is None:
         if engine == "native":
             raise ValueError("engine 'native' requested but the C kernel could not be built "
@@ -255,10 +255,10 @@ class _Worker:
             torch.matmul(q, self.cap_t[c0:c1].T, out=out)
             tile = out.numpy()  # (R, W), C-contiguous float32
             in_group = self.group[0] <= c0 < self.group[1]
-            topk_native.scan_tile(self.lib, tile, a, c0, CAPS_PER_IMAGE, self.images, (0, n),
+            topk.scan_tile(self.lib, tile, a, c0, CAPS_PER_IMAGE, self.images, (0, n),
                                   self.caps if in_group else None, (0, c1 - c0), self.group[0])
         if self.images is not None:
-            topk_native.finalize(self.lib, self.images, 0, n, self.top_ids[:n], self.top_scores[:n])
+            topk.finalize(self.lib, self.images, 0, n, self.top_ids[:n], self.top_scores[:n])
 
 
 def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols,
@@ -309,17 +309,17 @@ def _merge_worker_lists(lib, pool, workers, n, k, threads):
     scores = np.ascontiguousarray(np.stack([w.top_scores[:n] for w in workers], axis=1))  # (n, W, k)
     ids = np.ascontiguousarray(np.stack([w.top_ids[:n] for w in workers], axis=1))
     top = np.empty((n, k), dtype=np.int32)
-    _run_jobs(pool, topk_native.merge_sorted,
+    _run_jobs(pool, topk.merge_sorted,
               [(lib, scores, ids, lo, hi, top[lo:hi]) for lo, hi in _split(n, threads) if hi > lo])
     return top
 
 
 def _queues(n, k):
-    return topk_native.Queues(n, k, queue_capacity(k))
+    return topk.Queues(n, k, queue_capacity(k))
 
 
 def _finalize_rows(lib, queues, q_lo, q_hi, top, offset=0):
-    topk_native.finalize(lib, queues, q_lo, q_hi, top[q_lo - offset:q_hi - offset])
+    topk.finalize(lib, queues, q_lo, q_hi, top[q_lo - offset:q_hi - offset])
 
 
 def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, dtype, progress):

@@ -1,5 +1,5 @@
-"""Single-layer GRUs over padded batches with lengths: the function of `nn.GRU` on the packed batch,
-with a CPU backward whose weight gradients are single matrix products.
+"""The GRU recurrence on the CPU over a packed batch, with a backward whose weight gradients are
+single matrix products (models/rnn.py calls it; it computes what `nn.GRU` computes).
 
 On the CPU, `nn.GRU`'s backward forms the recurrent weight gradient one time step at a time (a
 (3H x B) by (B x H) product and a 3H x H accumulation per step), and with packed input it also
@@ -9,53 +9,36 @@ recurrence keeps what its backward needs, and the backward collects the per-step
 so that dW_hh = sum_t dgh_t^T h_(t-1) is one product too.
 
 In float32 the elementwise cell of each step (gates, candidate, new state; in the backward, the
-gate gradients) is one pass of a compiled kernel (models/kernels.c) instead of a dozen torch ops;
+gate gradients) is one pass of a compiled kernel (gru_cell.c) instead of a dozen torch ops;
 without a C compiler, or in other dtypes, the same steps run as torch ops.
 
-The parameters stay those of the `nn.GRU` module (state dicts are unchanged). On CUDA the module
-itself runs (cuDNN's fused kernels); the results are the same up to float rounding.
+The parameters stay those of the `nn.GRU` module (state dicts are unchanged).
 """
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from models import native, row_skipping
+import accel
+from accel import build
+from accel import linear as row_skipping
+
+CELL_SOURCE = Path(__file__).with_name("gru_cell.c")
 
 
-def run_gru(rnn, x, lengths=None, directions="concat", token_map=None):
-    """Run the single-layer, batch-first `rnn` (nn.GRU, uni- or bidirectional) on x (B, T, I).
+def applies(x):
+    """Whether `run_gru` runs for input x: on the CPU, with the accelerated paths on. (On CUDA,
+    cuDNN's fused kernels are faster than anything here.)"""
+    return accel.enabled() and x.device.type == "cpu"
 
-    lengths (B,) int (CPU preferred): real steps of each row, 1 <= L <= T; None = all T.
-    Returns (out (B, T_max, dirs * H), zero at t >= L, where T_max = max(lengths); h_n (dirs, B, H),
-    the state after each row's last real step (for the reverse direction, after step 0)), exactly
-    what `nn.GRU` returns for the packed batch (after pad_packed_sequence).
 
-    Two options work on the real tokens before they are padded (fewer rows, no padded copy):
-    directions="mean" (bidirectional): out is (B, T_max, H), the average (fwd + bwd) / 2 of the
-    two directions, as SCAN's encoders take it; token_map: a row-wise function applied to the
-    real tokens' output vectors (tokens, F) -> (tokens, F'), e.g. an l2norm. Padding stays zero.
-    """
-    if directions not in ("concat", "mean"):
-        raise ValueError(f"directions must be 'concat' or 'mean', got {directions!r}")
-    if directions == "mean" and not rnn.bidirectional:
-        raise ValueError("directions='mean' needs a bidirectional GRU")
-    if rnn.num_layers != 1 or not rnn.batch_first or rnn.mode != "GRU" or not rnn.bias:
-        raise ValueError("run_gru supports single-layer, batch-first nn.GRU modules with biases only")
+def run_gru(rnn, x, lengths, combine):
+    """models/rnn.py's `run_gru` on the CPU: `rnn` a single-layer batch-first nn.GRU, x (B, T, I)
+    with B >= 1, lengths (B,) CPU int64 in [1, T] (checked by the caller); combine(forward rows,
+    backward rows or None) -> output rows of the real tokens. Returns (out, h_n) as nn.GRU."""
     batch, steps = x.shape[:2]
-    lengths = torch.full((batch,), steps, dtype=torch.long) if lengths is None else \
-        torch.as_tensor(lengths, dtype=torch.long).cpu()
-    if lengths.shape != (batch,):
-        raise ValueError(f"lengths {tuple(lengths.shape)} do not match a batch of {batch} rows")
-    if batch == 0:  # the options still decide the feature size
-        dirs = 2 if rnn.bidirectional else 1
-        none = x.new_zeros(0, rnn.hidden_size)
-        features = _combine(none, none if rnn.bidirectional else None, directions, token_map).shape[1]
-        return x.new_zeros(0, 0, features), x.new_zeros(dirs, 0, rnn.hidden_size)
-    if int(lengths.max()) > steps or int(lengths.min()) < 1:
-        raise ValueError(f"lengths must lie in [1, {steps}]")
-    if x.is_cuda:
-        return _run_module(rnn, x, lengths, directions, token_map)
     # The packed layout, built here: pack_padded_sequence and pad_packed_sequence copy one time
     # step at a time, forward and backward, which cost as much as the recurrence's elementwise
     # work; index_select / index_copy move all tokens at once (and backpropagate as one
@@ -79,33 +62,11 @@ def run_gru(rnn, x, lengths=None, directions="concat", token_map=None):
     for suffix, out in zip(suffixes, outputs):
         finals.append(out.index_select(0, layout.last))                   # (B, H), sorted rows
         outs.append(out if not suffix else out.index_select(0, layout.reversal))
-    out = _combine(outs[0], outs[1] if len(outs) > 1 else None, directions, token_map)
+    out = combine(outs[0], outs[1] if len(outs) > 1 else None)
     padded = out.new_zeros(batch * longest, out.shape[1]).index_copy(
         0, device_order[layout.row] * longest + layout.step, out).view(batch, longest, -1)
     h_n = torch.stack(finals)[:, torch.argsort(device_order)]
     return padded, h_n
-
-
-def _run_module(rnn, x, lengths, directions, token_map):
-    """run_gru through the module itself on the packed batch (cuDNN on a GPU)."""
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    out, h_n = rnn(packed)
-    hidden = rnn.hidden_size
-    tokens = _combine(out.data[:, :hidden], out.data[:, hidden:] if rnn.bidirectional else None, directions,
-                      token_map)
-    out = PackedSequence(tokens, out.batch_sizes, out.sorted_indices, out.unsorted_indices)
-    return pad_packed_sequence(out, batch_first=True)[0], h_n
-
-
-def _combine(forward, backward, directions, token_map):
-    """The real tokens' output rows: both directions side by side, or their average; then token_map."""
-    if backward is None:
-        out = forward
-    elif directions == "mean":
-        out = (forward + backward) / 2
-    else:
-        out = torch.cat([forward, backward], dim=1)
-    return out if token_map is None else token_map(out)
 
 
 class _Layout:
@@ -225,9 +186,25 @@ def _backward_direction(grad_out, w, out, saved, layout):
     return grad_gi, grad_w, grad_gh.sum(dim=0)
 
 
+def _bind_cell_kernels(lib):
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.aoq_gru_cell_forward.restype = None
+    lib.aoq_gru_cell_forward.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64]
+    lib.aoq_gru_cell_backward.restype = None
+    lib.aoq_gru_cell_backward.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64]
+    return lib
+
+
+def cell_kernels():
+    """The bound kernels of gru_cell.c, or None (switched off, or no C compiler works here)."""
+    if not accel.enabled():
+        return None
+    return build.load_library(CELL_SOURCE, "aoq_gru_cell", _bind_cell_kernels)
+
+
 def _kernels_for(x):
     """The compiled cell kernels when they apply to `x` (float32 on the CPU), else None."""
-    return native.model_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    return cell_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
 
 def _forward_torch(lib, gi, w, b, layout, keep):

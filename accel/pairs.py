@@ -7,9 +7,8 @@ the positives, the hardest caption of each image and the hardest image of each c
 3B of B^2 (2.3% at B = 128). A pair whose score gets no gradient adds exactly zero to every
 gradient, so here:
 
-- forward: the all-pairs blocks (cross_attention's `_pair_blocks`) are scored without autograd,
-  and their word-region products S are kept (the same memory as autograd's copy of S, none of
-  the intermediates);
+- forward: the all-pairs chunks are scored without autograd, and their word-region products S
+  are kept (the same memory as autograd's copy of S, none of the intermediates);
 - backward: the pairs (i, j) with a nonzero incoming gradient are re-scored with autograd from
   their kept (L, k) blocks of S and their Gram matrices, which gives dS, dG and the norm
   gradients of those pairs only; the products behind them (S = W R^T, G = R R^T, ||x||) are
@@ -23,39 +22,47 @@ models use it only for hardest-negative losses (`training_scores(..., few_gradie
 pair is re-scored, but the products are still differentiated by hand, into one gradient buffer
 per side, instead of by autograd through six batched products of tiny matrices.
 
-Block layout (models/cross_attention.py `_pair_blocks`): (S (..., L, k), word mask (..., L),
-word norms (..., L), region norms (..., k), image Gram, caption Gram, True).
+The caller (models/attention.py) scores pairs through `score_pairs(s, word_mask, word_norms,
+region_norms, img_gram, cap_gram) -> (scores (P,), fallbacks or None)`, called with keywords:
+S (P, L, k) of P pairs, their word mask (P, L), word norms (P, L), region norms (P, k) and the
+image (P, k, k) and caption (P, L, L) Gram matrices.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
+import accel
+
+
+def applies(img, words):
+    """Whether the hand-differentiated scores are used: accelerated paths on, a gradient to compute."""
+    return accel.enabled() and torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
+
 PAIRS_PER_PASS = 4096  # pairs re-scored at a time in the backward (bounds its memory)
 
 
-def scores_with_sparse_backward(img, words, mask, chunks, blocks, block_scores):
+def sparse_backward_scores(img, words, mask, chunks, score_chunks, score_pairs):
     """(scores (B_i, B_c), fallbacks), scores differentiable in img (B_i, k, d) and words
     (B_c, L, d) (zero past each caption's length, `mask` (B_c, L) True at real words).
 
     chunks: list of caption-index tensors (CPU int64), the all-pairs chunks in scoring order;
-    blocks(img, words): yields the all-pairs block of each chunk, in that order;
-    block_scores(block) -> (scores of the block's leading dims: (B_i, c) for an all-pairs block,
-    (P,) for a block of P selected pairs; a 0-dim count of focal fallbacks, or None). Fallbacks
-    are counted in the forward only.
+    score_chunks(img, words): yields (S (B_i, c, L_chunk, k), scores (B_i, c), a 0-dim count of
+    focal fallbacks or None) for each chunk, in that order; score_pairs: see the module doc.
+    Fallbacks are counted in the forward only.
     """
-    return _SparseBackwardScores.apply(img, words, mask, chunks, blocks, block_scores)
+    return _SparseBackwardScores.apply(img, words, mask, chunks, score_chunks, score_pairs)
 
 
-def paired_scores(img, words, mask, block_scores):
+def paired_scores(img, words, mask, score_pairs):
     """(scores (B,), fallbacks) of the pairs (image b, caption b), differentiable in img (B, k, d)
     and words (B, L, d) (zero past each caption's length, `mask` (B, L) True at real words).
 
-    The same scores as cross_attention's paired blocks, computed like an all-pairs block (Gram
+    The same scores as models/attention.py's paired blocks, computed like an all-pairs block (Gram
     matrices for the attended vectors' norms) and differentiated like one: the pairs are re-scored
     with autograd from the kept S, and the products (S = W R^T, the Grams, the norms) are
     differentiated by hand into one gradient buffer per side. Plain autograd here would run six
     batched products of tiny matrices, half with transposed operands, and sum three gradients
     into the image features."""
-    return _PairedScores.apply(img, words, mask, block_scores)
+    return _PairedScores.apply(img, words, mask, score_pairs)
 
 
 def _contexts(img, words):
@@ -67,18 +74,17 @@ def _contexts(img, words):
 class _SparseBackwardScores(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, img, words, mask, chunks, blocks, block_scores):
+    def forward(ctx, img, words, mask, chunks, score_chunks, score_pairs):
         fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
         kept, parts = [], []
-        for block in blocks(img, words):
-            part, fell_back = block_scores(block)
+        for s, part, fell_back in score_chunks(img, words):
             parts.append(part)
             if fell_back is not None:
                 fallbacks = fallbacks + fell_back
-            kept.append(block[0])                            # S of the chunk, (B_i, c, L_chunk, k)
+            kept.append(s)                                   # S of the chunk, (B_i, c, L_chunk, k)
         scores = torch.cat(parts, dim=1)[:, torch.argsort(torch.cat(chunks)).to(img.device)]
         ctx.save_for_backward(img, words, *kept)
-        ctx.mask, ctx.chunks, ctx.block_scores = mask, chunks, block_scores
+        ctx.mask, ctx.chunks, ctx.score_pairs = mask, chunks, score_pairs
         # the backward re-scores pairs as the forward scored them: under the same autocast
         kind = img.device.type
         ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
@@ -101,7 +107,7 @@ class _SparseBackwardScores(torch.autograd.Function):
             for start in range(0, len(selected), PAIRS_PER_PASS):
                 i, j = selected[start:start + PAIRS_PER_PASS].to(device).unbind(1)
                 with torch.autocast(kind, dtype=dtype, enabled=enabled):
-                    _pair_gradients(ctx.block_scores, s, position.to(device)[j], i, j, grad_scores[i, j], c,
+                    _pair_gradients(ctx.score_pairs, s, position.to(device)[j], i, j, grad_scores[i, j], c,
                                     ctx.mask, img, words, grad_w, grad_r, grads)
         grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
         return grad_r, grad_w, None, None, None, None
@@ -113,14 +119,14 @@ CONTEXTS = ("word_norms", "region_norms", "img_gram", "cap_gram")
 class _PairedScores(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, img, words, mask, block_scores):
+    def forward(ctx, img, words, mask, score_pairs):
         c = _contexts(img, words)
         s = words @ img.transpose(1, 2)                      # (B, L, k)
-        scores, fallbacks = block_scores(_block(s, mask, c))
+        scores, fallbacks = score_pairs(s=s, word_mask=mask, **c)
         if fallbacks is None:
             fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
         ctx.save_for_backward(img, words, s, *(c[name] for name in CONTEXTS))
-        ctx.mask, ctx.block_scores = mask, block_scores
+        ctx.mask, ctx.score_pairs = mask, score_pairs
         kind = img.device.type
         ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         ctx.mark_non_differentiable(fallbacks)
@@ -135,9 +141,9 @@ class _PairedScores(torch.autograd.Function):
         with torch.autocast(kind, dtype=dtype, enabled=enabled), torch.enable_grad():
             leaves = {"s": s.detach().requires_grad_(), **{n: t.detach().requires_grad_() for n, t in c.items()}}
             names = list(leaves)
-            found = dict(zip(names, torch.autograd.grad(
-                ctx.block_scores(_block(leaves["s"], ctx.mask, leaves))[0], [leaves[n] for n in names],
-                grad_scores, allow_unused=True)))
+            scores = ctx.score_pairs(word_mask=ctx.mask, **leaves)[0]
+            found = dict(zip(names, torch.autograd.grad(scores, [leaves[n] for n in names], grad_scores,
+                                                        allow_unused=True)))
         ds = found.pop("s")
         with torch.autocast(kind, enabled=False):              # the features' own precision
             if ds is None:
@@ -149,11 +155,6 @@ class _PairedScores(torch.autograd.Function):
             grads = {n: found[n] for n in CONTEXTS if found[n] is not None}
             grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
         return grad_r, grad_w, None, None
-
-
-def _block(s, mask, c):
-    """A block of pairs with leading dim (B,): S, word mask, norms, Grams (gram = True)."""
-    return (s, mask, c["word_norms"], c["region_norms"], c["img_gram"], c["cap_gram"], True)
 
 
 def _caption_positions(chunks, n_cap):
@@ -174,7 +175,7 @@ def _index_add(target, index, values):
         target += torch.zeros_like(target).index_add_(0, index, values)
 
 
-def _pair_gradients(block_scores, s, positions, i, j, grad, c, mask, img, words, grad_w, grad_r, grads):
+def _pair_gradients(score_pairs, s, positions, i, j, grad, c, mask, img, words, grad_w, grad_r, grads):
     """Re-score pairs (i, j) from the kept chunk `s` with autograd and add their gradients."""
     longest = s.shape[2]
     rows = dict(word_norms=j, cap_gram=j, region_norms=i, img_gram=i)
@@ -183,11 +184,9 @@ def _pair_gradients(block_scores, s, positions, i, j, grad, c, mask, img, words,
     leaves = {"s": s[i, positions], **{name: cut[name](c[name])[rows[name]] for name in rows}}
     with torch.enable_grad():
         leaves = {name: t.detach().requires_grad_() for name, t in leaves.items()}
-        block = (leaves["s"], mask[j, :longest], leaves["word_norms"], leaves["region_norms"], leaves["img_gram"],
-                 leaves["cap_gram"], True)
         names = list(leaves)
-        found = dict(zip(names, torch.autograd.grad(block_scores(block)[0], [leaves[n] for n in names], grad,
-                                                    allow_unused=True)))
+        scores = score_pairs(word_mask=mask[j, :longest], **leaves)[0]
+        found = dict(zip(names, torch.autograd.grad(scores, [leaves[n] for n in names], grad, allow_unused=True)))
     ds = found.pop("s")
     if ds is not None:  # S_ij = W_j R_i^T: dW_j += dS_ij R_i, dR_i += dS_ij^T W_j
         with torch.autocast(img.device.type, enabled=False):  # the features' own precision

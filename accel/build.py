@@ -1,4 +1,4 @@
-"""Compile-on-first-use for the C kernels of this project, loaded with ctypes.
+"""Compile-on-first-use for the C kernels (gru_cell.c, topk.c), loaded with ctypes.
 
 Why C at all: some CPU hot spots are chains of elementwise work between matrix products (a GRU
 cell per time step) or per-element decisions (a running top-k per query). Torch runs each link of
@@ -9,8 +9,11 @@ A source is compiled with the system C compiler (`cc`, or $CC) and -march=native
 folder ($AOQ_KERNEL_CACHE, default ~/.cache/aoq-pipeline/kernels). The file name carries a hash
 of the source, the compiler, the flags and the CPU's model and feature list, so a home folder
 shared by cluster nodes of different CPUs gets one library per kind. The library is written to a
-temporary name and renamed, so concurrent jobs never load half a file.
-Callers treat a failed build as "no kernel" and use their torch path.
+temporary name and renamed, so concurrent jobs never load half a file. A compiler that does not
+finish within COMPILE_TIMEOUT seconds counts as failed.
+Callers treat a failed build (or the switch `AOQ_NO_ACCEL=1`) as "no kernel" and use their torch
+path: the kernels' vector code is chosen at compile time (AVX-512, AVX2, or plain loops), so any
+processor the compiler knows gets a working build.
 """
 import ctypes
 import hashlib
@@ -20,12 +23,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu99")
-MODEL_KERNELS = Path(__file__).with_name("kernels.c")
+COMPILE_TIMEOUT = 120  # seconds; a first build takes about 2 s here
 
 
 def cache_dir():
@@ -65,7 +67,13 @@ def build_library(source, prefix, directory=None, cflags=CFLAGS):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *cflags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([cc, *cflags, "-o", tmp, str(source), "-lm"], capture_output=True,
+                                  text=True, timeout=COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"compiling {source} took over {COMPILE_TIMEOUT} s; gave up") from None
+        except OSError as err:  # the compiler could not be started
+            raise RuntimeError(f"running {cc} failed: {err}") from None
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {source} failed:\n{proc.stderr.strip()}")
         os.replace(tmp, target)
@@ -76,26 +84,16 @@ def build_library(source, prefix, directory=None, cflags=CFLAGS):
 
 
 def load_library(source, prefix, bind, cflags=CFLAGS):
-    """`bind(ctypes.CDLL)` of the compiled `source`, or None (logged) if it cannot be built here."""
-    try:
-        return bind(ctypes.CDLL(str(build_library(source, prefix, cflags=cflags))))
-    except (OSError, RuntimeError) as err:
-        log.warning("native kernels of %s unavailable, using the torch path: %s", Path(source).name, err)
-        return None
+    """`bind(ctypes.CDLL)` of the compiled `source`, or None (logged once per source) if it cannot
+    be built here. Built at most once per process; asked again, it answers from memory."""
+    key = (str(source), prefix, cflags)
+    if key not in _LOADED:
+        try:
+            _LOADED[key] = bind(ctypes.CDLL(str(build_library(source, prefix, cflags=cflags))))
+        except (OSError, RuntimeError) as err:
+            log.warning("native kernels of %s unavailable, using the torch path: %s", Path(source).name, err)
+            _LOADED[key] = None
+    return _LOADED[key]
 
 
-def _bind_model_kernels(lib):
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.aoq_gru_cell_forward.restype = None
-    lib.aoq_gru_cell_forward.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64]
-    lib.aoq_gru_cell_backward.restype = None
-    lib.aoq_gru_cell_backward.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64]
-    return lib
-
-
-@lru_cache(maxsize=None)
-def model_kernels():
-    """The bound kernels of models/kernels.c, or None where no C compiler works."""
-    if os.environ.get("AOQ_NO_NATIVE"):
-        return None
-    return load_library(MODEL_KERNELS, "aoq_models", _bind_model_kernels)
+_LOADED = {}

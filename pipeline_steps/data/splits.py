@@ -2,8 +2,8 @@
 import json
 from pathlib import Path
 
-from pipeline_steps.common.precomp import ImageFeatures, SplitInfo
-from pipeline_steps.common.text import CaptionIds
+from pipeline_steps.data.precomp import ImageFeatures, SplitInfo
+from pipeline_steps.data.text import CaptionIds
 
 
 def read_manifest(prepared_dir):

@@ -12,7 +12,7 @@
  * therefore exactly the first k entries of a stable descending sort, ties included.
  *
  * Every function works on a range of queues and touches nothing else, so callers run disjoint
- * ranges in parallel threads without locks. Compiled on first use by topk_native.py.
+ * ranges in parallel threads without locks. Compiled on first use by topk.py.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from models.base import MatchingModel
-from pipeline_steps.common.batches import pad_captions
-from pipeline_steps.common.metrics import embedding_scorer
+from pipeline_steps.data.batches import pad_captions
+from pipeline_steps.retrieval.metrics import embedding_scorer
 
 
 @torch.no_grad()

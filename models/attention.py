@@ -1,38 +1,39 @@
-"""Batched cross-attention scoring kernels of SCAN (t2i, i2t) and BFAN (focal attention).
-
-Spec: /work/shared/spec/scan_bfan_vsepp_data.md §A.1, A.4, A.5, B.2, B.3.
+"""Cross attention: the scores of SCAN (t2i, i2t) and BFAN (focal attention), docs/models.md.
 
 Inputs: image region features `img` (B_i, k, d), padded word features `words` (B_c, L, d) and the
 true caption `lengths` (B_c,). Every function has two modes:
 - all pairs (`paired=False`): (B_i, B_c) scores, captions processed `chunk` at a time so memory
   stays bounded, in order of length so each chunk is cut to its own longest caption; every pair
   is independent, so neither chunking nor the order changes any score;
-- paired (`paired=True`, B_i == B_c): (B,) scores of image b against caption b only. With a
-  gradient to compute they are scored like an all-pairs block and differentiated by hand
-  (models/pair_recompute.py `paired_scores`); without one, by the plain paired block.
+- paired (`paired=True`, B_i == B_c): (B,) scores of image b against caption b only.
+With a gradient to compute, accel/pairs.py scores the same blocks with a backward that visits only
+the pairs that need one (`sparse_grad`, for hardest-negative losses) and differentiates the products
+by hand; the values and gradients are those of the plain code here.
 
 Padded words never participate: they are zeroed (so they add nothing to a query-axis
 normalisation or a Gram matrix), set to -inf before softmaxes over words, and left out of the
 aggregation. Changing padded values changes nothing.
 
-All pairs of a block share one layout, S[..., j, r] = <word j, region r> of shape (..., L, k)
+All pairs of a `Block` share one layout, S[..., j, r] = <word j, region r> of shape (..., L, k)
 (leading dims (B_i, c) for all pairs, (B,) when paired). For t2i the queries are the words (dim -2)
 and the context the regions (dim -1); for i2t the other way round. As in the reference, the "first"
 normalisation runs over the query axis and the attention softmax over the context axis.
-The attended vectors a_q = sum_r alpha_qr C_r are never materialised (spec A.5 [ours]):
+The attended vectors a_q = sum_r alpha_qr C_r are never materialised:
   <x_q, a_q> = sum_r alpha_qr S_qr,   ||a_q||^2 = alpha_q^T G alpha_q,   G = C C^T (context Gram),
 which is exact and avoids the d-dimensional (B_i, B_c, n, d) tensor.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from models import pair_recompute
+from accel import l2norm as fast_l2norm
+from accel import pairs as fast_pairs
 
 EPS = 1e-8
 LEAKY_SLOPE = 0.1  # SCAN's "clipped" is a LeakyReLU with slope 0.1, not a ReLU
 # clipped_leaky_l2norm is an alias of clipped_l2norm; relu_l2norm, l1norm and clipped_l1norm are
-# extensions (the reference's l1 variants crash, spec A.4).
+# extensions (the reference's l1 variants crash; docs/reference_behaviours.md).
 RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "clipped_leaky_l2norm", "relu_l2norm",
                      "clipped", "no_norm", "l1norm", "clipped_l1norm")
 AGG_FUNCS = ("LogSumExp", "Mean", "Max", "Sum")
@@ -41,44 +42,12 @@ DIRECTIONS = ("t2i", "i2t")
 
 
 def l2norm(x, dim=-1, eps=EPS):
-    """SCAN's l2norm: x / (||x|| + eps); eps is added to the norm, zero stays zero.
-
-    An all-zero row gives 0 / (1 + eps) = 0, without the infinite gradient of sqrt at 0. With a
-    gradient to compute, a hand-written backward takes 4 passes over x where autograd's chain of
-    the forward's ops takes about 10 (the encoders normalise every region and word)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _L2Norm.apply(x, dim, eps)
-    return x / _l2_denominator(x, dim, eps)[1]
-
-
-def _l2_denominator(x, dim, eps):
-    if dim in (-1, x.dim() - 1):
-        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    else:  # vector_norm over an inner dimension is several times slower than this on the CPU
-        norm = (x * x).sum(dim=dim, keepdim=True).sqrt()
-    return norm, torch.where(norm > 0, norm, torch.ones_like(norm)) + eps
-
-
-class _L2Norm(torch.autograd.Function):
-    """y = x / d, d = ||x|| + eps (1 + eps at ||x|| = 0). For ||x|| > 0,
-    dx = (g - y (g . y) d / ||x||) / d; at ||x|| = 0, dx = g / (1 + eps) (the norm is held)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, eps):
-        norm, denominator = _l2_denominator(x, dim, eps)
-        y = x / denominator
-        ctx.save_for_backward(y, norm, denominator)
-        ctx.dim = dim
-        return y
-
-    @staticmethod
-    @once_differentiable  # the backward treats the saved norm as a constant: no second derivative
-    def backward(ctx, grad):
-        y, norm, denominator = ctx.saved_tensors
-        ratio = torch.where(norm > 0, denominator / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                            torch.zeros_like(norm))
-        along = (grad * y).sum(dim=ctx.dim, keepdim=True) * ratio
-        return torch.addcmul(grad, y, along, value=-1.0).div_(denominator), None, None
+    """SCAN's l2norm: x / (||x|| + eps). An all-zero row stays zero: it is divided by 1 + eps, so its
+    gradient is finite (the reference divides by eps; docs/reference_behaviours.md)."""
+    if fast_l2norm.applies(x):
+        return fast_l2norm.l2norm(x, dim, eps)  # the same, with a 4-pass backward
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    return x / (torch.where(norm > 0, norm, torch.ones_like(norm)) + eps)
 
 
 def l1norm(x, dim=-1, eps=EPS):
@@ -126,7 +95,7 @@ def context_softmax(normed, lambda_softmax, dim=-1, mask=None):
 
 
 def focal_reassign(alpha, focal_type, dim=-1, mask=None):
-    """BFAN focal re-assignment (spec B.2) of alpha along the context axis `dim`.
+    """BFAN focal re-assignment of alpha along the context axis `dim` (docs/models.md).
 
     Returns (alpha', fallback) with fallback = alpha's shape without `dim`, True where the guard fired.
     H_qr = 1[F_qr > 0] (strict) is a hard mask computed without gradient:
@@ -202,22 +171,34 @@ def attended_cosines(scores, alpha, query_norms, context, dim, gram=True):
     return num / (query_norms * norm).clamp_min(EPS)
 
 
+class Block(NamedTuple):
+    """The tensors of a block of image-caption pairs (leading dims `...`: (B_i, c) for all pairs
+    of B_i images and a chunk of c captions, size 1 where a tensor belongs to one side; (B,) for
+    B given pairs)."""
+    s: torch.Tensor             # (..., L, k) <word j, region r>
+    word_mask: torch.Tensor     # (..., L) True at real words
+    word_norms: torch.Tensor    # (..., L)
+    region_norms: torch.Tensor  # (..., k)
+    img_context: torch.Tensor   # the regions' Gram matrices (gram) or the regions themselves
+    cap_context: torch.Tensor   # the words' Gram matrices (gram) or the words themselves
+    gram: bool                  # see `attended_cosines`
+
+
 def _attend(block, direction, normalize, lambda_softmax, focal_type=None):
     """One direction for every pair of a block -> (R (..., L) for t2i / (..., k) for i2t, fallback)."""
-    s, word_mask, word_norms, region_norms, img_context, cap_context, gram = block
-    rows = word_mask.unsqueeze(-1)  # (..., L, 1): padded word rows of S
+    s, rows = block.s, block.word_mask.unsqueeze(-1)  # (..., L, 1): padded word rows of S
     if direction == "t2i":          # queries: words (dim -2); context: regions (dim -1)
         alpha = context_softmax(normalize_over_queries(s, normalize, dim=-2, mask=rows), lambda_softmax, dim=-1)
         fallback = None
         if focal_type is not None:
             alpha, fallback = focal_reassign(alpha, focal_type, dim=-1)
-            fallback = fallback & word_mask
-        return attended_cosines(s, alpha, word_norms, img_context, dim=-1, gram=gram), fallback
+            fallback = fallback & block.word_mask
+        return attended_cosines(s, alpha, block.word_norms, block.img_context, dim=-1, gram=block.gram), fallback
     alpha = context_softmax(normalize_over_queries(s, normalize, dim=-1), lambda_softmax, dim=-2, mask=rows)
     fallback = None
     if focal_type is not None:
         alpha, fallback = focal_reassign(alpha, focal_type, dim=-2, mask=rows)
-    return attended_cosines(s, alpha, region_norms, cap_context, dim=-2, gram=gram), fallback
+    return attended_cosines(s, alpha, block.region_norms, block.cap_context, dim=-2, gram=block.gram), fallback
 
 
 def _prepare(img, words, lengths):
@@ -257,17 +238,15 @@ def _padding_is_zero(words, mask):
 
 
 def _pair_blocks(img, words, mask, lengths, paired, chunk):
-    """Yield blocks (S (..., L, k), word mask (..., L), word norms (..., L), region norms (..., k),
-    image context, caption context, gram) with leading dims (B,) when paired, else (B_i, c) for
-    each chunk of c captions (size-1 dims where a factor belongs to one side only).
-    All pairs: the contexts are the Gram matrices, image (B_i, k, k) and caption (1, c, L, L)
-    (gram = True); chunks follow `_caption_order(lengths)`, each cut to its longest caption.
-    Paired: the contexts are img and words themselves (gram = False; see attended_cosines)."""
+    """Yield the `Block`s of the pairs: one of B pairs when paired (contexts: the features
+    themselves, gram = False); else one per chunk of c captions, (B_i, c) pairs (contexts: Gram
+    matrices, image (B_i, k, k) and caption (1, c, L, L)), chunks in `_caption_order(lengths)`,
+    each cut to its longest caption."""
     region_norms = torch.linalg.vector_norm(img, dim=-1)   # (B_i, k)
     if paired:
         _check_paired(img, words)
-        yield (words @ img.transpose(1, 2), mask, torch.linalg.vector_norm(words, dim=-1), region_norms,
-               img, words, False)
+        yield Block(words @ img.transpose(1, 2), mask, torch.linalg.vector_norm(words, dim=-1), region_norms,
+                    img, words, gram=False)
         return
     img_gram = img @ img.transpose(1, 2)                   # (B_i, k, k)
     n_img, k, d = img.shape
@@ -278,12 +257,8 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
         c, n = w.shape[:2]
         # S[i, j, q, r] = <word q of caption j, region r of image i>, made contiguous: (B_i, c, L, k)
         s = (w.reshape(c * n, d) @ flat_img.t()).view(c, n, n_img, k).permute(2, 0, 1, 3).contiguous()
-        yield (s, m.unsqueeze(0), torch.linalg.vector_norm(w, dim=-1).unsqueeze(0),
-               region_norms.unsqueeze(1), img_gram, (w @ w.transpose(1, 2)).unsqueeze(0), True)
-
-
-def _empty(img, words, paired):
-    return img.new_zeros((img.shape[0],) if paired else (img.shape[0], words.shape[0]))
+        yield Block(s, m.unsqueeze(0), torch.linalg.vector_norm(w, dim=-1).unsqueeze(0),
+                    region_norms.unsqueeze(1), img_gram, (w @ w.transpose(1, 2)).unsqueeze(0), gram=True)
 
 
 def _caption_order(lengths):
@@ -298,80 +273,76 @@ def _chunks(lengths, chunk):
     return [order[start:start + step] for start in range(0, len(order), step)]
 
 
-def _all_pair_blocks(mask, lengths, chunk):
-    """blocks(img, words) -> `_pair_blocks` in all-pairs mode, for pair_recompute."""
-    return lambda img, words: _pair_blocks(img, words, mask, lengths, False, chunk)
-
-
-def _wants_sparse_grad(sparse_grad, paired, img, words):
-    return sparse_grad and not paired and _needs_grad(img, words)
-
-
 def _check_paired(img, words):
     if img.shape[0] != words.shape[0]:
         raise ValueError(f"paired mode needs as many images as captions ({img.shape[0]} vs {words.shape[0]})")
 
 
-def _needs_grad(img, words):
-    return torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
-
-
-def _collect(parts, paired, lengths):
-    """The blocks' scores, all-pairs columns back in caption order."""
+def _score(img, words, lengths, block_scores, paired, chunk, sparse_grad):
+    """(scores, fallbacks) of every pair (or of the B given pairs when `paired`), scored block by
+    block with block_scores(Block) -> (scores of the block's pairs, fallback count or None)."""
+    words, mask, lengths = _prepare(img, words, lengths)
+    fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
+    if words.shape[0] == 0 or img.shape[0] == 0:
+        return img.new_zeros((img.shape[0],) if paired else (img.shape[0], words.shape[0])), fallbacks
     if paired:
-        return parts[0]
-    scores = torch.cat(parts, dim=1)
-    return scores[:, torch.argsort(_caption_order(lengths)).to(scores.device)]
+        _check_paired(img, words)
+
+    def score_pairs(s, word_mask, word_norms, region_norms, img_gram, cap_gram):
+        """Pairs given by their S and Gram matrices: how accel/pairs.py re-scores them."""
+        return block_scores(Block(s, word_mask, word_norms, region_norms, img_gram, cap_gram, gram=True))
+
+    if fast_pairs.applies(img, words):
+        if paired:
+            return fast_pairs.paired_scores(img, words, mask, score_pairs)
+        if sparse_grad:  # the backward visits only the pairs that get a gradient
+            def score_chunks(img, words):
+                for block in _pair_blocks(img, words, mask, lengths, False, chunk):
+                    yield (block.s, *block_scores(block))
+
+            return fast_pairs.sparse_backward_scores(img, words, mask, _chunks(lengths, chunk), score_chunks,
+                                                     score_pairs)
+    parts = []
+    for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
+        part, fell_back = block_scores(block)
+        parts.append(part)
+        if fell_back is not None:
+            fallbacks = fallbacks + fell_back
+    if paired:
+        return parts[0], fallbacks
+    scores = torch.cat(parts, dim=1)  # all-pairs columns back in caption order
+    return scores[:, torch.argsort(_caption_order(lengths)).to(scores.device)], fallbacks
 
 
 def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_l2norm",
                 agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0, paired=False, chunk=32,
                 sparse_grad=False):
-    """SCAN similarities (spec A.4-A.5): (B_i, B_c) for all pairs, or (B,) when `paired`.
+    """SCAN similarities: (B_i, B_c) for all pairs, or (B,) when `paired` (docs/models.md).
 
     t2i: words attend to regions, R_j = cos(w_j, a_j) aggregated over the caption's real words;
     i2t: regions attend to the real words, R_i = cos(v_i, a_i) aggregated over the k regions.
-    sparse_grad: all pairs for a hardest-negative loss; the backward revisits only the pairs
-    that receive a gradient (models/pair_recompute.py). Same values and gradients.
+    sparse_grad: all pairs for a hardest-negative loss, whose backward may then visit only the
+    pairs that receive a gradient (accel/pairs.py). Same values and gradients.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; choose from {DIRECTIONS}")
-    if raw_feature_norm not in RAW_FEATURE_NORMS:
-        raise ValueError(f"unknown raw_feature_norm {raw_feature_norm!r}; choose from {RAW_FEATURE_NORMS}")
-    if agg_func not in AGG_FUNCS:
-        raise ValueError(f"unknown agg_func {agg_func!r}; choose from {AGG_FUNCS}")
-    words, mask, lengths = _prepare(img, words, lengths)
-    if words.shape[0] == 0 or img.shape[0] == 0:
-        return _empty(img, words, paired)
+    for value, allowed, what in ((direction, DIRECTIONS, "direction"),
+                                 (raw_feature_norm, RAW_FEATURE_NORMS, "raw_feature_norm"),
+                                 (agg_func, AGG_FUNCS, "agg_func")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
+
     def block_scores(block):
         r, _ = _attend(block, direction, raw_feature_norm, lambda_softmax)
-        real = block[1].expand(r.shape) if direction == "t2i" else None
+        real = block.word_mask.expand(r.shape) if direction == "t2i" else None
         return aggregate(r, agg_func, lambda_lse, mask=real), None
 
-    if _wants_sparse_grad(sparse_grad, paired, img, words):
-        return pair_recompute.scores_with_sparse_backward(img, words, mask, _chunks(lengths, chunk),
-                                                          _all_pair_blocks(mask, lengths, chunk), block_scores)[0]
-    if paired and _needs_grad(img, words):
-        _check_paired(img, words)
-        return pair_recompute.paired_scores(img, words, mask, block_scores)[0]
-    parts = [block_scores(block)[0] for block in _pair_blocks(img, words, mask, lengths, paired, chunk)]
-    return _collect(parts, paired, lengths)
-
-
-def scan_t2i_scores(img, words, lengths, **options):
-    """SCAN text-to-image attention scores; see `scan_scores`."""
-    return scan_scores(img, words, lengths, direction="t2i", **options)
-
-
-def scan_i2t_scores(img, words, lengths, **options):
-    """SCAN image-to-text attention scores; see `scan_scores`."""
-    return scan_scores(img, words, lengths, direction="i2t", **options)
+    return _score(img, words, lengths, block_scores, paired, chunk, sparse_grad)[0]
 
 
 def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, paired=False, chunk=32,
                 return_fallbacks=False, sparse_grad=False):
-    """BFAN similarity (spec B.3): mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t), both with
-    focal attention of `focal_type` after the clipped_l2norm first normalisation, same lambda.
+    """BFAN similarity: mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t), both with focal
+    attention of `focal_type` after the clipped_l2norm first normalisation, same lambda
+    (docs/models.md).
 
     Returns the scores, or (scores, n_fallbacks) with n_fallbacks a 0-dim int64 tensor counting the
     (pair, real query) rows where every H was 0 and the pre-assigned attention was kept.
@@ -379,28 +350,12 @@ def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, pa
     """
     if focal_type not in FOCAL_TYPES:
         raise ValueError(f"unknown focal_type {focal_type!r}; choose from {FOCAL_TYPES}")
-    words, mask, lengths = _prepare(img, words, lengths)
 
     def block_scores(block):
         r_t2i, fb_t2i = _attend(block, "t2i", "clipped_l2norm", lambda_softmax, focal_type)
         r_i2t, fb_i2t = _attend(block, "i2t", "clipped_l2norm", lambda_softmax, focal_type)
-        scores = aggregate(r_t2i, "Mean", mask=block[1].expand(r_t2i.shape)) + aggregate(r_i2t, "Mean")
+        scores = aggregate(r_t2i, "Mean", mask=block.word_mask.expand(r_t2i.shape)) + aggregate(r_i2t, "Mean")
         return scores, fb_t2i.sum() + fb_i2t.sum()
 
-    fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
-    if words.shape[0] == 0 or img.shape[0] == 0:
-        scores = _empty(img, words, paired)
-    elif _wants_sparse_grad(sparse_grad, paired, img, words):
-        scores, fallbacks = pair_recompute.scores_with_sparse_backward(
-            img, words, mask, _chunks(lengths, chunk), _all_pair_blocks(mask, lengths, chunk), block_scores)
-    elif paired and _needs_grad(img, words):
-        _check_paired(img, words)
-        scores, fallbacks = pair_recompute.paired_scores(img, words, mask, block_scores)
-    else:
-        parts = []
-        for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
-            part, fell_back = block_scores(block)
-            parts.append(part)
-            fallbacks = fallbacks + fell_back
-        scores = _collect(parts, paired, lengths)
+    scores, fallbacks = _score(img, words, lengths, block_scores, paired, chunk, sparse_grad)
     return (scores, fallbacks) if return_fallbacks else scores

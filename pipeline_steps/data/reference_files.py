@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .errors import InputError
-from .text import check_word2idx, load_vocab_json, vocab_json_text
+from pipeline_steps.common.atomic import atomic_path
+from pipeline_steps.common.errors import InputError
+from pipeline_steps.data.text import check_word2idx, load_vocab_json, vocab_json_text
 
 
 class ReferenceFileError(InputError):

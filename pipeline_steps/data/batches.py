@@ -10,7 +10,7 @@ the single-process run would have drawn.
 import numpy as np
 import torch
 
-from pipeline_steps.common.precomp import CAPTIONS_PER_IMAGE, DataError
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE, DataError
 
 
 def epoch_batches(n_items, batch_size, seed, epoch):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipeline_steps.common import topk_native
+from accel import topk
 
 CAPS_PER_IMAGE = 5
 RECALL_KS = (1, 5, 10)
@@ -163,7 +163,7 @@ def _count_native(lib, s, best_gt, row_from, pos, col_below, pool, threads):
     rows = np.zeros(tile.shape[0], dtype=np.int64)
     edges = np.linspace(0, tile.shape[0], threads + 1).round().astype(int)
     cols = [np.zeros(tile.shape[1], dtype=np.int32) for _ in range(threads)]
-    jobs = [pool.submit(topk_native.count_ranks, lib, tile[lo:hi], row_thr[lo:hi], row_from[lo:hi],
+    jobs = [pool.submit(topk.count_ranks, lib, tile[lo:hi], row_thr[lo:hi], row_from[lo:hi],
                         col_thr, col_below[lo:hi], rows[lo:hi], cols[t])
             for t, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if hi > lo]
     for job in jobs:
@@ -198,7 +198,7 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
     caption's positive (t2i), so every score is computed once. The positives themselves are read
     first from small diagonal blocks (about 64 / n_img of the work); an image is never counted
     against its own caption, whatever rounding a different block shape gives. On CPU the counts
-    come from the compiled kernel when it builds (topk_native), else from torch.
+    come from the compiled kernel when it builds (accel/topk.py), else from torch.
     `block_size` caps the number of images per block; blocks also hold at most about
     `max_block_elems` scores. Returns numpy int64 arrays (i2t_ranks (n_img,), t2i_ranks (5 n_img,)).
     """
@@ -213,7 +213,7 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
     i2t = np.empty(n_img, dtype=np.int64)
     t2i = None
     rows = _queries_per_block(n_cap, block_size, max_block_elems)
-    lib = topk_native.load_kernel()
+    lib = topk.load_kernel()
     threads = max(1, torch.get_num_threads())
     with torch.no_grad(), ThreadPoolExecutor(max_workers=threads) as pool:
         pos = _positive_scores(score_block, n_img, block_size, max_block_elems)  # (N_cap,)

@@ -1,0 +1,38 @@
+"""Speed, kept apart from the math: faster implementations that give the models', the mining's and
+the evaluation's results (up to float rounding) in less time on the CPU.
+
+Entry points (each module's docstring says why and how it is faster):
+    accel.gru       `run_gru`: the packed GRU recurrence, one compiled cell pass per step
+                    (gru_cell.c) and weight gradients as single products; models/rnn.py
+    accel.linear    `linear`: a linear map whose backward skips rows without a gradient
+    accel.l2norm    `l2norm`: SCAN's l2norm with a 4-pass hand-written backward
+    accel.pairs     `sparse_backward_scores`, `paired_scores`: cross-attention scores whose
+                    backward revisits only the image-caption pairs that get a gradient
+    accel.topk      the compiled running top-k (mining) and rank counting (evaluation), topk.c
+    accel.build     compiles the C sources on first use (cached per CPU, with a timeout)
+
+Each entry point has an `applies(...)` test; the callers run the plain torch code beside it when
+it says no. One switch turns every accelerated path off: `AOQ_NO_ACCEL=1` in the environment (or
+`with accel.disabled():` in code). Without a C compiler, without AVX-512, or on another processor
+the C kernels are not built or fall back to plain loops: only speed is lost. `python -m accel`
+says what is compiled here and which paths run.
+"""
+import contextlib
+import os
+
+_switch = {"on": not os.environ.get("AOQ_NO_ACCEL")}
+
+
+def enabled():
+    """Whether accelerated paths may run (AOQ_NO_ACCEL unset, not inside `disabled()`)."""
+    return _switch["on"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the plain torch paths everywhere inside the block (tests compare the two)."""
+    before, _switch["on"] = _switch["on"], False
+    try:
+        yield
+    finally:
+        _switch["on"] = before
