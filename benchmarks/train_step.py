@@ -81,8 +81,7 @@ class Ours:
         from pipeline_steps.training.optim import Optimizers
         self.model, self.grad_clip = model, grad_clip
         self.loss_cfg = LossConfig(variant="adapoffquin")
-        double = "caption" if getattr(model.config, "caption_double_step", False) else None
-        self.optimizer = Optimizers(model, lr, double_step_group=double)
+        self.optimizer = Optimizers(model, lr)
         model.train()
 
     def step(self, batch):

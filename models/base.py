@@ -69,8 +69,13 @@ class MatchingModel(nn.Module):
         return contextlib.nullcontext()
 
     def parameter_groups(self):
-        """Named parameter lists; the trainer may treat groups differently (VSRN's 'caption')."""
+        """Named parameter lists; the trainer may treat groups differently (`adam_steps`)."""
         return {"main": list(self.parameters())}
+
+    def adam_steps(self):
+        """{group: Adam steps per iteration} for groups that take more than one (VSRN's doubled
+        captioning update); every other parameter takes one."""
+        return {}
 
     @staticmethod
     def concat_representations(reps):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from models import attention as xattn
-from models.registry import register_model
 from models.scan import PRECOMP_ENC_TYPES, RegionWordModel
 
 
@@ -34,7 +33,6 @@ class BFANConfig:
                              f"choose from {PRECOMP_ENC_TYPES}")
 
 
-@register_model
 class BFAN(RegionWordModel):
     name = "bfan"
     config_class = BFANConfig

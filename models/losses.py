@@ -3,25 +3,33 @@
 Every loss takes the B x B score matrix of a batch (row i = image of item i, column j = caption of
 item j, positives on the diagonal) plus, for the AOQ variants, the paired scores of the offline
 pairs. Models that cannot produce single vectors (SCAN, BFAN) fit because only scores cross this
-boundary. Reductions are sums over the batch, as in the reference (spec vsrn_aoq.md §2.7, §3).
+boundary. Reductions are sums over the batch, as in the reference (docs/method.md).
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-# The paper's ablation rows (spec §3.6): which terms each variant adds to the online triplet.
+
+@dataclass(frozen=True)
+class Terms:
+    """What a variant adds to the online triplet, and its row label in the paper's tables."""
+    label: str
+    offline_triplet: bool = False
+    quintuplet: bool = False
+    adaptive: bool = False
+
+
+# The paper's ablation rows, in its order (docs/method.md). This table is the one list of variants:
+# the workflow reads its names from here (workflow/rules/validate.smk), so a new variant is a line
+# here (and, for a new kind of term, its code in `retrieval_loss`).
 VARIANTS = {
-    "baseline": dict(offline_triplet=False, quintuplet=False, adaptive=False),
-    "offtri": dict(offline_triplet=True, quintuplet=False, adaptive=False),
-    "offquin": dict(offline_triplet=True, quintuplet=True, adaptive=False),
-    "adapoffquin": dict(offline_triplet=True, quintuplet=True, adaptive=True),
+    "baseline": Terms("baseline"),
+    "offtri": Terms("+OffTri", offline_triplet=True),
+    "offquin": Terms("+OffQuin", offline_triplet=True, quintuplet=True),
+    "adapoffquin": Terms("+AdapOffQuin", offline_triplet=True, quintuplet=True, adaptive=True),
 }
-VARIANT_LABELS = {
-    "baseline": "baseline",
-    "offtri": "+OffTri",
-    "offquin": "+OffQuin",
-    "adapoffquin": "+AdapOffQuin",
-}
+VARIANT_LABELS = {name: terms.label for name, terms in VARIANTS.items()}
 
 
 @dataclass(frozen=True)
@@ -37,14 +45,24 @@ class LossConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown loss variant {self.variant!r}; choose from {sorted(VARIANTS)}")
-        if VARIANTS[self.variant]["adaptive"] and not self.max_violation:
+        if VARIANTS[self.variant].adaptive and not self.max_violation:
             # The reference's non-max-violation adaptive path broadcasts the weights along the
-            # wrong axis (spec §3.4); it is meaningless, so refuse it.
+            # wrong axis (docs/reference_behaviours.md); it is meaningless, so refuse it.
             raise ValueError("adaptive weights need max_violation=True")
 
     @property
     def needs_offline(self):
-        return self.variant != "baseline"
+        terms = VARIANTS[self.variant]
+        return terms.offline_triplet or terms.quintuplet or terms.adaptive
+
+    def summed_over_negatives(self):
+        """This loss with the online hinge summed over every in-batch negative (VSE0), as warm-up
+        epochs train. The adaptive weights need the hardest negative, so they are left out: the
+        variant with the same other terms (AdapOffQuin warms up as OffQuin)."""
+        terms = dataclasses.replace(VARIANTS[self.variant], adaptive=False)
+        variant = next(name for name, t in VARIANTS.items()
+                       if dataclasses.replace(t, label=terms.label) == terms)
+        return dataclasses.replace(self, variant=variant, max_violation=False)
 
 
 @dataclass
@@ -94,7 +112,7 @@ def weight_hardest_negatives(scores):
 
 
 def adaptive_weight(offline, online, alpha, beta):
-    """AOQ weight of an online hinge: beta - (offline - online) / alpha (unclamped, spec §3.4)."""
+    """AOQ weight of an online hinge: beta - (offline - online) / alpha (unclamped, docs/method.md)."""
     return beta - (offline - online) / alpha
 
 
@@ -129,7 +147,7 @@ def retrieval_loss(scores, offline, cfg):
         on_t, on_i = online_hardest_negatives(scores)
         h_t = hinge(cfg.margin_online, on_t, positive)  # image anchor, hardest caption
         h_i = hinge(cfg.margin_online, on_i, positive)  # caption anchor, hardest image
-        if flags["adaptive"]:
+        if flags.adaptive:
             off_t, off_i = offline.off_t, offline.off_i
             on_t, on_i = weight_hardest_negatives(scores)
             if cfg.detach_weights:
@@ -138,12 +156,12 @@ def retrieval_loss(scores, offline, cfg):
             h_i = adaptive_weight(off_i, on_i, cfg.alpha, cfg.beta) * h_i
         total = h_t.sum() + h_i.sum()
         terms["online"] = total
-    if flags["offline_triplet"]:
+    if flags.offline_triplet:
         offtri = (hinge(cfg.margin_offline, offline.off_t, positive).sum()
                   + hinge(cfg.margin_offline, offline.off_i, positive).sum())
         terms["offline_triplet"] = offtri
         total = total + offtri
-    if flags["quintuplet"]:
+    if flags.quintuplet:
         quin = (hinge(cfg.margin_offline, offline.quin_a, positive).sum()
                 + hinge(cfg.margin_offline, offline.quin_b, positive).sum())
         terms["quintuplet"] = quin

@@ -1,35 +1,28 @@
-"""Create models by name. A model module registers its class with `@register_model`."""
-_REGISTRY = {}
+"""Create models by name. Adding an architecture: its file in models/, and a line here."""
+import importlib
 
-
-def register_model(cls):
-    """Class decorator: make `cls` creatable as `create_model(cls.name, **config)`."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def model_class(name):
-    """The registered class of model `name`."""
-    _load_builtin_models()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def create_model(name, **config):
-    """Instantiate the registered model `name` from keyword config (its config dataclass fields)."""
-    cls = model_class(name)
-    return cls(cls.config_class(**config))
-
-
-def _load_builtin_models():
-    # Imported here, not at module top, so `models.registry` has no import cycle with the models.
-    import models.vsepp  # noqa: F401
-    import models.scan  # noqa: F401
-    import models.bfan  # noqa: F401
-    import models.vsrn  # noqa: F401
+# arch name -> "module:class". Modules are imported on first use, and import nothing from here.
+ARCHITECTURES = {
+    "vsepp": "models.vsepp:VSEPP",
+    "vsrn": "models.vsrn:VSRN",
+    "scan": "models.scan:SCAN",
+    "bfan": "models.bfan:BFAN",
+}
 
 
 def model_names():
-    _load_builtin_models()
-    return sorted(_REGISTRY)
+    return sorted(ARCHITECTURES)
+
+
+def model_class(name):
+    """The class of architecture `name`."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; registered: {model_names()}")
+    module, cls = ARCHITECTURES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_model(name, **config):
+    """Instantiate architecture `name` from keyword config (its config dataclass fields)."""
+    cls = model_class(name)
+    return cls(cls.config_class(**config))

@@ -19,7 +19,6 @@ from accel import linear as fast_linear
 from models import attention as xattn
 from models.base import MatchingModel
 from models.rnn import run_gru
-from models.registry import register_model
 
 PRECOMP_ENC_TYPES = ("basic", "weight_norm")
 
@@ -158,7 +157,6 @@ class SCANConfig:
                 raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
 
 
-@register_model
 class SCAN(RegionWordModel):
     name = "scan"
     config_class = SCANConfig

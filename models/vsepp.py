@@ -11,7 +11,6 @@ from torch import nn
 
 from models.base import MatchingModel, l2norm
 from models.rnn import run_gru
-from models.registry import register_model
 
 
 @dataclass
@@ -22,7 +21,6 @@ class VSEPPConfig:
     word_dim: int = 300
 
 
-@register_model
 class VSEPP(MatchingModel):
     name = "vsepp"
     config_class = VSEPPConfig

@@ -20,7 +20,6 @@ from torch import nn
 from models.base import MatchingModel, l2norm
 from models.caption_branch import CaptionModel, masked_caption_nll
 from models.rnn import run_gru
-from models.registry import register_model
 
 START_ID, END_ID = 1, 2
 
@@ -39,7 +38,7 @@ class VSRNConfig:
     l2norm_over_regions: bool = True  # Q-L2AX; False = per-region l2norm
     bn_weight_init: str = "uniform"   # Q-BNINIT (F30K embedding BN only): "uniform" U(0,1) | "ones"
     caption_mask_extra_pad: bool = True  # Q-MASK: keep the one <pad> target after <end>
-    caption_double_step: bool = True     # Q-DUP: read by the trainer
+    caption_double_step: bool = True     # Q-DUP: see adam_steps
     offline_bn_updates: bool = True      # Q-BN3: AOQ offline passes update BN running statistics
     caption_loss_weight: float = 1.0
     captioning: bool = True              # False: retrieval only, no caption_model
@@ -166,7 +165,6 @@ class TextEncoder(nn.Module):
         return l2norm(h[0], dim=1)
 
 
-@register_model
 class VSRN(MatchingModel):
     name = "vsrn"
     config_class = VSRNConfig
@@ -241,6 +239,11 @@ class VSRN(MatchingModel):
         retrieval = list(self.txt_enc.parameters()) + list(self.img_enc.parameters())
         caption = list(self.caption_model.parameters()) if self.config.captioning else []
         return {"retrieval": retrieval, "caption": caption}
+
+    def adam_steps(self):
+        """Q-DUP: the reference lists the captioning parameters twice, so they get two Adam
+        steps per iteration (docs/reference_behaviours.md)."""
+        return {"caption": 2} if self.config.caption_double_step else {}
 
     def offline_pass(self):
         """Q-BN3: by default the offline passes update BN running statistics like the anchor pass.

@@ -21,7 +21,6 @@ Example:
 """
 import argparse
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -115,11 +114,8 @@ def fingerprint(args):
 
 
 def loss_config_at_epoch(loss_cfg, cfg, epoch):
-    """The loss of `epoch`: during the warm-up, no hardest negative and no adaptive weights."""
-    if epoch >= cfg.max_violation_warmup_epochs:
-        return loss_cfg
-    variant = "offquin" if loss_cfg.variant == "adapoffquin" else loss_cfg.variant
-    return dataclasses.replace(loss_cfg, variant=variant, max_violation=False)
+    """The loss of `epoch`: during the warm-up, summed over every negative (no hardest one)."""
+    return loss_cfg if epoch >= cfg.max_violation_warmup_epochs else loss_cfg.summed_over_negatives()
 
 
 def lr_at_epoch(cfg, epoch):
@@ -309,9 +305,7 @@ def build(args, cfg, loss_cfg, ctx):
         precision = MixedPrecision(cfg.amp, ctx.device)
     except ValueError as err:
         raise SystemExit(f"error: --train-config: {err}") from None
-    # VSRN parity (Q-DUP): the captioning parameters get two Adam steps per iteration.
-    double = "caption" if getattr(model.config, "caption_double_step", False) else None
-    optimizer = Optimizers(model, cfg.learning_rate, double_step_group=double)
+    optimizer = Optimizers(model, cfg.learning_rate)
     return (features, captions, info), dev, model, candidates, optimizer, precision
 
 

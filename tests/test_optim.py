@@ -9,13 +9,17 @@ from pipeline_steps.training.optim import Optimizers, clip_grad_norm_listed
 
 
 class TwoPart(nn.Module):
-    def __init__(self):
+    def __init__(self, double=True):
         super().__init__()
         self.retrieval = nn.Linear(3, 2)
         self.caption = nn.Linear(2, 2)
+        self.double = double
 
     def parameter_groups(self):
         return {"retrieval": list(self.retrieval.parameters()), "caption": list(self.caption.parameters())}
+
+    def adam_steps(self):
+        return {"caption": 2} if self.double else {}
 
     def loss(self, x):
         return (self.caption(torch.tanh(self.retrieval(x))) ** 2).sum()
@@ -70,9 +74,9 @@ def test_clip_with_duplicated_params_follows_the_listed_semantics(max_norm):
 @pytest.mark.parametrize("double", [True, False])
 def test_caption_parameters_get_two_adam_steps_in_parity_mode(double):
     torch.manual_seed(2)
-    model = TwoPart()
+    model = TwoPart(double)
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optim = Optimizers(model, lr=0.01, double_step_group="caption" if double else None)
+    optim = Optimizers(model, lr=0.01)
     x = torch.randn(6, 3)
     history = {name: [] for name in start}
     for _ in range(3):
@@ -89,11 +93,11 @@ def test_caption_parameters_get_two_adam_steps_in_parity_mode(double):
 
 def test_state_round_trip_and_layout_check():
     model = TwoPart()
-    optim = Optimizers(model, lr=0.01, double_step_group="caption")
+    optim = Optimizers(model, lr=0.01)
     model.loss(torch.randn(2, 3)).backward()
     optim.step()
-    other = Optimizers(model, lr=0.01, double_step_group="caption")
+    other = Optimizers(model, lr=0.01)
     other.load_state_dict(optim.state_dict())
     assert other.state_dict()[1]["state"][0]["step"] == 2  # two caption steps per iteration
     with pytest.raises(ValueError):
-        Optimizers(model, lr=0.01).load_state_dict(optim.state_dict())
+        Optimizers(TwoPart(double=False), lr=0.01).load_state_dict(optim.state_dict())

@@ -1,6 +1,6 @@
 """Optimisers and gradient clipping, including the reference's doubled captioning update (Q-DUP).
 
-VSRN/AOQ list every captioning parameter twice in one Adam param group (spec §2.9). Under
+VSRN/AOQ list every captioning parameter twice in one Adam param group (docs/reference_behaviours.md). Under
 PyTorch 0.4.1 that meant: the clip norm counts their gradients twice, clipping scales them by
 coef**2, and Adam updates them twice per iteration with the same gradient. Modern PyTorch does not
 reproduce that reliably from a duplicated list, so the parity mode does it explicitly: a second
@@ -21,13 +21,15 @@ def adam(params, lr):
 
 
 class Optimizers:
-    """One or more Adam optimisers, each stepped `repeats` times per iteration."""
+    """One or more Adam optimisers, each stepped `repeats` times per iteration: one over every
+    parameter, unless the model asks for more steps for some of its groups (`adam_steps`)."""
 
-    def __init__(self, model, lr, double_step_group=None):
+    def __init__(self, model, lr):
         groups = model.parameter_groups()
-        if double_step_group and groups.get(double_step_group):
-            main = [p for name, ps in groups.items() if name != double_step_group for p in ps]
-            self.parts = [(adam(main, lr), 1), (adam(groups[double_step_group], lr), 2)]
+        repeated = {name: n for name, n in model.adam_steps().items() if n > 1 and groups.get(name)}
+        if repeated:
+            single = [p for name, ps in groups.items() if name not in repeated for p in ps]
+            self.parts = [(adam(single, lr), 1)] + [(adam(groups[name], lr), n) for name, n in repeated.items()]
         else:
             self.parts = [(adam(model.parameters(), lr), 1)]
 

@@ -51,7 +51,7 @@ def variants_of(model):
 def ensemble_variants(name):
     """Methods every member of an ensemble was trained with, in the paper's order."""
     members = [set(variants_of(m)) for m in ENSEMBLES[name]]
-    return [v for v in variants_of(ENSEMBLES[name][0]) if all(v in m for m in members)]
+    return [v for v in LOSS_VARIANTS if all(v in m for m in members)]
 
 
 wildcard_constraints:
@@ -59,7 +59,7 @@ wildcard_constraints:
     name="|".join(ENSEMBLES),
     ckpt="|".join(RELEASED) or "^$",
     ens="|".join(RELEASED_ENSEMBLES) or "^$",
-    variant="baseline|offtri|offquin|adapoffquin",
+    variant="|".join(LOSS_VARIANTS),
     seed=r"\d+",
 
 

@@ -1,6 +1,7 @@
 # The configuration is checked before anything is planned: first against the schema (which also
 # fills in its defaults), then the rules that span several keys. A refusal is one line naming the
 # key (`config: <key>: <problem>`), printed without a traceback.
+import ast
 import math
 import sys
 from pathlib import Path
@@ -11,8 +12,21 @@ from jsonschema.exceptions import best_match
 from snakemake.exceptions import WorkflowError
 
 # Architectures with one vector per image and caption, the only ones that can mine candidates
-# (tests/test_config_schema.py checks this against the models' `single_vector`).
+# (tests/test_config.py checks this against the models' `single_vector`).
 EMBEDDING_ARCHS = ("vsepp", "vsrn")
+
+
+def loss_variants():
+    """The loss variants in the paper's order: the keys of VARIANTS in models/losses.py, the one
+    list of them, read without importing it (the workflow itself needs no torch)."""
+    source = Path(workflow.basedir).parent / "models" / "losses.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "VARIANTS":
+            return [ast.literal_eval(key) for key in node.value.keys]
+    raise WorkflowError(f"{source}: no VARIANTS table found")
+
+
+LOSS_VARIANTS = loss_variants()
 
 
 def refuse(key, problem):
@@ -55,6 +69,17 @@ def _training_images():
         with open(captions, "rb") as handle:
             return sum(1 for _ in handle) // 5
     return None
+
+
+def check_variants():
+    aoq = [v for v in LOSS_VARIANTS if v != "baseline"]
+    lists = {"aoq.variants": config["aoq"]["variants"]}
+    lists.update({f"models.{name}.variants": entry["variants"] for name, entry in config["models"].items()
+                  if "variants" in entry})
+    for key, variants in lists.items():
+        for variant in variants:
+            if variant not in aoq:
+                refuse(key, f"unknown loss variant {variant!r} (models/losses.py has {', '.join(aoq)})")
 
 
 def check_models():
@@ -116,6 +141,7 @@ def check_download():
         refuse("download.extract", f"must end in the dataset folder of dataset.path ({extract!r} vs {path!r})")
 
 
+check_variants()
 check_models()
 check_mining()
 check_download()
