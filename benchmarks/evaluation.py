@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.synthetic import CAPS, paired_embeddings  # noqa: E402
-from pipeline_steps.retrieval import metrics  # noqa: E402
+from pipeline_steps.retrieval import metrics, scorers  # noqa: E402
 
 
 
@@ -36,7 +36,7 @@ def embeddings(n_img, d, seed=0):
 
 
 def ours(img, cap):
-    return metrics.retrieval_ranks(metrics.embedding_scorer(img, cap), img.shape[0])
+    return metrics.retrieval_ranks(scorers.embedding_scorer(img, cap))
 
 
 def reference(img, cap):

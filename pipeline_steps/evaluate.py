@@ -24,8 +24,9 @@ from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_at
 from pipeline_steps.training.checkpoint import load_checkpoint
 from pipeline_steps.common.device import pick_device
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.retrieval.encode import encode_split, representation_scorer
-from pipeline_steps.retrieval.metrics import ensemble_scorer, evaluate
+from pipeline_steps.retrieval.encode import encode_split
+from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate
+from pipeline_steps.retrieval.scorers import ensemble_scorer, representation_scorer
 from pipeline_steps.data.splits import open_split
 
 log = logging.getLogger("evaluate")
@@ -81,7 +82,7 @@ def main(argv=None):
                                                args.batch_size, device)
         for name, _, protocol, out in (e for e in args.evaluation if e[1] == split):
             try:
-                metrics = evaluate(scorer, n_images, protocol)
+                metrics = evaluate(scorer, protocol)
             except ValueError as err:
                 raise SystemExit(f"error: evaluation {name} on split {split}: {err}") from None
             label = args.label or "+".join(dict.fromkeys(m["model"] for m in models))
@@ -89,8 +90,7 @@ def main(argv=None):
                       "split": split, "models": models}
             write_text_atomic(out, json.dumps(result, indent=2))
             log.info("EVAL %s split=%s protocol=%s models=%d %s", name, split, protocol, len(models),
-                     " ".join(f"{k}={metrics[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
-                                                                "t2i_r5", "t2i_r10", "rsum")))
+                     " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS))
     return 0
 
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
 GENERATOR_VERSION = "1"
 N_REGIONS = 36
-CAPS_PER_IMAGE = 5
+
 N_FOLDS = 5
 SPLITS = ("train", "dev", "test", "testall")
 
@@ -229,9 +230,9 @@ def write_split(out_dir, split, n_images, seed, protos, dim, rows_per_caption=Fa
     captions = []
     for k, scene in enumerate(scenes):
         image_features(scene, protos, feat_rng, ims[k])
-        captions.extend(make_caption(scene, cap_rng) for _ in range(CAPS_PER_IMAGE))
+        captions.extend(make_caption(scene, cap_rng) for _ in range(CAPTIONS_PER_IMAGE))
     if rows_per_caption:
-        ims = np.repeat(ims, CAPS_PER_IMAGE, axis=0)
+        ims = np.repeat(ims, CAPTIONS_PER_IMAGE, axis=0)
     with atomic_path(Path(out_dir) / f"{split}_ims.npy") as tmp:
         np.save(tmp, ims)
     write_text_atomic(Path(out_dir) / f"{split}_caps.txt", "\n".join(captions) + "\n")
@@ -277,7 +278,7 @@ def main(argv=None):
              "testall": N_FOLDS * args.n_testall_per_fold}
     protos = make_prototypes(args.seed, args.img_dim)
     meta = {"generator_version": GENERATOR_VERSION, "seed": args.seed, "img_dim": args.img_dim,
-            "regions": N_REGIONS, "captions_per_image": CAPS_PER_IMAGE, "testall_folds": N_FOLDS,
+            "regions": N_REGIONS, "captions_per_image": CAPTIONS_PER_IMAGE, "testall_folds": N_FOLDS,
             "dev_rows_per_caption": args.dev_rows_per_caption, "sizes": sizes,
             "lexicon": {"objects": {k: v[0] + v[1] for k, v in OBJECTS.items()}},
             "splits": {}}

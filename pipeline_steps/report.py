@@ -21,8 +21,8 @@ import pandas as pd
 from models.losses import VARIANT_LABELS
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.errors import one_line_errors
+from pipeline_steps.retrieval.metrics import RECALL_COLUMNS as COLUMNS
 
-COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 HEADER = "| Model | Method | R@1 | R@5 | R@10 | R@1 | R@5 | R@10 | rsum |"
 
 

@@ -42,15 +42,15 @@ from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, 
 from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
 from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.common.errors import InputError, one_line_errors
-from pipeline_steps.retrieval.encode import encode_split, representation_scorer
-from pipeline_steps.retrieval.metrics import evaluate, val_score4
+from pipeline_steps.retrieval.encode import encode_split
+from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate, val_score4
+from pipeline_steps.retrieval.scorers import representation_scorer
 from pipeline_steps.training.optim import Optimizers
 from pipeline_steps.training.precision import MixedPrecision
 from pipeline_steps.training.resume import FolderInUse, ResumeFolder, best_name
 from pipeline_steps.data.splits import open_split, read_manifest
 
 log = logging.getLogger("train")
-METRIC_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
 def validate(model, dev, cfg, device):
     features, captions, info = dev
     imgs, caps = encode_split(model, features, captions, info.n_captions, cfg.eval_batch_size, device)
-    metrics = evaluate(representation_scorer(model, imgs, caps, info.n_images), info.n_images, "full")
+    metrics = evaluate(representation_scorer(model, imgs, caps, info.n_images), "full")
     model.train()
     return metrics
 
@@ -243,12 +243,12 @@ def run_validation(run, dev, cfg, device, train_loss, lr, label):
         run.best_score, run.best_iteration = score, run.iteration
         run.checkpoint(run.best_path, metrics)  # a new name: the saved state still names the old one
     row = {"epoch": run.epoch, "iteration": run.iteration, "lr": lr, "train_loss": train_loss,
-           **{k: round(metrics[k], 4) for k in METRIC_KEYS}, "val_score4": round(score, 4),
+           **{k: round(metrics[k], 4) for k in RECALL_COLUMNS}, "val_score4": round(score, 4),
            "best": int(is_best)}
     run.history.append(row)
     log.info("VAL %s epoch=%d iter=%d lr=%.3g train_loss=%.4f %s val_score4=%.2f best=%d", label,
              run.epoch, run.iteration, lr, train_loss,
-             " ".join(f"{k}={metrics[k]:.2f}" for k in METRIC_KEYS), score, int(is_best))
+             " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS), score, int(is_best))
 
 
 class NonFinite(Exception):
@@ -275,7 +275,7 @@ def history_csv(history):
 
 def write_outputs(run, args):
     last_metrics = run.history[-1]
-    run.checkpoint(args.out_last, {k: last_metrics[k] for k in METRIC_KEYS})
+    run.checkpoint(args.out_last, {k: last_metrics[k] for k in RECALL_COLUMNS})
     with atomic_path(args.out_best) as tmp:
         shutil.copyfile(run.best_path, tmp)
     write_text_atomic(args.out_log, history_csv(run.history))

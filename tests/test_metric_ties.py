@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline_steps.retrieval import metrics as M
+from pipeline_steps.retrieval import scorers
 from accel import topk
 from tests.test_metrics import reference_metrics, reference_ranks
 
@@ -23,8 +24,7 @@ def matrix_scorer(S):
     def score_block(i0, i1, c0, c1):
         return torch.from_numpy(np.ascontiguousarray(S[i0:i1, c0:c1]))
 
-    score_block.n_img = S.shape[0]
-    return score_block
+    return scorers.Scorer(S.shape[0], score_block)
 
 
 @pytest.fixture(params=["native", "torch"])
@@ -41,7 +41,7 @@ def counting_path(request, monkeypatch):
 def test_full_protocol_ranks_match_the_stable_argsort_loop(counting_path, kind, block_size):
     S = tied_scores(kind, 30)
     assert len(np.unique(S)) <= 41  # heavily tied
-    i2t, t2i = M.retrieval_ranks(matrix_scorer(S), 30, block_size=block_size)
+    i2t, t2i = M.retrieval_ranks(matrix_scorer(S), block_size=block_size)
     want_i2t, want_t2i = reference_ranks(S.astype(np.float64))
     np.testing.assert_array_equal(i2t, want_i2t)
     np.testing.assert_array_equal(t2i, want_t2i)
@@ -50,7 +50,7 @@ def test_full_protocol_ranks_match_the_stable_argsort_loop(counting_path, kind, 
 @pytest.mark.parametrize("kind", ["rounded", "equal"])
 def test_five_fold_protocol_matches_the_loop_per_fold(counting_path, kind):
     S = tied_scores(kind, 40, seed=3)
-    got = M.evaluate(matrix_scorer(S), 40, "5fold", block_size=3)
+    got = M.evaluate(matrix_scorer(S), "5fold", block_size=3)
     for f, fold in enumerate(got["folds"]):
         own = S[8 * f:8 * (f + 1), 40 * f:40 * (f + 1)].astype(np.float64)
         assert fold == pytest.approx(reference_metrics(own))
@@ -60,7 +60,7 @@ def test_collapsed_model_scores_as_the_loop_scores_it(counting_path):
     """The audit's example: 100 images, every score equal. The order puts captions 499, 498, ...
     first, so only images 98 and 99 find a caption in their top 10 (i2t R@1/5/10 = 1, 1, 2) and
     only captions of the last images find theirs (t2i 1, 5, 10): rsum 20, not 600."""
-    got = M.evaluate(M.embedding_scorer(np.zeros((100, 8), "f4"), np.zeros((500, 8), "f4")), 100, "full")
+    got = M.evaluate(scorers.embedding_scorer(np.zeros((100, 8), "f4"), np.zeros((500, 8), "f4")), "full")
     assert got == pytest.approx(reference_metrics(np.zeros((100, 500))))
     assert [got[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")] == \
         pytest.approx([1, 1, 2, 1, 5, 10])
@@ -74,7 +74,7 @@ def test_ties_among_the_five_own_captions(counting_path):
     S[0, [0, 3, 7]] = 0.5
     S[1, 5:] = 0.9
 
-    i2t, t2i = M.retrieval_ranks(matrix_scorer(S), 2)
+    i2t, t2i = M.retrieval_ranks(matrix_scorer(S))
     want_i2t, want_t2i = reference_ranks(S.astype(np.float64))
     assert i2t[0] == 1 == want_i2t[0]
     np.testing.assert_array_equal(t2i, want_t2i)

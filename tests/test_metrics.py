@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline_steps.retrieval import metrics as M
+from pipeline_steps.retrieval import scorers
 
 
 def exact_gaussian(rng, n, d):
@@ -55,7 +56,7 @@ def make_data(seed, n_img=50, d=8):
 @pytest.mark.parametrize("block_size", [1, 3, 7, None])
 def test_ranks_match_full_sort(seed, block_size):
     img, cap, S = make_data(seed)
-    i2t, t2i = M.retrieval_ranks(M.embedding_scorer(img, cap), 50, block_size=block_size)
+    i2t, t2i = M.retrieval_ranks(scorers.embedding_scorer(img, cap), block_size=block_size)
     ref_i2t, ref_t2i = reference_ranks(S)
     assert i2t.dtype == np.int64 and t2i.dtype == np.int64
     assert i2t.shape == (50,) and t2i.shape == (250,)
@@ -65,14 +66,14 @@ def test_ranks_match_full_sort(seed, block_size):
 
 def test_max_block_elems_bounds_blocks():
     img, cap, S = make_data(3, n_img=20)
-    inner = M.embedding_scorer(torch.from_numpy(img), torch.from_numpy(cap))
+    inner = scorers.embedding_scorer(torch.from_numpy(img), torch.from_numpy(cap))
     seen = []
 
     def spy(i0, i1, c0, c1):
         seen.append((i1 - i0) * (c1 - c0))
         return inner(i0, i1, c0, c1)
 
-    i2t, t2i = M.retrieval_ranks(spy, 20, max_block_elems=300)
+    i2t, t2i = M.retrieval_ranks(scorers.Scorer(20, spy), max_block_elems=300)
     assert max(seen) <= 300
     ref = reference_ranks(S)
     np.testing.assert_array_equal(i2t, ref[0])
@@ -115,7 +116,7 @@ def reference_metrics(S):
 @pytest.mark.parametrize("seed", [4, 5])
 def test_five_fold_is_mean_of_sliced_folds(seed):
     img, cap, _ = make_data(seed, n_img=60)
-    res = M.evaluate(M.embedding_scorer(img, cap), 60, "5fold", block_size=4)
+    res = M.evaluate(scorers.embedding_scorer(img, cap), "5fold", block_size=4)
     folds = []
     for f in range(5):
         fi, fc = img[12 * f:12 * (f + 1)], cap[60 * f:60 * (f + 1)]
@@ -129,7 +130,7 @@ def test_five_fold_is_mean_of_sliced_folds(seed):
     six = [res[f"{n}_r{k}"] for n in ("i2t", "t2i") for k in (1, 5, 10)]
     assert res["rsum"] == pytest.approx(sum(six))
     # 'full' on the same scorer uses the whole 60 x 300 matrix.
-    full = M.evaluate(M.embedding_scorer(img, cap), 60, "full")
+    full = M.evaluate(scorers.embedding_scorer(img, cap), "full")
     assert full == pytest.approx(reference_metrics(img @ cap.T))
 
 
@@ -140,14 +141,14 @@ def test_ensemble_is_mean_of_score_matrices():
     b_img, b_cap = exact_gaussian(rng, n, 5), exact_gaussian(rng, 5 * n, 5)
     S = (a_img @ a_cap.T + b_img @ b_cap.T) / 2
     assert not has_ties(S)
-    scorer = M.ensemble_scorer([M.embedding_scorer(a_img, a_cap), M.embedding_scorer(b_img, b_cap)])
+    scorer = scorers.ensemble_scorer([scorers.embedding_scorer(a_img, a_cap), scorers.embedding_scorer(b_img, b_cap)])
     # Ranks are scale-invariant, so check the block values are the mean (not the sum) directly.
     np.testing.assert_array_equal(scorer(3, 9, 10, 40).numpy(), S[3:9, 10:40])
-    i2t, t2i = M.retrieval_ranks(scorer, n, block_size=6)
+    i2t, t2i = M.retrieval_ranks(scorer, block_size=6)
     ref_i2t, ref_t2i = reference_ranks(S)
     np.testing.assert_array_equal(i2t, ref_i2t)
     np.testing.assert_array_equal(t2i, ref_t2i)
-    assert M.evaluate(scorer, n, "full") == pytest.approx(reference_metrics(S))
+    assert M.evaluate(scorer, "full") == pytest.approx(reference_metrics(S))
 
 
 def test_val_score4():
@@ -159,19 +160,19 @@ def test_errors():
     rng = np.random.default_rng(0)
     img, cap = rng.standard_normal((10, 4)), rng.standard_normal((50, 4))
     with pytest.raises(ValueError, match="captions per image"):
-        M.embedding_scorer(img, cap[:49])
+        scorers.embedding_scorer(img, cap[:49])
     with pytest.raises(ValueError, match="dims"):
-        M.embedding_scorer(img, rng.standard_normal((50, 3)))
-    scorer = M.embedding_scorer(img, cap)
-    with pytest.raises(ValueError, match="n_img"):
-        M.retrieval_ranks(scorer, 9)
+        scorers.embedding_scorer(img, rng.standard_normal((50, 3)))
+    scorer = scorers.embedding_scorer(img, cap)
+    with pytest.raises(ValueError, match="at least one image"):
+        M.retrieval_ranks(scorers.Scorer(0, scorer))
     with pytest.raises(ValueError, match="protocol"):
-        M.evaluate(scorer, 10, "1k")
+        M.evaluate(scorer, "1k")
     with pytest.raises(ValueError, match="divisible"):
-        M.evaluate(M.embedding_scorer(img[:8], cap[:40]), 8, "5fold")
+        M.evaluate(scorers.embedding_scorer(img[:8], cap[:40]), "5fold")
     with pytest.raises(ValueError, match="shape"):
-        M.retrieval_ranks(lambda i0, i1, c0, c1: torch.zeros(1, 1), 10)
+        M.retrieval_ranks(scorers.Scorer(10, lambda i0, i1, c0, c1: torch.zeros(1, 1)))
     with pytest.raises(ValueError, match="different numbers"):
-        M.ensemble_scorer([scorer, M.embedding_scorer(img[:5], cap[:25])])
+        scorers.ensemble_scorer([scorer, scorers.embedding_scorer(img[:5], cap[:25])])
     with pytest.raises(ValueError):
-        M.ensemble_scorer([])
+        scorers.ensemble_scorer([])

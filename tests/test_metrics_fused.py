@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline_steps.retrieval import metrics as M
+from pipeline_steps.retrieval import scorers
 from accel import topk
 
 
@@ -25,7 +26,7 @@ def integer_scorer(seed, n_img, spread=2, d=5):
     rng = np.random.default_rng(seed)
     img = rng.integers(-spread, spread + 1, (n_img, d)).astype(np.float32)
     cap = rng.integers(-spread, spread + 1, (5 * n_img, d)).astype(np.float32)
-    return M.embedding_scorer(img, cap), img.astype(np.float64) @ cap.astype(np.float64).T
+    return scorers.embedding_scorer(img, cap), img.astype(np.float64) @ cap.astype(np.float64).T
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -36,7 +37,7 @@ def test_both_counting_paths_match_brute_force_with_ties(monkeypatch, native, bl
     if not native:
         monkeypatch.setattr(topk, "load_kernel", lambda: None)
     scorer, S = integer_scorer(0, 37)
-    i2t, t2i = M.retrieval_ranks(scorer, 37, block_size=block_size)
+    i2t, t2i = M.retrieval_ranks(scorer, block_size=block_size)
     ref_i2t, ref_t2i = count_ranks(S)
     np.testing.assert_array_equal(i2t, ref_i2t)
     np.testing.assert_array_equal(t2i, ref_t2i)
@@ -54,8 +55,7 @@ def test_own_image_never_counted_when_positive_rounds_differently():
             block -= 1e-3
         return block
 
-    shaky.n_img = n
-    i2t, t2i = M.retrieval_ranks(shaky, n, max_block_elems=10_000)
+    i2t, t2i = M.retrieval_ranks(scorers.Scorer(n, shaky), max_block_elems=10_000)
     # Others are compared with the (lowered) positive: scores equal to it now count, own never.
     lowered = np.array([np.sum(np.delete(S[:, c], c // 5) > S[c // 5, c] - 1e-3)
                         for c in range(5 * n)])
@@ -72,8 +72,7 @@ def test_every_score_computed_once_plus_the_diagonal():
         area.append((i1 - i0) * (c1 - c0))
         return scorer(i0, i1, c0, c1)
 
-    spy.n_img = 200
-    M.retrieval_ranks(spy, 200, max_block_elems=50_000)
+    M.retrieval_ranks(scorers.Scorer(200, spy), max_block_elems=50_000)
     full = 200 * 1000
     diagonal = sum(min(64, 200 - a) * 5 * min(64, 200 - a) for a in range(0, 200, 64))
     assert sum(area) == full + diagonal  # the old two-pass code scored 2 * full

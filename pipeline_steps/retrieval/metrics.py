@@ -1,14 +1,10 @@
-"""Exact image-text retrieval ranks and recall metrics, computed block by block.
+"""Exact image-text retrieval ranks and recall metrics, computed block by block (docs/evaluation.md).
 
-Everything is driven by a *scorer*: a callable
-``score_block(img_start, img_stop, cap_start, cap_stop) -> Tensor (img_stop-img_start, cap_stop-cap_start)``
-giving similarities (higher = more similar) for a rectangle of the image x caption matrix, with
-indices inside the evaluated set. Embedding models and cross-attention models (which cannot
-produce one vector per item) are then evaluated by the same code.
-
-Conventions: ``n_img`` images and ``5 * n_img`` captions; caption ``c`` belongs to image ``c // 5``.
-The full ``n_img x 5 n_img`` matrix is never materialised: a block holds at most about
-``max_block_elems`` scores.
+Everything is driven by a `Scorer` (scorers.py): rectangles of the image x caption score matrix
+of n_img images and their 5 n_img captions (caption c belongs to image c // 5). Embedding models
+and cross-attention models (which cannot produce one vector per item) are evaluated by the same
+code. The full n_img x 5 n_img matrix is never materialised: a block holds at most about
+`max_block_elems` scores.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -17,106 +13,13 @@ import numpy as np
 import torch
 
 from accel import topk
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
-CAPS_PER_IMAGE = 5
 RECALL_KS = (1, 5, 10)
+# The six recalls and their sum, in the order tables print them.
+RECALL_COLUMNS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_KS] + ["rsum"]
 DEFAULT_MAX_BLOCK_ELEMS = 2 ** 24  # 64 MiB of float32 scores per block
 POSITIVE_BLOCK_IMAGES = 64  # images per diagonal block when reading the positives first
-
-
-def _to_float_tensor(x, device):
-    """numpy array or torch tensor -> detached float32 tensor on `device`."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
-    return t.to(device=device, dtype=torch.float32)
-
-
-class _Reused:
-    """One float32 buffer handed out as (rows, cols) blocks: allocating a fresh block of tens of
-    MiB per call would cost page faults on every block (a third of a 5,000 x 25,000 GEMM)."""
-
-    def __init__(self, device):
-        self.device, self.flat = device, None
-
-    def block(self, rows, cols):
-        if self.flat is None or self.flat.numel() < rows * cols:
-            self.flat = torch.empty(rows * cols, dtype=torch.float32, device=self.device)
-        return self.flat[:rows * cols].view(rows, cols)
-
-
-def embedding_scorer(img_emb, cap_emb, device="cpu"):
-    """Scorer computing dot products between image and caption embeddings.
-
-    img_emb: (N_img, d), cap_emb: (N_cap, d), numpy arrays or torch tensors; both are kept whole
-    on `device` as float32 (eval sets are small: COCO 5K is 5,000 + 25,000 vectors).
-    Normalise the embeddings beforehand if cosine similarity is wanted. Each returned block lives
-    in a buffer reused by the next call: use it (or copy it) before asking for the next one.
-    Raises ValueError unless both are 2-D with the same d and N_cap == 5 * N_img.
-    """
-    img = _to_float_tensor(img_emb, device)  # (N_img, d)
-    cap = _to_float_tensor(cap_emb, device)  # (N_cap, d)
-    if img.ndim != 2 or cap.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D, got shapes {tuple(img.shape)} and {tuple(cap.shape)}")
-    if img.shape[1] != cap.shape[1]:
-        raise ValueError(f"embedding dims differ: images d={img.shape[1]}, captions d={cap.shape[1]}")
-    if cap.shape[0] != CAPS_PER_IMAGE * img.shape[0]:
-        raise ValueError(f"expected {CAPS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
-                         f"for {img.shape[0]} images")
-    buffer = _Reused(img.device)
-
-    def score_block(img_start, img_stop, cap_start, cap_stop):
-        out = buffer.block(img_stop - img_start, cap_stop - cap_start)
-        return torch.matmul(img[img_start:img_stop], cap[cap_start:cap_stop].T, out=out)
-
-    # Sizes travel with the scorer so retrieval_ranks can catch an n_img mismatch early.
-    score_block.n_img = img.shape[0]
-    return score_block
-
-
-def ensemble_scorer(scorers):
-    """Scorer returning the mean of the given scorers' blocks (an ensemble of K models).
-
-    Blocks are summed in float32 in the given order, then divided by K (into a reused buffer,
-    valid until the next call). Raises ValueError for an empty list or members that declare
-    different image counts.
-    """
-    scorers = list(scorers)
-    if not scorers:
-        raise ValueError("ensemble_scorer needs at least one scorer")
-    sizes = {getattr(s, "n_img", None) for s in scorers} - {None}
-    if len(sizes) > 1:
-        raise ValueError(f"ensemble members score different numbers of images: {sorted(sizes)}")
-    buffer = {}
-
-    def score_block(img_start, img_stop, cap_start, cap_stop):
-        total = None
-        for s in scorers:
-            block = s(img_start, img_stop, cap_start, cap_stop)  # (B_img, B_cap)
-            if total is None:
-                if block.device not in buffer:
-                    buffer[block.device] = _Reused(block.device)
-                total = buffer[block.device].block(*block.shape)
-                total.copy_(block)
-            else:
-                total.add_(block.to(torch.float32))
-        return total.div_(len(scorers))
-
-    score_block.n_img = sizes.pop() if sizes else None
-    return score_block
-
-
-def _offset_scorer(score_block, img_offset, n_img):
-    """Scorer restricted to images [img_offset, img_offset+n_img) and their captions."""
-    cap_offset = CAPS_PER_IMAGE * img_offset
-
-    def fold_block(img_start, img_stop, cap_start, cap_stop):
-        return score_block(img_offset + img_start, img_offset + img_stop,
-                           cap_offset + cap_start, cap_offset + cap_stop)
-
-    fold_block.n_img = n_img
-    return fold_block
 
 
 def _checked_block(score_block, i0, i1, c0, c1):
@@ -141,15 +44,15 @@ def _queries_per_block(n_other, block_size, max_block_elems):
 
 def _positive_scores(score_block, n_img, block_size, max_block_elems):
     """(5 n_img,) score of every caption with its own image, from small diagonal blocks."""
-    g = min(POSITIVE_BLOCK_IMAGES, max(1, math.isqrt(max_block_elems // CAPS_PER_IMAGE)))
+    g = min(POSITIVE_BLOCK_IMAGES, max(1, math.isqrt(max_block_elems // CAPTIONS_PER_IMAGE)))
     if block_size is not None:
         g = max(1, min(g, int(block_size)))
     parts = []
     for a in range(0, n_img, g):
         b = min(a + g, n_img)
-        s = _checked_block(score_block, a, b, CAPS_PER_IMAGE * a, CAPS_PER_IMAGE * b)  # (g, 5g)
-        own = (CAPS_PER_IMAGE * torch.arange(b - a, device=s.device)[:, None]
-               + torch.arange(CAPS_PER_IMAGE, device=s.device))  # (g, 5)
+        s = _checked_block(score_block, a, b, CAPTIONS_PER_IMAGE * a, CAPTIONS_PER_IMAGE * b)  # (g, 5g)
+        own = (CAPTIONS_PER_IMAGE * torch.arange(b - a, device=s.device)[:, None]
+               + torch.arange(CAPTIONS_PER_IMAGE, device=s.device))  # (g, 5)
         parts.append(s.gather(1, own).reshape(-1))
     return torch.cat(parts)
 
@@ -181,8 +84,8 @@ def _count_torch(s, best_gt, row_from, pos, col_below):
     return row_counts, col_counts
 
 
-def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
-    """Exact 0-based retrieval ranks for `n_img` images and their 5 * n_img captions.
+def retrieval_ranks(scorer, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
+    """Exact 0-based retrieval ranks of a scorer's n_img images and their 5 * n_img captions.
 
     A rank is a position in the list sorted by decreasing score where, among equal scores, the
     higher index comes first: the reference's `numpy.argsort(d)[::-1]` with a stable sort
@@ -202,14 +105,11 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
     `block_size` caps the number of images per block; blocks also hold at most about
     `max_block_elems` scores. Returns numpy int64 arrays (i2t_ranks (n_img,), t2i_ranks (5 n_img,)).
     """
-    n_img = int(n_img)
+    n_img, score_block = scorer.n_img, scorer
     if n_img < 1:
-        raise ValueError(f"n_img must be positive, got {n_img}")
-    declared = getattr(score_block, "n_img", None)
-    if declared is not None and declared != n_img:
-        raise ValueError(f"scorer holds {declared} images but n_img={n_img}")
-    n_cap = CAPS_PER_IMAGE * n_img
-    gt_offsets = torch.arange(CAPS_PER_IMAGE)
+        raise ValueError(f"a scorer needs at least one image, got {n_img}")
+    n_cap = CAPTIONS_PER_IMAGE * n_img
+    gt_offsets = torch.arange(CAPTIONS_PER_IMAGE)
     i2t = np.empty(n_img, dtype=np.int64)
     t2i = None
     rows = _queries_per_block(n_cap, block_size, max_block_elems)
@@ -222,13 +122,13 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
             s = _checked_block(score_block, a, b, 0, n_cap)  # (B, N_cap)
             pos = pos.to(s.device)
             local = torch.arange(b - a, device=s.device)
-            gt_cols = CAPS_PER_IMAGE * (local + a)[:, None] + gt_offsets.to(s.device)  # (B, 5)
+            gt_cols = CAPTIONS_PER_IMAGE * (local + a)[:, None] + gt_offsets.to(s.device)  # (B, 5)
             # i2t positives are read from this very block, so they are compared with themselves.
             own = s.gather(1, gt_cols)  # (B, 5)
             best_gt = own.max(dim=1).values  # (B,)
             # The last of the 5 with the best score ranks first among them; captions after it
             # that tie with it rank above it.
-            last_best = (CAPS_PER_IMAGE - 1) - (own == best_gt[:, None]).flip(1).to(torch.uint8).argmax(dim=1)
+            last_best = (CAPTIONS_PER_IMAGE - 1) - (own == best_gt[:, None]).flip(1).to(torch.uint8).argmax(dim=1)
             row_from = gt_cols[:, 0] + last_best + 1  # (B,)
             col_below = gt_cols[:, 0]  # (B,) captions of earlier images: this image ties above them
             if lib is not None and s.device.type == "cpu":
@@ -239,9 +139,9 @@ def retrieval_ranks(score_block, n_img, block_size=None, max_block_elems=DEFAULT
             i2t[a:b] = row_counts.cpu().numpy()
             # Never count an image against its own caption (its score here may differ from the
             # diagonal block's by rounding).
-            own_above = (own > pos[CAPS_PER_IMAGE * a:CAPS_PER_IMAGE * b].view(b - a, CAPS_PER_IMAGE))
+            own_above = (own > pos[CAPTIONS_PER_IMAGE * a:CAPTIONS_PER_IMAGE * b].view(b - a, CAPTIONS_PER_IMAGE))
             col_counts = col_counts.to(s.device)
-            col_counts[CAPS_PER_IMAGE * a:CAPS_PER_IMAGE * b] -= own_above.reshape(-1).to(col_counts.dtype)
+            col_counts[CAPTIONS_PER_IMAGE * a:CAPTIONS_PER_IMAGE * b] -= own_above.reshape(-1).to(col_counts.dtype)
             t2i = col_counts if t2i is None else t2i + col_counts
     return i2t, t2i.cpu().numpy().astype(np.int64)
 
@@ -270,7 +170,7 @@ def recall_metrics(i2t_ranks, t2i_ranks):
     return out
 
 
-def evaluate(score_block, n_img, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
+def evaluate(scorer, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
     """Retrieval metrics of a scorer under an evaluation protocol.
 
     'full': all n_img images against all 5 * n_img captions -> recall_metrics dict.
@@ -279,24 +179,20 @@ def evaluate(score_block, n_img, protocol, block_size=None, max_block_elems=DEFA
     arithmetic mean over the 5 folds, rsum is the sum of the six mean recalls, and 'folds' holds
     the 5 per-fold dicts.
     """
-    n_img = int(n_img)
+    n_img = scorer.n_img
     if n_img < 1:
-        raise ValueError(f"n_img must be positive, got {n_img}")
+        raise ValueError(f"a scorer needs at least one image, got {n_img}")
     if protocol == "full":
-        return recall_metrics(*retrieval_ranks(score_block, n_img, block_size, max_block_elems))
+        return recall_metrics(*retrieval_ranks(scorer, block_size, max_block_elems))
     if protocol != "5fold":
         raise ValueError(f"unknown protocol {protocol!r}: expected 'full' or '5fold'")
     n_folds = 5
     if n_img % n_folds:
         raise ValueError(f"protocol '5fold' needs n_img divisible by {n_folds}, got {n_img}")
-    declared = getattr(score_block, "n_img", None)
-    if declared is not None and declared != n_img:
-        raise ValueError(f"scorer holds {declared} images but n_img={n_img}")
     fold_size = n_img // n_folds
     folds = []
     for f in range(n_folds):
-        fold_scorer = _offset_scorer(score_block, f * fold_size, fold_size)
-        ranks = retrieval_ranks(fold_scorer, fold_size, block_size, max_block_elems)
+        ranks = retrieval_ranks(scorer.fold(f * fold_size, fold_size), block_size, max_block_elems)
         folds.append(recall_metrics(*ranks))
     out = {key: float(np.mean([fold[key] for fold in folds])) for key in folds[0] if key != "rsum"}
     out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))

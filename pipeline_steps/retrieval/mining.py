@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from accel import topk
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
 log = logging.getLogger(__name__)
-CAPS_PER_IMAGE = 5
 DEFAULT_MAX_BLOCK_ELEMS = 2 ** 26  # 256 MiB of float32 scores per block
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -38,8 +38,8 @@ def _check_inputs(img, cap, k, out, n_queries, n_candidates, what):
     n_img, d = img.shape
     if n_img < 1:
         raise ValueError("no images to mine from")
-    if cap.shape[0] != CAPS_PER_IMAGE * n_img:
-        raise ValueError(f"expected {CAPS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
+    if cap.shape[0] != CAPTIONS_PER_IMAGE * n_img:
+        raise ValueError(f"expected {CAPTIONS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
                          f"for {n_img} images")
     if cap.shape[1] != d:
         raise ValueError(f"embedding dims differ: images d={d}, captions d={cap.shape[1]}")
@@ -118,12 +118,12 @@ def mine_i2t(img, cap, k, out, block_rows=None, device="cpu", dtype=torch.float3
     outside [1, 5N - 5]. Order among exactly tied scores is unspecified.
     """
     n_img = img.shape[0] if len(img.shape) == 2 else 0
-    _check_inputs(img, cap, k, out, n_img, CAPS_PER_IMAGE * (n_img - 1), "mine_i2t")
+    _check_inputs(img, cap, k, out, n_img, CAPTIONS_PER_IMAGE * (n_img - 1), "mine_i2t")
     device = _check_device(device, dtype)
-    offsets = torch.arange(CAPS_PER_IMAGE, device=device)
+    offsets = torch.arange(CAPTIONS_PER_IMAGE, device=device)
 
     def own_captions(q):
-        return CAPS_PER_IMAGE * q[:, None] + offsets  # (B, 5)
+        return CAPTIONS_PER_IMAGE * q[:, None] + offsets  # (B, 5)
 
     return _mine(img, cap, int(k), out, own_captions, block_rows, device, dtype, max_block_elems, progress)
 
@@ -140,11 +140,11 @@ def mine_t2i(img, cap, k, out, block_rows=None, device="cpu", dtype=torch.float3
     for bad shapes or k outside [1, N - 1]. Order among exactly tied scores is unspecified.
     """
     n_img = img.shape[0] if len(img.shape) == 2 else 0
-    _check_inputs(img, cap, k, out, CAPS_PER_IMAGE * n_img, n_img - 1, "mine_t2i")
+    _check_inputs(img, cap, k, out, CAPTIONS_PER_IMAGE * n_img, n_img - 1, "mine_t2i")
     device = _check_device(device, dtype)
 
     def own_image(q):
-        return (q // CAPS_PER_IMAGE)[:, None]  # (B, 1)
+        return (q // CAPTIONS_PER_IMAGE)[:, None]  # (B, 1)
 
     return _mine(cap, img, int(k), out, own_image, block_rows, device, dtype, max_block_elems, progress)
 
@@ -255,7 +255,7 @@ class _Worker:
             torch.matmul(q, self.cap_t[c0:c1].T, out=out)
             tile = out.numpy()  # (R, W), C-contiguous float32
             in_group = self.group[0] <= c0 < self.group[1]
-            topk.scan_tile(self.lib, tile, a, c0, CAPS_PER_IMAGE, self.images, (0, n),
+            topk.scan_tile(self.lib, tile, a, c0, CAPTIONS_PER_IMAGE, self.images, (0, n),
                                   self.caps if in_group else None, (0, c1 - c0), self.group[0])
         if self.images is not None:
             topk.finalize(self.lib, self.images, 0, n, self.top_ids[:n], self.top_scores[:n])
@@ -281,7 +281,7 @@ def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_row
             for g, (g0, g1) in enumerate(groups):
                 caps.reset()
                 with_i2t = g == 0
-                ranges = worker_ranges(0, n_cap, threads, tile_cols, k_i2t + CAPS_PER_IMAGE) if with_i2t \
+                ranges = worker_ranges(0, n_cap, threads, tile_cols, k_i2t + CAPTIONS_PER_IMAGE) if with_i2t \
                     else worker_ranges(g0, g1, threads, tile_cols, 1)
                 workers = [_Worker(lib, cap_t, cols, k_i2t if with_i2t else 0, block_rows, tile_cols,
                                    caps, (g0, g1)) for cols in ranges]
@@ -324,7 +324,7 @@ def _finalize_rows(lib, queues, q_lo, q_hi, top, offset=0):
 
 def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, dtype, progress):
     n_img, n_cap = img.shape[0], cap_t.shape[0]
-    offsets = torch.arange(CAPS_PER_IMAGE, device=device)
+    offsets = torch.arange(CAPTIONS_PER_IMAGE, device=device)
     best_v = torch.full((k_t2i, n_cap), float("-inf"), device=device, dtype=dtype)
     best_i = torch.zeros((k_t2i, n_cap), device=device, dtype=torch.long)
     for a in range(0, n_img, rows):
@@ -332,7 +332,7 @@ def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, d
         q = _load_rows(img, a, b, device, dtype)
         scores = q @ cap_t.T  # (R, n_cap)
         # An image's own captions are exactly the (image, caption) positives of both directions.
-        own = CAPS_PER_IMAGE * torch.arange(b - a, device=device)[:, None] + offsets + CAPS_PER_IMAGE * a
+        own = CAPTIONS_PER_IMAGE * torch.arange(b - a, device=device)[:, None] + offsets + CAPTIONS_PER_IMAGE * a
         scores.scatter_(1, own, float("-inf"))
         top = torch.topk(scores, k_i2t, dim=1, largest=True, sorted=True).indices
         out_i2t[a:b] = top.to(device="cpu", dtype=torch.int32).numpy()
@@ -368,11 +368,11 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
     progress: callable receiving the number of images finished by each block.
     """
     n_img = img.shape[0] if len(img.shape) == 2 else 0
-    _check_inputs(img, cap, k_i2t, out_i2t, n_img, CAPS_PER_IMAGE * (n_img - 1), "mine_both (i2t)")
-    _check_inputs(img, cap, k_t2i, out_t2i, CAPS_PER_IMAGE * n_img, n_img - 1, "mine_both (t2i)")
+    _check_inputs(img, cap, k_i2t, out_i2t, n_img, CAPTIONS_PER_IMAGE * (n_img - 1), "mine_both (i2t)")
+    _check_inputs(img, cap, k_t2i, out_t2i, CAPTIONS_PER_IMAGE * n_img, n_img - 1, "mine_both (t2i)")
     device = _check_device(device, dtype)
     engine, lib = _resolve_engine(engine, device)
-    n_cap = CAPS_PER_IMAGE * n_img
+    n_cap = CAPTIONS_PER_IMAGE * n_img
     if block_rows is not None and int(block_rows) < 1:
         raise ValueError(f"block_rows must be positive, got {block_rows}")
     with torch.no_grad():
