@@ -36,3 +36,12 @@ def disabled():
         yield
     finally:
         _switch["on"] = before
+
+
+def summary():
+    """One line for a step's log: whether the accelerated paths run, and which C kernels built."""
+    if not enabled():
+        return "off (AOQ_NO_ACCEL): plain torch paths"
+    from accel import gru, topk  # here: those modules import this one
+    built = {"gru_cell": gru.cell_kernels() is not None, "topk": topk.load_kernel() is not None}
+    return "on; C kernels " + ", ".join(f"{name} {'compiled' if ok else 'unavailable'}" for name, ok in built.items())

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 
+import accel
 from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
 from pipeline_steps.training.checkpoint import load_checkpoint
 from pipeline_steps.common.device import pick_device
@@ -77,6 +78,7 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    log.info("accelerated paths: %s", accel.summary())
     for split in dict.fromkeys(e[1] for e in args.evaluation):
         scorer, n_images, models = score_split(args.checkpoints, args.data, args.prepared, split,
                                                args.batch_size, device)

@@ -17,6 +17,7 @@ import sys
 import h5py
 from tqdm import tqdm
 
+import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
 from pipeline_steps.training.checkpoint import load_checkpoint
 from pipeline_steps.common.device import pick_device
@@ -49,6 +50,7 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    log.info("accelerated paths: %s", accel.summary())
     model, checkpoint = load_checkpoint(args.checkpoint, device)
     if not model.single_vector:
         raise SystemExit(f"error: model {model.name!r} has no single-vector embeddings; "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
 from pipeline_steps.common.device import pick_device
 from pipeline_steps.common.errors import one_line_errors
@@ -43,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="score precision; float16/bfloat16 only on GPU")
-    p.add_argument("--block-mb", type=int, default=512, help="memory for one block of scores")
+    p.add_argument("--block-mb", type=int, default=256, help="memory for one block of scores")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="selection engine: native (compiled, CPU), torch (CPU or GPU), auto")
@@ -58,6 +59,7 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    log.info("accelerated paths: %s", accel.summary())
     max_block_elems = args.block_mb * 2**20 // 4
     with h5py.File(args.embeddings, "r") as h5:
         images, captions = h5["images"], h5["captions"]

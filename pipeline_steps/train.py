@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import accel
 from models import create_model
 from models.losses import LossConfig, OfflineScores, retrieval_loss
 from pipeline_steps.training import distributed
@@ -374,6 +375,7 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    log.info("accelerated paths: %s", accel.summary())
     train_split, dev, model, candidates, optimizer, precision = build(args, cfg, loss_cfg, ctx)
 
     run = Run(args, model, optimizer, args.resume_dir, ctx)

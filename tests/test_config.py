@@ -32,6 +32,7 @@ def test_model_entries_mirror_the_registry():
     ENTRY = model_entry_schema()
     assert sorted(ENTRY["properties"]["arch"]["enum"]) == model_names()
     for arch in model_names():
+        assert model_class(arch).name == arch
         fields = {f.name for f in dataclasses.fields(model_class(arch).config_class)}
         keys = set(arch_rules(arch)["propertyNames"]["enum"])
         assert keys - PIPELINE_KEYS == fields - {"vocab_size", "img_dim"}, arch  # those come from the data
@@ -151,3 +152,23 @@ def test_model_level_round_overrides_reach_only_their_round(tmp_path):
     assert (trains[("vsepp", "baseline")]["epochs"], trains[("vsepp", "baseline")]["learning_rate"]) == (3, 0.01)
     for variant in config["aoq"]["variants"]:
         assert (trains[("vsepp", variant)]["epochs"], trains[("vsepp", variant)]["learning_rate"]) == (2, 0.02)
+
+
+def test_schema_defaults_agree_with_the_steps_own_defaults():
+    """A step run by hand and the workflow default the same way (the schema fills the workflow's)."""
+    from pipeline_steps import mine_candidates, prepare_data, train
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]
+    mining = props["mining"]["properties"]
+    mine_args = mine_candidates.parse_args(["--embeddings", "e", "--out-i2t", "i", "--out-t2i", "t"])
+    assert (mine_args.block_mb, mine_args.dtype) == (mining["block_mb"]["default"], mining["dtype"]["default"])
+    dataset = props["dataset"]["properties"]
+    prep = prepare_data.parse_args(["--data", "d", "--out", "o", "--img-dim", "4"])
+    assert (prep.vocab_threshold, prep.tokenizer) == (dataset["vocab_threshold"]["default"],
+                                                      dataset["tokenizer"]["default"])
+    aoq_train = props["aoq"]["properties"]["train"]["allOf"][1]["properties"]
+    assert train.TrainConfig().offline_size == aoq_train["offline_size"]["default"]
+    assert props["run"]["properties"]["device"]["default"] == train.parse_args(
+        ["--data", "d", "--prepared", "p", "--model", "m", "--out-best", "b", "--out-last", "l",
+         "--out-log", "v", "--resume-dir", "r"]).device

@@ -1,4 +1,4 @@
-"""Tests for pipeline_steps.retrieval.mining against a brute-force full-sort reference."""
+"""mining.mine_both (both engines) against a brute-force full-sort reference, on tie-free data."""
 import h5py
 import numpy as np
 import pytest
@@ -51,66 +51,59 @@ def make_data(seed, k):
             return img, cap, S
 
 
+def mine(img, cap, k_i2t, k_t2i, **kwargs):
+    """mining.mine_both with fresh outputs (the torch engine unless told otherwise)."""
+    n = img.shape[0]
+    out_i, out_t = np.full((n, k_i2t), -1, np.int32), np.full((5 * n, k_t2i), -1, np.int32)
+    return mining.mine_both(img, cap, k_i2t, k_t2i, out_i, out_t, **{"engine": "torch", **kwargs})
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("block_rows", [1, 4, 7, None])
-def test_i2t_matches_brute_force(seed, block_rows):
-    k = 10
-    img, cap, S = make_data(seed, k)
-    out = np.full((N, k), -1, dtype=np.int32)
-    ret = mining.mine_i2t(img, cap, k, out, block_rows=block_rows)
-    assert ret is out and out.dtype == np.int32
-    np.testing.assert_array_equal(out, reference_topk(S, own_caps, k))
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("block_rows", [1, 6, 13, None])
-def test_t2i_matches_brute_force(seed, block_rows):
-    k = 5
-    img, cap, S = make_data(seed, k)
-    out = np.full((5 * N, k), -1, dtype=np.int32)
-    mining.mine_t2i(img, cap, k, out, block_rows=block_rows)
-    np.testing.assert_array_equal(out, reference_topk(S.T, own_img, k))
+@pytest.mark.parametrize("engine", ["torch", "auto"])
+def test_both_directions_match_brute_force(seed, block_rows, engine):
+    img, cap, S = make_data(seed, 10)
+    out_i, out_t = mine(img, cap, 10, 5, block_rows=block_rows, engine=engine)
+    assert out_i.dtype == out_t.dtype == np.int32
+    np.testing.assert_array_equal(out_i, reference_topk(S, own_caps, 10))
+    np.testing.assert_array_equal(out_t, reference_topk(S.T, own_img, 5))
 
 
 def test_max_block_elems_and_progress():
     k = 4
     img, cap, S = make_data(2, k)
     done = []
-    out = np.zeros((N, k), dtype=np.int32)
     # 5N = 115 captions per image row -> at most 2 images per block of <= 250 scores.
-    mining.mine_i2t(img, cap, k, out, max_block_elems=250, progress=done.append)
+    out_i, out_t = mine(img, cap, k, k, max_block_elems=250, progress=done.append)
     assert max(done) <= 2 and sum(done) == N
-    np.testing.assert_array_equal(out, reference_topk(S, own_caps, k))
-    done.clear()
-    out_t = np.zeros((5 * N, k), dtype=np.int32)
-    mining.mine_t2i(img, cap, k, out_t, block_rows=50, progress=done.append)
-    assert sum(done) == 5 * N
+    np.testing.assert_array_equal(out_i, reference_topk(S, own_caps, k))
     np.testing.assert_array_equal(out_t, reference_topk(S.T, own_img, k))
 
 
-def test_memmap_output_and_invariants(tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "auto"])
+def test_memmap_output_and_invariants(tmp_path, engine):
     k = 12
     img, cap, S = make_data(3, k)
-    path = tmp_path / "i2t.npy"
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(N, k))
-    mining.mine_i2t(img, cap, k, out, block_rows=5)
-    out.flush()
-    del out
-    got = np.load(path)
+    out_i = np.lib.format.open_memmap(tmp_path / "i2t.npy", mode="w+", dtype=np.int32, shape=(N, k))
+    out_t = np.lib.format.open_memmap(tmp_path / "t2i.npy", mode="w+", dtype=np.int32, shape=(5 * N, N - 1))
+    mining.mine_both(img, cap, k, N - 1, out_i, out_t, block_rows=5, engine=engine)  # t2i: every image
+    out_i.flush()
+    out_t.flush()
+    del out_i, out_t
+    got = np.load(tmp_path / "i2t.npy")
     assert got.dtype == np.int32 and got.shape == (N, k)
     np.testing.assert_array_equal(got, reference_topk(S, own_caps, k))
     for q in range(N):
         assert not own_caps(q) & set(got[q].tolist())
         assert np.all(np.diff(S[q, got[q]]) < 0)  # strictly decreasing scores
-    out_t = np.lib.format.open_memmap(tmp_path / "t2i.npy", mode="w+", dtype=np.int32,
-                                      shape=(5 * N, N - 1))
-    mining.mine_t2i(img, cap, N - 1, out_t, block_rows=9)  # k = every allowed image
+    got_t = np.load(tmp_path / "t2i.npy")
     for c in range(5 * N):
-        assert sorted(out_t[c].tolist()) == sorted(set(range(N)) - own_img(c))
-        assert np.all(np.diff(S[out_t[c], c]) <= 0)
+        assert sorted(got_t[c].tolist()) == sorted(set(range(N)) - own_img(c))
+        assert np.all(np.diff(S[got_t[c], c]) <= 0)
 
 
-def test_h5py_inputs(tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "auto"])
+def test_h5py_inputs(tmp_path, engine):
     k = 6
     img, cap, S = make_data(4, k)
     path = tmp_path / "emb.h5"
@@ -118,9 +111,7 @@ def test_h5py_inputs(tmp_path):
         f.create_dataset("images", data=img)
         f.create_dataset("captions", data=cap)
     with h5py.File(path, "r") as f:
-        out_i = mining.mine_i2t(f["images"], f["captions"], k, np.zeros((N, k), np.int32), block_rows=4)
-        out_t = mining.mine_t2i(f["images"], f["captions"], k, np.zeros((5 * N, k), np.int32),
-                                block_rows=17)
+        out_i, out_t = mine(f["images"], f["captions"], k, k, block_rows=4, engine=engine)
     np.testing.assert_array_equal(out_i, reference_topk(S, own_caps, k))
     np.testing.assert_array_equal(out_t, reference_topk(S.T, own_img, k))
 
@@ -129,23 +120,27 @@ def test_errors():
     rng = np.random.default_rng(0)
     img, cap = rng.standard_normal((6, 4)), rng.standard_normal((30, 4))
     ok_i, ok_t = np.zeros((6, 3), np.int32), np.zeros((30, 3), np.int32)
+
+    def both(img_, cap_, k_i2t, k_t2i, out_i, out_t, **kwargs):
+        return mining.mine_both(img_, cap_, k_i2t, k_t2i, out_i, out_t, **kwargs)
+
     with pytest.raises(ValueError, match="k must be"):
-        mining.mine_i2t(img, cap, 0, np.zeros((6, 0), np.int32))
+        both(img, cap, 0, 3, np.zeros((6, 0), np.int32), ok_t)
     with pytest.raises(ValueError, match="k must be"):
-        mining.mine_i2t(img, cap, 26, np.zeros((6, 26), np.int32))  # only 25 non-own captions
+        both(img, cap, 26, 3, np.zeros((6, 26), np.int32), ok_t)  # only 25 non-own captions
     with pytest.raises(ValueError, match="k must be"):
-        mining.mine_t2i(img, cap, 6, np.zeros((30, 6), np.int32))  # only 5 other images
+        both(img, cap, 3, 6, ok_i, np.zeros((30, 6), np.int32))  # only 5 other images
     with pytest.raises(ValueError, match="captions per image"):
-        mining.mine_i2t(img, cap[:29], 3, ok_i)
+        both(img, cap[:29], 3, 3, ok_i, ok_t)
     with pytest.raises(ValueError, match="dims"):
-        mining.mine_t2i(img, rng.standard_normal((30, 5)), 3, ok_t)
+        both(img, rng.standard_normal((30, 5)), 3, 3, ok_i, ok_t)
     with pytest.raises(ValueError, match="out must have shape"):
-        mining.mine_i2t(img, cap, 3, ok_t)
+        both(img, cap, 3, 3, ok_t, ok_t)
     with pytest.raises(ValueError, match="int32"):
-        mining.mine_i2t(img, cap, 3, np.zeros((6, 3), np.int64))
+        both(img, cap, 3, 3, np.zeros((6, 3), np.int64), ok_t)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="only supported on CUDA"):
-            mining.mine_i2t(img, cap, 3, ok_i, dtype=torch.float16)
+            both(img, cap, 3, 3, ok_i, ok_t, dtype=torch.float16)
     # The largest allowed k works: every other image for t2i.
-    out = mining.mine_t2i(img, cap, 5, np.zeros((30, 5), np.int32))
+    _, out = mine(img, cap, 3, 5)
     assert all(c // 5 not in out[c] for c in range(30))

@@ -125,7 +125,7 @@ def test_released_checkpoints_evaluate_as_an_ensemble(finished_run):
         released["released"]["checkpoints"][name] = {"path": str(workdir / f"{name}.pth.tar"), "arch": "vsrn"}
     result = snakemake(workdir, released, "released")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    metrics = json.loads((workdir / "results" / "demo_precomp" / "eval" / "released" / "aoq_vsrn"
+    metrics = json.loads((workdir / "results" / "demo_precomp" / "eval" / "aoq_vsrn" / "released"
                           / "coco_5k.json").read_text())
     assert len(metrics["models"]) == 2 and metrics["label"] == "released:aoq_vsrn"
     assert {m["variant"] for m in metrics["models"]} == {"released"}

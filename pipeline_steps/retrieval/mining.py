@@ -11,9 +11,6 @@ columns: each caption's running top K_t2i images, kept across image blocks). On 
 is the compiled running-top-k kernel (accel/topk.py); on CUDA, or where no C compiler exists, it is
 torch.topk on row blocks plus a running column merge.
 
-`mine_i2t` / `mine_t2i` are the plain one-direction searches (one matrix product and torch.topk
-per query block); tests and benchmarks use them as the straightforward baseline.
-
 Scores are dot products (higher = more similar); positives are never selected. Ties: the native
 kernel returns exactly the first k of a stable descending sort (equal scores: lower id first);
 the torch paths leave the order among exactly tied scores unspecified.
@@ -76,81 +73,6 @@ def _load_rows(source, start, stop, device, dtype):
         raise ValueError(f"non-finite values in embedding rows [{start}, {stop})")
     return t.to(device=device, dtype=dtype)
 
-
-def _mine(queries, keys, k, out, positives_of, block_rows, device, dtype, max_block_elems, progress):
-    """Shared loop: score query blocks against all keys, mask positives, write top-k indices.
-
-    positives_of(q) maps query indices (B,) to a (B, P) tensor of key indices to exclude.
-    """
-    n_queries, n_keys = queries.shape[0], keys.shape[0]
-    rows = max(1, max_block_elems // n_keys)
-    if block_rows is not None:
-        if int(block_rows) < 1:
-            raise ValueError(f"block_rows must be positive, got {block_rows}")
-        rows = min(rows, int(block_rows))
-    with torch.no_grad():
-        key_t = _load_rows(keys, 0, n_keys, device, dtype)  # (n_keys, d)
-        for a in range(0, n_queries, rows):
-            b = min(a + rows, n_queries)
-            q = _load_rows(queries, a, b, device, dtype)  # (B, d)
-            scores = q @ key_t.T  # (B, n_keys)
-            excl = positives_of(torch.arange(a, b, device=device))  # (B, P)
-            scores.scatter_(1, excl, float("-inf"))
-            top = torch.topk(scores, k, dim=1, largest=True, sorted=True).indices  # (B, k)
-            out[a:b] = top.to(device="cpu", dtype=torch.int32).numpy()
-            if progress is not None:
-                progress(b - a)
-    return out
-
-
-def mine_i2t(img, cap, k, out, block_rows=None, device="cpu", dtype=torch.float32,
-             max_block_elems=DEFAULT_MAX_BLOCK_ELEMS, progress=None):
-    """For every image, the `k` highest-scoring captions other than its own 5.
-
-    img: (N, d), cap: (5N, d), numpy arrays or h5py datasets (images are read in row blocks,
-    captions loaded whole). out: writable int32 array (N, k) (numpy or memmap); row i receives
-    caption indices sorted by decreasing score, captions 5i..5i+4 excluded. Returns `out`.
-
-    block_rows caps the images per block; a block also holds at most max_block_elems scores.
-    device: 'cpu' or 'cuda'; dtype: scoring precision, torch.float16 / bfloat16 only on CUDA
-    (ValueError on CPU). progress: optional callable receiving the number of rows finished by
-    each block (an increment, like tqdm's update). Raises ValueError for bad shapes or k
-    outside [1, 5N - 5]. Order among exactly tied scores is unspecified.
-    """
-    n_img = img.shape[0] if len(img.shape) == 2 else 0
-    _check_inputs(img, cap, k, out, n_img, CAPTIONS_PER_IMAGE * (n_img - 1), "mine_i2t")
-    device = _check_device(device, dtype)
-    offsets = torch.arange(CAPTIONS_PER_IMAGE, device=device)
-
-    def own_captions(q):
-        return CAPTIONS_PER_IMAGE * q[:, None] + offsets  # (B, 5)
-
-    return _mine(img, cap, int(k), out, own_captions, block_rows, device, dtype, max_block_elems, progress)
-
-
-def mine_t2i(img, cap, k, out, block_rows=None, device="cpu", dtype=torch.float32,
-             max_block_elems=DEFAULT_MAX_BLOCK_ELEMS, progress=None):
-    """For every caption, the `k` highest-scoring images other than its own (c // 5).
-
-    img: (N, d), cap: (5N, d), numpy arrays or h5py datasets (captions are read in row blocks,
-    images loaded whole). out: writable int32 array (5N, k); row c receives image indices sorted
-    by decreasing score, image c // 5 excluded. Returns `out`.
-
-    block_rows, device, dtype, max_block_elems and progress as in mine_i2t. Raises ValueError
-    for bad shapes or k outside [1, N - 1]. Order among exactly tied scores is unspecified.
-    """
-    n_img = img.shape[0] if len(img.shape) == 2 else 0
-    _check_inputs(img, cap, k, out, CAPTIONS_PER_IMAGE * n_img, n_img - 1, "mine_t2i")
-    device = _check_device(device, dtype)
-
-    def own_image(q):
-        return (q // CAPTIONS_PER_IMAGE)[:, None]  # (B, 1)
-
-    return _mine(cap, img, int(k), out, own_image, block_rows, device, dtype, max_block_elems, progress)
-
-
-# ----------------------------------------------------------------------------------------------
-# Both directions from one pass over the score matrix.
 
 ENGINES = ("auto", "native", "torch")
 NATIVE_TILE_COLS = 2048      # captions per tile: a 512 x 2048 float32 tile (4 MiB) stays in cache
@@ -355,7 +277,7 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
 
     img (N, d), cap (5N, d): numpy arrays or h5py datasets (images read in row blocks, captions
     loaded whole). out_i2t: writable int32 (N, k_i2t); out_t2i: writable int32 (5N, k_t2i); rows
-    sorted by decreasing score, positives excluded, as mine_i2t / mine_t2i.
+    sorted by decreasing score, positives excluded (an image's own 5 captions; a caption's image).
 
     engine 'native' (CPU only): tiles of NATIVE_BLOCK_ROWS (or block_rows) images x
     NATIVE_TILE_COLS captions feed the compiled running top-k; memory beyond the embeddings is

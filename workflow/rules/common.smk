@@ -56,9 +56,7 @@ def ensemble_variants(name):
 
 wildcard_constraints:
     model="|".join(MODELS),
-    name="|".join(ENSEMBLES),
     ckpt="|".join(RELEASED) or "^$",
-    ens="|".join(RELEASED_ENSEMBLES) or "^$",
     variant="|".join(LOSS_VARIANTS),
     seed=r"\d+",
 
@@ -224,9 +222,20 @@ def run_settings(model, variant, seed):
     return settings
 
 
-def evaluation_settings(name, variant):
-    runs = [run_settings(m, variant, s) for m in ENSEMBLES[name] for s in seeds_of(m)]
-    return {"runs": runs, "evaluation": config["evaluation"]}
+def evaluation_settings(name, method):
+    if method == "released":
+        runs = [RELEASED[c] for c in RELEASED_ENSEMBLES[name]]
+    else:
+        runs = [run_settings(m, method, s) for m in ENSEMBLES[name] for s in seeds_of(m)]
+    return {"runs": runs, "evaluation": config["evaluation"], "data": data_settings()}
+
+
+def evaluated_checkpoints(name, method):
+    """The checkpoints an evaluation scores together: every seed of every member, or the
+    imported released checkpoints of a released ensemble."""
+    if method == "released":
+        return [f"{R}/released/{c}/model_best.pt" for c in RELEASED_ENSEMBLES[name]]
+    return [checkpoint_path(m, method, s) for m in ENSEMBLES[name] for s in seeds_of(m)]
 
 
 def report_settings():

@@ -1,24 +1,34 @@
+# Every model alone (the ensemble of its seeds) and every configured ensemble, per method; the
+# authors' released checkpoints are the method "released" of their ensembles (`snakemake released`).
+
+
 rule evaluate:
     input:
         unpack(lambda w: split_inputs(*dict.fromkeys(e["split"] for e in config["evaluation"]))),
-        checkpoints=lambda w: [checkpoint_path(m, w.variant, s) for m in ENSEMBLES[w.name] for s in seeds_of(m)],
+        checkpoints=lambda w: evaluated_checkpoints(w.name, w.method),
     output:
-        metrics=[f"{R}/eval/{{name}}/{{variant}}/{e['name']}.json" for e in config["evaluation"]],
+        metrics=[f"{R}/eval/{{name}}/{{method}}/{e['name']}.json" for e in config["evaluation"]],
+    wildcard_constraints:
+        name="|".join(list(ENSEMBLES) + list(RELEASED_ENSEMBLES)),
+        method="|".join(LOSS_VARIANTS + ["released"]),
     params:
         step=step_command("evaluate", "pipeline_steps.evaluate"),
         data=data_dir,
         prepared=prepared_dir,
         evaluations=lambda w, output: evaluation_flags(output.metrics),
+        label=lambda w: f"released:{w.name}" if w.method == "released" else w.name,
         device=config["run"]["device"],
-        settings=lambda w: digest(evaluation_settings(w.name, w.variant)),
+        settings=lambda w: digest(evaluation_settings(w.name, w.method)),
     threads: 4
     resources:
         **job_resources("evaluate"),
     conda:
         "../../envs/aoq.yaml"
     log:
-        f"logs/{DATASET}/evaluate/{{name}}_{{variant}}.log",
+        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.log",
+    benchmark:
+        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.benchmark.tsv"
     shell:
         "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
-        " --prepared {params.prepared} --label {wildcards.name} {params.evaluations} --device {params.device}"
+        " --prepared {params.prepared} --label {params.label} {params.evaluations} --device {params.device}"
         " --threads {threads} > {log} 2>&1"

@@ -17,6 +17,8 @@ rule extract_embeddings:
         "../../envs/aoq.yaml"
     log:
         f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.log",
+    benchmark:
+        f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.benchmark.tsv"
     shell:
         "{params.step} --checkpoint {input.checkpoint} --data {params.data}"
         " --prepared {params.prepared} --split train --out {output} --device {params.device}"
@@ -64,7 +66,8 @@ if config["mining"]["candidate_files"]:
             t2i=f"{R}/candidates/authors/t2i_{DS_PREFIX}.npy",
         params:
             prepared=prepared_dir,
-            offline_size=config["aoq"]["train"].get("offline_size", 300),
+            offline_size=max(train_section(m, v)["offline_size"] for m in MODELS for v in variants_of(m)
+                             if v != "baseline"),
         resources:
             **job_resources("light"),
         conda:

@@ -1,4 +1,5 @@
-# The authors' released checkpoints, imported and evaluated as ensembles: `snakemake released`.
+# The authors' released checkpoints, imported, then evaluated as ensembles (rule evaluate, method
+# "released"): `snakemake released`.
 
 
 rule import_released:
@@ -21,32 +22,6 @@ rule import_released:
         " --prepared {params.prepared} --out {output} > {log} 2>&1"
 
 
-rule evaluate_released:
-    input:
-        unpack(lambda w: split_inputs(*dict.fromkeys(e["split"] for e in config["evaluation"]))),
-        checkpoints=lambda w: [f"{R}/released/{c}/model_best.pt" for c in RELEASED_ENSEMBLES[w.ens]],
-    output:
-        metrics=[f"{R}/eval/released/{{ens}}/{e['name']}.json" for e in config["evaluation"]],
-    params:
-        step=step_command("evaluate", "pipeline_steps.evaluate"),
-        data=data_dir,
-        prepared=prepared_dir,
-        evaluations=lambda w, output: evaluation_flags(output.metrics),
-        device=config["run"]["device"],
-    threads: 4
-    resources:
-        **job_resources("evaluate"),
-    conda:
-        "../../envs/aoq.yaml"
-    log:
-        f"logs/{DATASET}/evaluate_released/{{ens}}.log",
-    shell:
-        "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
-        " --prepared {params.prepared} --label released:{wildcards.ens} {params.evaluations}"
-        " --device {params.device} --threads {threads} > {log} 2>&1"
-
-
 rule released:
     input:
-        [f"{R}/eval/released/{ens}/{e['name']}.json" for ens in RELEASED_ENSEMBLES
-         for e in config["evaluation"]],
+        [f"{R}/eval/{ens}/released/{e['name']}.json" for ens in RELEASED_ENSEMBLES for e in config["evaluation"]],

@@ -91,6 +91,15 @@ def check_models():
         if name in models or not set(members) <= set(models):
             refuse(f"ensembles.{name}", "an ensemble must not reuse a model name and may only list "
                    f"entries of `models:` (got {members})")
+    released = config["released"]
+    for name, members in released["ensembles"].items():
+        if not set(members) <= set(released["checkpoints"]):
+            refuse(f"released.ensembles.{name}", f"may only list entries of released.checkpoints (got {members})")
+    taken = set(models) | set(config["ensembles"])
+    for name in set(released["checkpoints"]) | set(released["ensembles"]):
+        if name in taken:
+            refuse(f"released: {name}", "a released checkpoint or ensemble must not reuse the name of a model "
+                   "or ensemble (their metrics share results/<dataset>/eval/<name>/)")
 
 
 def check_mining():
@@ -113,8 +122,8 @@ def check_mining():
     for name in aoq:
         train = config["aoq"]["train"] | models[name].get("train", {}) \
             | models[name].get("aoq", {}).get("train", {})
-        size = train.get("offline_size", 300)
-        key = "aoq.train.offline_size" if "offline_size" in config["aoq"]["train"] else "offline_size"
+        size = train["offline_size"]
+        key = "aoq.train.offline_size"
         if size > mining["k_i2t"]:
             refuse(key, f"{size} (model {name}) draws from the top {size} i2t candidates, but "
                    f"mining.k_i2t keeps {mining['k_i2t']}")
