@@ -17,6 +17,7 @@ it says no. One switch turns every accelerated path off: `AOQ_NO_ACCEL=1` in the
 the C kernels are not built or fall back to plain loops: only speed is lost. `python -m accel`
 says what is compiled here and which paths run.
 """
+
 import contextlib
 import os
 
@@ -43,5 +44,8 @@ def summary():
     if not enabled():
         return "off (AOQ_NO_ACCEL): plain torch paths"
     from accel import gru, topk  # here: those modules import this one
+
     built = {"gru_cell": gru.cell_kernels() is not None, "topk": topk.load_kernel() is not None}
-    return "on; C kernels " + ", ".join(f"{name} {'compiled' if ok else 'unavailable'}" for name, ok in built.items())
+    return "on; C kernels " + ", ".join(
+        f"{name} {'compiled' if ok else 'unavailable'}" for name, ok in built.items()
+    )

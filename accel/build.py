@@ -15,6 +15,7 @@ Callers treat a failed build (or the switch `AOQ_NO_ACCEL=1`) as "no kernel" and
 path: the kernels' vector code is chosen at compile time (AVX-512, AVX2, or plain loops), so any
 processor the compiler knows gets a working build.
 """
+
 import ctypes
 import hashlib
 import logging
@@ -44,7 +45,7 @@ def cpu_signature():
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() + platform.machine()
-    lines = [l for l in text.splitlines() if l.startswith(("model name", "flags", "Features"))]
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(sorted(set(lines)))
 
 
@@ -57,8 +58,9 @@ def build_library(source, prefix, directory=None, cflags=CFLAGS):
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC)")
     source = Path(source)
-    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *cflags]).encode()
-                         + cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        source.read_bytes() + " ".join([cc, *cflags]).encode() + cpu_signature().encode()
+    ).hexdigest()[:16]
     directory = Path(directory) if directory is not None else cache_dir()
     target = directory / f"{prefix}_{key}.so"
     if target.exists():
@@ -68,8 +70,12 @@ def build_library(source, prefix, directory=None, cflags=CFLAGS):
     os.close(fd)
     try:
         try:
-            proc = subprocess.run([cc, *cflags, "-o", tmp, str(source), "-lm"], capture_output=True,
-                                  text=True, timeout=COMPILE_TIMEOUT)
+            proc = subprocess.run(
+                [cc, *cflags, "-o", tmp, str(source), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_TIMEOUT,
+            )
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"compiling {source} took over {COMPILE_TIMEOUT} s; gave up") from None
         except OSError as err:  # the compiler could not be started

@@ -14,6 +14,7 @@ without a C compiler, or in other dtypes, the same steps run as torch ops.
 
 The parameters stay those of the `nn.GRU` module (state dicts are unchanged).
 """
+
 import ctypes
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def run_gru(rnn, x, lengths, combine):
     # step at a time, forward and backward, which cost as much as the recurrence's elementwise
     # work; index_select / index_copy move all tokens at once (and backpropagate as one
     # index_add / index_select).
-    order = torch.argsort(lengths, descending=True, stable=True)          # sorted row b -> row
+    order = torch.argsort(lengths, descending=True, stable=True)  # sorted row b -> row
     longest = int(lengths[order[0]])
     batch_sizes = (lengths[order][None, :] > torch.arange(longest)[:, None]).sum(1)
     layout = _Layout(batch_sizes, x.device)
@@ -56,15 +57,22 @@ def run_gru(rnn, x, lengths, combine):
         # (tokens, 3H): one product; its backward skips the tokens of rows without a gradient
         project = row_skipping.linear if row_skipping.applies(inputs) else F.linear
         gates_in = project(inputs, getattr(rnn, "weight_ih_l0" + suffix), getattr(rnn, "bias_ih_l0" + suffix))
-        recurrence_inputs += [gates_in, getattr(rnn, "weight_hh_l0" + suffix), getattr(rnn, "bias_hh_l0" + suffix)]
+        recurrence_inputs += [
+            gates_in,
+            getattr(rnn, "weight_hh_l0" + suffix),
+            getattr(rnn, "bias_hh_l0" + suffix),
+        ]
     outs, finals = [], []
     outputs = _Recurrences.apply(layout, torch.is_grad_enabled(), *recurrence_inputs)  # (tokens, H) each
     for suffix, out in zip(suffixes, outputs):
-        finals.append(out.index_select(0, layout.last))                   # (B, H), sorted rows
+        finals.append(out.index_select(0, layout.last))  # (B, H), sorted rows
         outs.append(out if not suffix else out.index_select(0, layout.reversal))
     out = combine(outs[0], outs[1] if len(outs) > 1 else None)
-    padded = out.new_zeros(batch * longest, out.shape[1]).index_copy(
-        0, device_order[layout.row] * longest + layout.step, out).view(batch, longest, -1)
+    padded = (
+        out.new_zeros(batch * longest, out.shape[1])
+        .index_copy(0, device_order[layout.row] * longest + layout.step, out)
+        .view(batch, longest, -1)
+    )
     h_n = torch.stack(finals)[:, torch.argsort(device_order)]
     return padded, h_n
 
@@ -77,8 +85,8 @@ class _Layout:
         sizes = batch_sizes.to(torch.long)
         self.offsets = [0] + torch.cumsum(sizes, 0).tolist()
         starts = torch.tensor(self.offsets[:-1], dtype=torch.long)
-        step = torch.repeat_interleave(torch.arange(len(sizes)), sizes)   # t of each token
-        row = torch.arange(self.offsets[-1]) - starts[step]               # b of each token
+        step = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # t of each token
+        row = torch.arange(self.offsets[-1]) - starts[step]  # b of each token
         self.step, self.row = step.to(device), row.to(device)
         length = (sizes[None, :] > torch.arange(int(sizes[0]))[:, None]).sum(1)  # L of sorted row b
         self.lengths, self.starts, self.device = length, starts, device
@@ -86,14 +94,14 @@ class _Layout:
         self.reversal = (starts[length[row] - 1 - step] + row).to(device)
         self.last = (starts[length - 1] + torch.arange(len(length))).to(device)
         # h_(t-1) of every token with t >= 1
-        self.previous = (starts[step[sizes[0]:] - 1] + row[sizes[0]:]).to(device)
+        self.previous = (starts[step[sizes[0] :] - 1] + row[sizes[0] :]).to(device)
 
     def subset(self, rows):
         """(layout of the sorted rows `rows` (ascending CPU int64), or None if there are none;
         the index of each of its tokens in this layout)."""
         if len(rows) == 0:
             return None, torch.zeros(0, dtype=torch.long, device=self.device)
-        lengths = self.lengths[rows]                      # still in decreasing order
+        lengths = self.lengths[rows]  # still in decreasing order
         sub = _Layout((lengths[None, :] > torch.arange(int(lengths[0]))[:, None]).sum(1), self.device)
         step, row = sub.step.cpu(), sub.row.cpu()
         return sub, (self.starts[step] + rows[row]).to(self.device)
@@ -111,7 +119,7 @@ class _Recurrences(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout, grad_enabled, *inputs):
-        groups = [inputs[i:i + 3] for i in range(0, len(inputs), 3)]
+        groups = [inputs[i : i + 3] for i in range(0, len(inputs), 3)]
         # what the backward needs is kept only if there will be one (inside forward, grad mode
         # is always off, and needs_input_grad ignores the caller's no_grad)
         keep = grad_enabled and any(ctx.needs_input_grad)
@@ -133,17 +141,24 @@ class _Recurrences(torch.autograd.Function):
             layout, tokens = layout.subset(active)
         jobs = []
         for d, grad in enumerate(grad_outs):
-            w, out, kept = saved[3 * d:3 * d + 3]
+            w, out, kept = saved[3 * d : 3 * d + 3]
             if tokens is not None:
-                grad, out, kept = grad.index_select(0, tokens), out.index_select(0, tokens), kept.index_select(1, tokens)
+                grad, out, kept = (
+                    grad.index_select(0, tokens),
+                    out.index_select(0, tokens),
+                    kept.index_select(1, tokens),
+                )
             jobs.append((grad, w, out, kept, layout))
         with torch.autocast(grad_outs[0].device.type, enabled=False):
-            results = [_backward_direction(*job) if layout is not None else _no_gradient(*job)
-                       for job in jobs]
+            results = [
+                _backward_direction(*job) if layout is not None else _no_gradient(*job) for job in jobs
+            ]
         grads = []
         for (grad_gi, grad_w, grad_b), (gi_dtype, w_dtype, b_dtype) in zip(results, ctx.dtypes):
             if tokens is not None:  # rows without a gradient get zeros
-                grad_gi = grad_gi.new_zeros(ctx.layout.offsets[-1], grad_gi.shape[1]).index_copy_(0, tokens, grad_gi)
+                grad_gi = grad_gi.new_zeros(ctx.layout.offsets[-1], grad_gi.shape[1]).index_copy_(
+                    0, tokens, grad_gi
+                )
             grads += [grad_gi.to(gi_dtype), grad_w.to(w_dtype), grad_b.to(b_dtype)]
         return (None, None, *grads)
 
@@ -151,7 +166,7 @@ class _Recurrences(torch.autograd.Function):
 def _active_rows(grad_outs, layout):
     """Sorted rows (CPU int64) with a nonzero output gradient in some direction, or None when
     (almost) all have one and the backward runs on every row."""
-    if bool(grad_outs[0][:, 0].ne(0).all()):    # the usual dense case, found cheaply
+    if bool(grad_outs[0][:, 0].ne(0).all()):  # the usual dense case, found cheaply
         return None
     token_active = row_skipping.nonzero_rows(grad_outs[0])
     for grad in grad_outs[1:]:
@@ -179,10 +194,11 @@ def _backward_direction(grad_out, w, out, saved, layout):
     """-> (grad gates_in, grad W_hh, grad b_hh) in the compute dtype."""
     grad_out = grad_out.to(w.dtype).contiguous()
     lib = _kernels_for(out)
-    grad_gi, grad_gh = (_backward_native if lib is not None else _backward_torch)(lib, grad_out, w, out,
-                                                                                 saved, layout)
+    grad_gi, grad_gh = (_backward_native if lib is not None else _backward_torch)(
+        lib, grad_out, w, out, saved, layout
+    )
     # dW_hh = sum over tokens with t >= 1 of dgh^T h_(t-1): one product (h_(-1) = 0)
-    grad_w = grad_gh[layout.batch_sizes[0]:].t() @ out[layout.previous]
+    grad_w = grad_gh[layout.batch_sizes[0] :].t() @ out[layout.previous]
     return grad_gi, grad_w, grad_gh.sum(dim=0)
 
 
@@ -211,21 +227,21 @@ def _forward_torch(lib, gi, w, b, layout, keep):
     """The recurrence as torch ops; returns (out (tokens, H), saved (4, tokens or 0, H))."""
     hidden = w.shape[1]
     out = gi.new_empty(gi.shape[0], hidden)
-    saved = gi.new_empty(4, gi.shape[0] if keep else 0, hidden)   # r, z, n, W_hn h + b_hn
+    saved = gi.new_empty(4, gi.shape[0] if keep else 0, hidden)  # r, z, n, W_hn h + b_hn
     h = gi.new_zeros(layout.batch_sizes[0], hidden)
     w_t = w.t()
     for start, n in zip(layout.offsets, layout.batch_sizes):
         h = h[:n]
-        gh = torch.addmm(b, h, w_t)                                # (n, 3H)
-        g = gi[start:start + n]
-        rz = torch.sigmoid(g[:, :2 * hidden] + gh[:, :2 * hidden])
+        gh = torch.addmm(b, h, w_t)  # (n, 3H)
+        g = gi[start : start + n]
+        rz = torch.sigmoid(g[:, : 2 * hidden] + gh[:, : 2 * hidden])
         r, z = rz[:, :hidden], rz[:, hidden:]
-        cand = torch.tanh(torch.addcmul(g[:, 2 * hidden:], r, gh[:, 2 * hidden:]))
-        h = torch.addcmul(cand, z, h - cand)                       # (1 - z) n + z h
-        out[start:start + n] = h
+        cand = torch.tanh(torch.addcmul(g[:, 2 * hidden :], r, gh[:, 2 * hidden :]))
+        h = torch.addcmul(cand, z, h - cand)  # (1 - z) n + z h
+        out[start : start + n] = h
         if keep:
-            for k, value in enumerate((r, z, cand, gh[:, 2 * hidden:])):
-                saved[k, start:start + n] = value
+            for k, value in enumerate((r, z, cand, gh[:, 2 * hidden :])):
+                saved[k, start : start + n] = value
     return out, saved
 
 
@@ -244,15 +260,22 @@ def _forward_native(lib, gi, w, b, layout, keep):
     previous = None
     for start, n in zip(layout.offsets, layout.batch_sizes):
         if previous is None:
-            gh[:n] = b                                             # h_(-1) = 0
+            gh[:n] = b  # h_(-1) = 0
             prev_p = zeros_p
         else:
-            torch.addmm(b, out[previous:previous + n], w_t, out=gh[:n])
+            torch.addmm(b, out[previous : previous + n], w_t, out=gh[:n])
             prev_p = out_p + previous * hidden * size
         rows = start * hidden * size
-        lib.aoq_gru_cell_forward(gi_p + start * 3 * hidden * size, 3 * hidden, gh.data_ptr(), prev_p,
-                                 out_p + rows, *([p + rows for p in saved_p] if keep else [None] * 4),
-                                 n, hidden)
+        lib.aoq_gru_cell_forward(
+            gi_p + start * 3 * hidden * size,
+            3 * hidden,
+            gh.data_ptr(),
+            prev_p,
+            out_p + rows,
+            *([p + rows for p in saved_p] if keep else [None] * 4),
+            n,
+            hidden,
+        )
         previous = start
     return out, saved
 
@@ -267,16 +290,16 @@ def _backward_torch(lib, grad_out, w, out, saved, layout):
         start, n = layout.offsets[t], layout.batch_sizes[t]
         rows = slice(start, start + n)
         r, z, cand, ghn = saved[0, rows], saved[1, rows], saved[2, rows], saved[3, rows]
-        h_prev = out[layout.offsets[t - 1]:layout.offsets[t - 1] + n] if t else torch.zeros_like(cand)
+        h_prev = out[layout.offsets[t - 1] : layout.offsets[t - 1] + n] if t else torch.zeros_like(cand)
         d = dh[:n] + grad_out[rows]
-        d_cand = d * (1 - z) * (1 - cand * cand)                   # through tanh
+        d_cand = d * (1 - z) * (1 - cand * cand)  # through tanh
         grad_gi[rows, :hidden] = d_cand * ghn * r * (1 - r)
-        grad_gi[rows, hidden:2 * hidden] = d * (h_prev - cand) * z * (1 - z)
-        grad_gi[rows, 2 * hidden:] = d_cand
-        grad_gh[rows, :2 * hidden] = grad_gi[rows, :2 * hidden]
-        grad_gh[rows, 2 * hidden:] = d_cand * r
-        if t:                                                      # h_(-1) = 0 is a constant
-            dh[:n] = torch.addmm(d * z, grad_gh[rows], w)          # (n, H)
+        grad_gi[rows, hidden : 2 * hidden] = d * (h_prev - cand) * z * (1 - z)
+        grad_gi[rows, 2 * hidden :] = d_cand
+        grad_gh[rows, : 2 * hidden] = grad_gi[rows, : 2 * hidden]
+        grad_gh[rows, 2 * hidden :] = d_cand * r
+        if t:  # h_(-1) = 0 is a constant
+            dh[:n] = torch.addmm(d * z, grad_gh[rows], w)  # (n, H)
     return grad_gi, grad_gh
 
 
@@ -296,9 +319,18 @@ def _backward_native(lib, grad_out, w, out, saved, layout):
         start, n = layout.offsets[t], layout.batch_sizes[t]
         rows = start * hidden * size
         prev_p = out_p + layout.offsets[t - 1] * hidden * size if t else zeros.data_ptr()
-        lib.aoq_gru_cell_backward(dh.data_ptr(), go_p + rows, *[p + rows for p in saved_p], prev_p,
-                                  gi_p + 3 * rows, gh_p + 3 * rows, dz.data_ptr(), n, hidden)
-        if t:                                                      # h_(-1) = 0 is a constant
-            torch.addmm(dz[:n], grad_gh[start:start + n], w, out=dh_next[:n])
+        lib.aoq_gru_cell_backward(
+            dh.data_ptr(),
+            go_p + rows,
+            *[p + rows for p in saved_p],
+            prev_p,
+            gi_p + 3 * rows,
+            gh_p + 3 * rows,
+            dz.data_ptr(),
+            n,
+            hidden,
+        )
+        if t:  # h_(-1) = 0 is a constant
+            torch.addmm(dz[:n], grad_gh[start : start + n], w, out=dh_next[:n])
             dh, dh_next = dh_next, dh
     return grad_gi, grad_gh

@@ -4,6 +4,7 @@ Why: the encoders normalise every region and word, and autograd's backward of th
 of ops takes about 10 passes over x; this one takes 4. Same values and gradients as the plain
 formula (models/attention.py `l2norm`) up to float rounding.
 """
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -44,7 +45,8 @@ class _L2Norm(torch.autograd.Function):
     @once_differentiable  # the backward treats the saved norm as a constant: no second derivative
     def backward(ctx, grad):
         y, norm, d = ctx.saved_tensors
-        ratio = torch.where(norm > 0, d / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                            torch.zeros_like(norm))
+        ratio = torch.where(
+            norm > 0, d / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm)
+        )
         along = (grad * y).sum(dim=ctx.dim, keepdim=True) * ratio
         return torch.addcmul(grad, y, along, value=-1.0).div_(d), None, None

@@ -13,6 +13,7 @@ where its input is not finite, where plain autograd would turn 0 x inf into NaN 
 that reaches the loss still propagates: its rows then have a NaN gradient, which counts as
 nonzero.) Used on the CPU outside autocast (`applies`); elsewhere the callers use F.linear.
 """
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -26,14 +27,20 @@ def applies(x):
     """Whether `linear` is used for input x: accelerated paths on, CPU, float32 or float64, no
     autocast (the GRU's backward skips the same rows in every dtype, so float32 and float64 runs
     agree)."""
-    return (accel.enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu"))
+    return (
+        accel.enabled()
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias) for x (..., in); backward over the rows with a gradient only."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
+    if not (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ):
         return F.linear(x, weight, bias)
     return _RowSkippingLinear.apply(x, weight, bias)
 
@@ -55,7 +62,6 @@ def nonzero_rows(grad):
 
 
 class _RowSkippingLinear(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
@@ -77,8 +83,11 @@ class _RowSkippingLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if need_x:
             part = g @ weight
-            grad_x = part if active is None else \
-                torch.zeros_like(rows, dtype=part.dtype).index_copy_(0, active, part)
+            grad_x = (
+                part
+                if active is None
+                else torch.zeros_like(rows, dtype=part.dtype).index_copy_(0, active, part)
+            )
             grad_x = grad_x.view(x.shape)
         if need_w:
             grad_w = g.t() @ (rows if active is None else rows.index_select(0, active))

@@ -27,6 +27,7 @@ region_norms, img_gram, cap_gram) -> (scores (P,), fallbacks or None)`, called w
 S (P, L, k) of P pairs, their word mask (P, L), word norms (P, L), region norms (P, k) and the
 image (P, k, k) and caption (P, L, L) Gram matrices.
 """
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -36,6 +37,7 @@ import accel
 def applies(img, words):
     """Whether the hand-differentiated scores are used: accelerated paths on, a gradient to compute."""
     return accel.enabled() and torch.is_grad_enabled() and (img.requires_grad or words.requires_grad)
+
 
 PAIRS_PER_PASS = 4096  # pairs re-scored at a time in the backward (bounds its memory)
 
@@ -67,12 +69,15 @@ def paired_scores(img, words, mask, score_pairs):
 
 def _contexts(img, words):
     """Everything a block needs besides S, for all images and captions: norms and Grams."""
-    return dict(word_norms=torch.linalg.vector_norm(words, dim=-1), region_norms=torch.linalg.vector_norm(img, dim=-1),
-                img_gram=img @ img.transpose(1, 2), cap_gram=words @ words.transpose(1, 2))
+    return dict(
+        word_norms=torch.linalg.vector_norm(words, dim=-1),
+        region_norms=torch.linalg.vector_norm(img, dim=-1),
+        img_gram=img @ img.transpose(1, 2),
+        cap_gram=words @ words.transpose(1, 2),
+    )
 
 
 class _SparseBackwardScores(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, img, words, mask, chunks, score_chunks, score_pairs):
         fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
@@ -81,7 +86,7 @@ class _SparseBackwardScores(torch.autograd.Function):
             parts.append(part)
             if fell_back is not None:
                 fallbacks = fallbacks + fell_back
-            kept.append(s)                                   # S of the chunk, (B_i, c, L_chunk, k)
+            kept.append(s)  # S of the chunk, (B_i, c, L_chunk, k)
         scores = torch.cat(parts, dim=1)[:, torch.argsort(torch.cat(chunks)).to(img.device)]
         ctx.save_for_backward(img, words, *kept)
         ctx.mask, ctx.chunks, ctx.score_pairs = mask, chunks, score_pairs
@@ -101,14 +106,27 @@ class _SparseBackwardScores(torch.autograd.Function):
         grad_w, grad_r = torch.zeros_like(words), torch.zeros_like(img)
         grads = {}  # gradients of the contexts some pair uses (filled in by _pair_gradients)
         chunk_of, position = _caption_positions(ctx.chunks, words.shape[0])
-        pairs = grad_scores.nonzero().cpu()                 # (P, 2): image, caption
+        pairs = grad_scores.nonzero().cpu()  # (P, 2): image, caption
         for index, s in enumerate(kept):
             selected = pairs[chunk_of[pairs[:, 1]] == index]
             for start in range(0, len(selected), PAIRS_PER_PASS):
-                i, j = selected[start:start + PAIRS_PER_PASS].to(device).unbind(1)
+                i, j = selected[start : start + PAIRS_PER_PASS].to(device).unbind(1)
                 with torch.autocast(kind, dtype=dtype, enabled=enabled):
-                    _pair_gradients(ctx.score_pairs, s, position.to(device)[j], i, j, grad_scores[i, j], c,
-                                    ctx.mask, img, words, grad_w, grad_r, grads)
+                    _pair_gradients(
+                        ctx.score_pairs,
+                        s,
+                        position.to(device)[j],
+                        i,
+                        j,
+                        grad_scores[i, j],
+                        c,
+                        ctx.mask,
+                        img,
+                        words,
+                        grad_w,
+                        grad_r,
+                        grads,
+                    )
         grad_r, grad_w = _through_contexts(img, words, c, grads, grad_w, grad_r)
         return grad_r, grad_w, None, None, None, None
 
@@ -117,11 +135,10 @@ CONTEXTS = ("word_norms", "region_norms", "img_gram", "cap_gram")
 
 
 class _PairedScores(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, img, words, mask, score_pairs):
         c = _contexts(img, words)
-        s = words @ img.transpose(1, 2)                      # (B, L, k)
+        s = words @ img.transpose(1, 2)  # (B, L, k)
         scores, fallbacks = score_pairs(s=s, word_mask=mask, **c)
         if fallbacks is None:
             fallbacks = torch.zeros((), dtype=torch.long, device=img.device)
@@ -139,13 +156,20 @@ class _PairedScores(torch.autograd.Function):
         kind, dtype, enabled = ctx.autocast
         c = dict(zip(CONTEXTS, kept))
         with torch.autocast(kind, dtype=dtype, enabled=enabled), torch.enable_grad():
-            leaves = {"s": s.detach().requires_grad_(), **{n: t.detach().requires_grad_() for n, t in c.items()}}
+            leaves = {
+                "s": s.detach().requires_grad_(),
+                **{n: t.detach().requires_grad_() for n, t in c.items()},
+            }
             names = list(leaves)
             scores = ctx.score_pairs(word_mask=ctx.mask, **leaves)[0]
-            found = dict(zip(names, torch.autograd.grad(scores, [leaves[n] for n in names], grad_scores,
-                                                        allow_unused=True)))
+            found = dict(
+                zip(
+                    names,
+                    torch.autograd.grad(scores, [leaves[n] for n in names], grad_scores, allow_unused=True),
+                )
+            )
         ds = found.pop("s")
-        with torch.autocast(kind, enabled=False):              # the features' own precision
+        with torch.autocast(kind, enabled=False):  # the features' own precision
             if ds is None:
                 grad_w, grad_r = torch.zeros_like(words), torch.zeros_like(img)
             else:  # S_b = W_b R_b^T: dW_b = dS_b R_b, dR_b = dS_b^T W_b
@@ -179,18 +203,24 @@ def _pair_gradients(score_pairs, s, positions, i, j, grad, c, mask, img, words, 
     """Re-score pairs (i, j) from the kept chunk `s` with autograd and add their gradients."""
     longest = s.shape[2]
     rows = dict(word_norms=j, cap_gram=j, region_norms=i, img_gram=i)
-    cut = dict(word_norms=lambda t: t[:, :longest], cap_gram=lambda t: t[:, :longest, :longest],
-               region_norms=lambda t: t, img_gram=lambda t: t)
+    cut = dict(
+        word_norms=lambda t: t[:, :longest],
+        cap_gram=lambda t: t[:, :longest, :longest],
+        region_norms=lambda t: t,
+        img_gram=lambda t: t,
+    )
     leaves = {"s": s[i, positions], **{name: cut[name](c[name])[rows[name]] for name in rows}}
     with torch.enable_grad():
         leaves = {name: t.detach().requires_grad_() for name, t in leaves.items()}
         names = list(leaves)
         scores = score_pairs(word_mask=mask[j, :longest], **leaves)[0]
-        found = dict(zip(names, torch.autograd.grad(scores, [leaves[n] for n in names], grad, allow_unused=True)))
+        found = dict(
+            zip(names, torch.autograd.grad(scores, [leaves[n] for n in names], grad, allow_unused=True))
+        )
     ds = found.pop("s")
     if ds is not None:  # S_ij = W_j R_i^T: dW_j += dS_ij R_i, dR_i += dS_ij^T W_j
         with torch.autocast(img.device.type, enabled=False):  # the features' own precision
-            dtype = torch.promote_types(img.dtype, words.dtype)   # (they differ under autocast)
+            dtype = torch.promote_types(img.dtype, words.dtype)  # (they differ under autocast)
             ds, r, w = ds.to(dtype), img[i].to(dtype), words[j, :longest].to(dtype)
             _index_add(grad_w[:, :longest], j, (ds @ r).to(words.dtype))
             _index_add(grad_r, i, (ds.transpose(1, 2) @ w).to(img.dtype))

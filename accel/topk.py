@@ -10,6 +10,7 @@ folder keyed by source, flags and CPU, atomic writes). `load_kernel()` returns N
 compiler is available or the accelerated paths are switched off; callers then use torch.
 ctypes releases the GIL during each call, so Python threads run disjoint queue ranges in parallel.
 """
+
 import ctypes
 from pathlib import Path
 
@@ -37,9 +38,29 @@ def _bind(lib):
     # small tile's scan; scan_tile checks the tile itself and Queues owns its arrays.
     _ptr = ctypes.c_void_p
     lib.aoq_scan_tile.argtypes = [
-        _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-        _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
-        _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
     ]
     lib.aoq_finalize.restype = ctypes.c_int
     lib.aoq_finalize.argtypes = [_f32p, _i32p, _i32p, _i64, _i64, _i64, _i64, _i32p, ctypes.c_void_p]
@@ -98,18 +119,42 @@ def scan_tile(lib, tile, row0, col0, caps_per_image, rows, rows_range, cols, col
     n_rows, n_cols = tile.shape
     r_args = rows.args() if rows is not None else _NO_QUEUES
     c_args = cols.args() if cols is not None else _NO_QUEUES
-    lib.aoq_scan_tile(tile.ctypes.data, n_rows, n_cols, row0, col0, col0 - cols_first, caps_per_image,
-                      *r_args, *rows_range, *c_args, *cols_range)
+    lib.aoq_scan_tile(
+        tile.ctypes.data,
+        n_rows,
+        n_cols,
+        row0,
+        col0,
+        col0 - cols_first,
+        caps_per_image,
+        *r_args,
+        *rows_range,
+        *c_args,
+        *cols_range,
+    )
 
 
 def finalize(lib, queues, q_lo, q_hi, out, out_scores=None):
     """Sorted top-k ids of queues [q_lo, q_hi) into out (C-contiguous int32, (q_hi - q_lo, k)),
     and their scores into out_scores (float32, same shape) if given."""
     if out_scores is not None:
-        if out_scores.dtype != np.float32 or not out_scores.flags.c_contiguous or out_scores.shape != out.shape:
+        if (
+            out_scores.dtype != np.float32
+            or not out_scores.flags.c_contiguous
+            or out_scores.shape != out.shape
+        ):
             raise ValueError("out_scores must be C-contiguous float32 of out's shape")
-    status = lib.aoq_finalize(queues.values, queues.ids, queues.fill, queues.cap, queues.k,
-                              q_lo, q_hi, out, None if out_scores is None else out_scores.ctypes.data)
+    status = lib.aoq_finalize(
+        queues.values,
+        queues.ids,
+        queues.fill,
+        queues.cap,
+        queues.k,
+        q_lo,
+        q_hi,
+        out,
+        None if out_scores is None else out_scores.ctypes.data,
+    )
     if status != 0:
         raise RuntimeError("a top-k queue holds fewer entries than k (internal error)")
 
@@ -123,8 +168,7 @@ def count_ranks(lib, tile, row_thr, row_from, col_thr, col_below, row_counts, co
     (C,); col_below int64 (R,); row_counts int64 (R,), col_counts int32 (C,), updated in place.
     """
     n_rows, n_cols = tile.shape
-    lib.aoq_count_ranks(tile, n_rows, n_cols, row_thr, row_from, col_thr, col_below, row_counts,
-                        col_counts)
+    lib.aoq_count_ranks(tile, n_rows, n_cols, row_thr, row_from, col_thr, col_below, row_counts, col_counts)
 
 
 def merge_sorted(lib, scores, ids, r_lo, r_hi, out):

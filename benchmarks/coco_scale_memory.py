@@ -11,6 +11,7 @@ Prints, per phase, wall time and peak RSS against the feature file's size.
 
     python benchmarks/coco_scale_memory.py --workdir /var/tmp/coco_scale [--embed-size 128] [--aoq]
 """
+
 import argparse
 import json
 import resource
@@ -37,8 +38,11 @@ def make_split(workdir, n_img, dim, vocab=10_000):
     rng = np.random.default_rng(0)
     lengths = rng.integers(8, 16, size=5 * n_img)
     offsets = np.concatenate(([0], np.cumsum(lengths)))
-    np.savez(prepared / "train_ids.npz", ids=rng.integers(4, vocab, size=int(offsets[-1])).astype(np.int32),
-             offsets=offsets)
+    np.savez(
+        prepared / "train_ids.npz",
+        ids=rng.integers(4, vocab, size=int(offsets[-1])).astype(np.int32),
+        offsets=offsets,
+    )
     info = {"split": "train", "n_images": n_img, "n_captions": 5 * n_img, "rows_per_image": 1, "img_dim": dim}
     (prepared / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "splits": {"train": info}}))
     return data, prepared, ims.stat().st_size
@@ -46,8 +50,10 @@ def make_split(workdir, n_img, dim, vocab=10_000):
 
 def phase_load(data, prepared, aoq):
     import torch
+
     from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
     from pipeline_steps.data.splits import open_split
+
     features, captions, info = open_split(data, prepared, "train")
     candidates = None
     if aoq:
@@ -57,37 +63,83 @@ def phase_load(data, prepared, aoq):
         np.save(workdir / "t2i.npy", rng.integers(0, info.n_images, (info.n_captions, 60), dtype=np.int32))
         candidates = OfflineCandidates(workdir / "i2t.npy", workdir / "t2i.npy", info.n_images, 300)
     batches = epoch_batches(info.n_captions, 128, seed=0, epoch=0)
-    loader = torch.utils.data.DataLoader(TrainBatches(features, captions, batches, 0, 0, candidates),
-                                         batch_size=None, num_workers=0)
+    loader = torch.utils.data.DataLoader(
+        TrainBatches(features, captions, batches, 0, 0, candidates), batch_size=None, num_workers=0
+    )
     for _ in loader:
         pass
 
 
 def phase_extract(data, prepared, workdir, embed_size):
     import torch
+
     from models import create_model
     from pipeline_steps import extract_embeddings
     from pipeline_steps.training.checkpoint import save_checkpoint
+
     torch.manual_seed(0)
     model = create_model("vsepp", vocab_size=10_000, img_dim=DIM, embed_size=embed_size, word_dim=64)
     save_checkpoint(workdir / "model.pt", model, seed=0)
-    extract_embeddings.main(["--checkpoint", str(workdir / "model.pt"), "--data", str(data), "--prepared",
-                             str(prepared), "--out", str(workdir / "train.h5"), "--device", "cpu",
-                             "--batch-size", "512"])
+    extract_embeddings.main(
+        [
+            "--checkpoint",
+            str(workdir / "model.pt"),
+            "--data",
+            str(data),
+            "--prepared",
+            str(prepared),
+            "--out",
+            str(workdir / "train.h5"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "512",
+        ]
+    )
 
 
 def phase_mine(workdir):
     from pipeline_steps import mine_candidates
-    mine_candidates.main(["--embeddings", str(workdir / "train.h5"), "--out-i2t", str(workdir / "i2t_coco.npy"),
-                          "--out-t2i", str(workdir / "t2i_coco.npy"), "--k-i2t", "2000", "--k-t2i", "400",
-                          "--device", "cpu", "--block-mb", "512"])
+
+    mine_candidates.main(
+        [
+            "--embeddings",
+            str(workdir / "train.h5"),
+            "--out-i2t",
+            str(workdir / "i2t_coco.npy"),
+            "--out-t2i",
+            str(workdir / "t2i_coco.npy"),
+            "--k-i2t",
+            "2000",
+            "--k-t2i",
+            "400",
+            "--device",
+            "cpu",
+            "--block-mb",
+            "512",
+        ]
+    )
 
 
 def run_phase(args, name):
     start = time.time()
-    result = subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--phase", name,
-                             "--embed-size", str(args.embed_size), "--n-images", str(args.n_images)]
-                            + (["--aoq"] if args.aoq else []), capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--workdir",
+            str(args.workdir),
+            "--phase",
+            name,
+            "--embed-size",
+            str(args.embed_size),
+            "--n-images",
+            str(args.n_images),
+        ]
+        + (["--aoq"] if args.aoq else []),
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"phase {name} failed:\n{result.stderr[-3000:]}")
     peak_kib = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_kib"]
@@ -104,9 +156,11 @@ def main():
     args = p.parse_args()
     data, prepared = args.workdir / "coco_precomp", args.workdir / "prepared"
     if args.phase:
-        {"load": lambda: phase_load(data, prepared, args.aoq),
-         "extract": lambda: phase_extract(data, prepared, args.workdir, args.embed_size),
-         "mine": lambda: phase_mine(args.workdir)}[args.phase]()
+        {
+            "load": lambda: phase_load(data, prepared, args.aoq),
+            "extract": lambda: phase_extract(data, prepared, args.workdir, args.embed_size),
+            "mine": lambda: phase_mine(args.workdir),
+        }[args.phase]()
         print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
         return
     _, _, size = make_split(args.workdir, args.n_images, DIM)

@@ -15,6 +15,7 @@ that file only), as when the split does not fit in memory (COCO's 33 GB).
     python benchmarks/data_loader.py --model scan                       # 5.9 GB file, 2 threads
     OMP_NUM_THREADS=1 python benchmarks/data_loader.py --quick --threads 1
 """
+
 import argparse
 import json
 import multiprocessing
@@ -45,7 +46,9 @@ def make_split(workdir, n_images, img_dim, vocab, seed=0):
     prepared.mkdir(parents=True, exist_ok=True)
     ims = data / "train_ims.npy"
     if not ims.exists() or np.load(ims, mmap_mode="r").shape != (n_images, REGIONS, img_dim):
-        feats = np.lib.format.open_memmap(ims, mode="w+", dtype=np.float32, shape=(n_images, REGIONS, img_dim))
+        feats = np.lib.format.open_memmap(
+            ims, mode="w+", dtype=np.float32, shape=(n_images, REGIONS, img_dim)
+        )
         for start in range(0, n_images, 1000):
             stop = min(n_images, start + 1000)
             feats[start:stop] = rng.standard_normal((stop - start, REGIONS, img_dim), dtype=np.float32)
@@ -54,8 +57,11 @@ def make_split(workdir, n_images, img_dim, vocab, seed=0):
     n_caps = 5 * n_images
     lengths = np.clip(np.rint(rng.normal(10.5, 2.4, n_caps)), 1, None).astype(np.int64)
     offsets = np.concatenate(([0], np.cumsum(lengths)))
-    np.savez(prepared / "train_ids.npz", ids=rng.integers(4, vocab, int(offsets[-1])).astype(np.int32),
-             offsets=offsets)
+    np.savez(
+        prepared / "train_ids.npz",
+        ids=rng.integers(4, vocab, int(offsets[-1])).astype(np.int32),
+        offsets=offsets,
+    )
     np.save(workdir / "i2t.npy", rng.integers(0, n_caps, (n_images, K_I2T)).astype(np.int32))
     np.save(workdir / "t2i.npy", rng.integers(0, n_images, (n_caps, K_T2I)).astype(np.int32))
 
@@ -63,6 +69,7 @@ def make_split(workdir, n_images, img_dim, vocab, seed=0):
 def split_of(workdir, n_images, img_dim):
     """(features folder, prepared folder, SplitInfo) of the split make_split wrote."""
     from pipeline_steps.data.precomp import SplitInfo
+
     return workdir / "data", workdir / "prepared", SplitInfo("train", n_images, 5 * n_images, 1, img_dim)
 
 
@@ -79,16 +86,28 @@ def loader_for(args, workdir, split, caption_targets, epoch):
     from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
     from pipeline_steps.data.precomp import ImageFeatures
     from pipeline_steps.data.text import CaptionIds
+
     data, prepared, info = split
     features = ImageFeatures(data, info)
     candidates = OfflineCandidates(workdir / "i2t.npy", workdir / "t2i.npy", info.n_images, K_I2T)
     batches = epoch_batches(info.n_captions, args.batch, args.seed, epoch)
-    dataset = TrainBatches(features, CaptionIds(prepared / "train_ids.npz"), batches, args.seed, epoch,
-                           candidates, caption_targets=caption_targets)
+    dataset = TrainBatches(
+        features,
+        CaptionIds(prepared / "train_ids.npz"),
+        batches,
+        args.seed,
+        epoch,
+        candidates,
+        caption_targets=caption_targets,
+    )
     if args.cold:
         evict(features.path)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers_now,
-                                       generator=torch.Generator().manual_seed(args.seed))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=args.workers_now,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
 
 def loader_alone(args, workdir, split, caption_targets, epoch):
@@ -121,8 +140,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, help="where the split is made (default: a temporary folder)")
     p.add_argument("--n-images", type=int, help="default 20,000 (quick: 600)")
-    p.add_argument("--model", default="scan", choices=["vsrn", "scan", "bfan", "none"],
-                   help="whose training step the loader is measured against (none: loader only)")
+    p.add_argument(
+        "--model",
+        default="scan",
+        choices=["vsrn", "scan", "bfan", "none"],
+        help="whose training step the loader is measured against (none: loader only)",
+    )
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts to compare")
     p.add_argument("--batch", type=int, help="default 128 (quick: 16)")
     p.add_argument("--batches", type=int, default=5, help="measured batches per setting")
@@ -148,20 +171,24 @@ def run(args, workdir, sizes, n_images):
     t0 = time.perf_counter()
     # written in a child process, so the peak RSS below is the data path's and the step's only
     writer = multiprocessing.get_context("fork").Process(
-        target=make_split, args=(workdir, n_images, sizes["img_dim"], sizes["vocab"], args.seed))
+        target=make_split, args=(workdir, n_images, sizes["img_dim"], sizes["vocab"], args.seed)
+    )
     writer.start()
     writer.join()
     if writer.exitcode != 0:
         raise SystemExit("making the split failed")
     split = split_of(workdir, n_images, sizes["img_dim"])
-    gib = split[2].n_images * REGIONS * sizes["img_dim"] * 4 / 2 ** 30
-    print(f"{'QUICK ' if args.quick else ''}split: {n_images} images x {REGIONS} x {sizes['img_dim']} "
-          f"float32 ({gib:.2f} GiB, made in {time.perf_counter() - t0:.0f} s), B={args.batch} "
-          f"+ offline negatives, {args.threads} threads{', cold page cache' if args.cold else ''}",
-          flush=True)
+    gib = split[2].n_images * REGIONS * sizes["img_dim"] * 4 / 2**30
+    print(
+        f"{'QUICK ' if args.quick else ''}split: {n_images} images x {REGIONS} x {sizes['img_dim']} "
+        f"float32 ({gib:.2f} GiB, made in {time.perf_counter() - t0:.0f} s), B={args.batch} "
+        f"+ offline negatives, {args.threads} threads{', cold page cache' if args.cold else ''}",
+        flush=True,
+    )
     trainer = None
     if args.model != "none":
         from models import create_model
+
         torch.manual_seed(args.seed)
         trainer = Ours(create_model(args.model, **model_config(args.model, sizes)), 2e-4)
     targets = trainer.model.caption_targets_of if trainer and trainer.model.needs_caption_targets else None
@@ -174,13 +201,16 @@ def run(args, workdir, sizes, n_images):
         if trainer is not None:
             step, wait, share = loader_with_step(args, workdir, split, trainer, 2 * epoch + 1)
             line.update(step_s=step, wait_s=wait, loader_share=share)
-            text += (f"  |  {args.model} training step {step:.2f} s, waiting for the batch "
-                     f"{wait:.3f} s, loader share of the loop {100 * share:.1f}%")
+            text += (
+                f"  |  {args.model} training step {step:.2f} s, waiting for the batch "
+                f"{wait:.3f} s, loader share of the loop {100 * share:.1f}%"
+            )
         print(text, flush=True)
         results.append(line)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS (main process) {peak:.2f} GiB")
     print(json.dumps(results))
+
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ The ranks of ours and the reference are checked to be equal before any timing is
     python benchmarks/evaluation.py            # about 2 minutes on 2 cores
     python benchmarks/evaluation.py --quick    # 1,000 images
 """
+
 import argparse
 import os
 import resource
@@ -30,7 +31,6 @@ from benchmarks.synthetic import CAPS, paired_embeddings  # noqa: E402
 from pipeline_steps.retrieval import metrics, scorers  # noqa: E402
 
 
-
 def embeddings(n_img, d, seed=0):
     return paired_embeddings(n_img, d, image_weight=0.3, seed=seed)
 
@@ -43,11 +43,11 @@ def reference(img, cap):
     n_img = img.shape[0]
     i2t = np.empty(n_img, dtype=np.int64)
     for q in range(n_img):
-        order = np.argsort(np.dot(img[q:q + 1], cap.T).flatten())[::-1]
+        order = np.argsort(np.dot(img[q : q + 1], cap.T).flatten())[::-1]
         i2t[q] = min(np.where(order == j)[0][0] for j in range(CAPS * q, CAPS * q + CAPS))
     t2i = np.empty(CAPS * n_img, dtype=np.int64)
     for q in range(n_img):
-        scores = np.dot(cap[CAPS * q:CAPS * q + CAPS], img.T)  # (5, N)
+        scores = np.dot(cap[CAPS * q : CAPS * q + CAPS], img.T)  # (5, N)
         for i in range(CAPS):
             order = np.argsort(scores[i])[::-1]
             t2i[CAPS * q + i] = np.where(order == q)[0][0]
@@ -78,8 +78,11 @@ def main(argv=None):
         args.n_img, args.runs = 1000, 1
     torch.set_num_threads(args.threads)
     img, cap = embeddings(args.n_img, args.dim)
-    print(f"evaluation ranks, {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
-          f"{args.threads} threads, {args.runs} runs, torch {torch.__version__}", flush=True)
+    print(
+        f"evaluation ranks, {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
+        f"{args.threads} threads, {args.runs} runs, torch {torch.__version__}",
+        flush=True,
+    )
     got, want = ours(img, cap), reference(img, cap)
     # Ties decide nothing here: float scores of random embeddings do not tie with positives.
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), "ranks differ"

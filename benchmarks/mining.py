@@ -19,6 +19,7 @@ queries (equal, except where the k-th and (k+1)-th scores are within 1e-5: fp32 
     python benchmarks/mining.py --quick        # 2,000 images, seconds
 Needs faiss-cpu (envs/benchmarks.txt).
 """
+
 import argparse
 import os
 import statistics
@@ -34,7 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.synthetic import CAPS, paired_embeddings  # noqa: E402
 from pipeline_steps.retrieval import mining  # noqa: E402
-
 
 
 def embeddings(n_img, d, seed=0):
@@ -59,6 +59,7 @@ def drop_positives(found, own_of, k):
 
 def run_faiss(img, cap, k_i2t, k_t2i, threads):
     import faiss
+
     faiss.omp_set_num_threads(threads)
     start = time.perf_counter()
     index = faiss.IndexFlatIP(cap.shape[1])
@@ -68,8 +69,13 @@ def run_faiss(img, cap, k_i2t, k_t2i, threads):
     index.add(img)
     _, t2i = index.search(cap, k_t2i + 1)
     seconds = time.perf_counter() - start
-    return Timed(seconds, (drop_positives(i2t, lambda q: np.arange(CAPS * q, CAPS * q + CAPS), k_i2t),
-                           drop_positives(t2i, lambda c: np.array([c // CAPS]), k_t2i)))
+    return Timed(
+        seconds,
+        (
+            drop_positives(i2t, lambda q: np.arange(CAPS * q, CAPS * q + CAPS), k_i2t),
+            drop_positives(t2i, lambda c: np.array([c // CAPS]), k_t2i),
+        ),
+    )
 
 
 def run_gemm(img, cap, k_i2t, k_t2i, threads):
@@ -77,10 +83,10 @@ def run_gemm(img, cap, k_i2t, k_t2i, threads):
     tile = torch.empty((mining.NATIVE_BLOCK_ROWS, mining.NATIVE_TILE_COLS))
     checksum = 0.0
     for a in range(0, img.shape[0], mining.NATIVE_BLOCK_ROWS):
-        q = q_all[a:a + mining.NATIVE_BLOCK_ROWS]
+        q = q_all[a : a + mining.NATIVE_BLOCK_ROWS]
         for c0 in range(0, cap.shape[0], mining.NATIVE_TILE_COLS):
-            c = c_all[c0:c0 + mining.NATIVE_TILE_COLS]
-            out = tile[:q.shape[0], :c.shape[0]]
+            c = c_all[c0 : c0 + mining.NATIVE_TILE_COLS]
+            out = tile[: q.shape[0], : c.shape[0]]
             if not out.is_contiguous():
                 out = torch.empty((q.shape[0], c.shape[0]))
             torch.matmul(q, c.T, out=out)
@@ -101,7 +107,7 @@ METHODS = {"ours": run_ours, "faiss": run_faiss, "gemm": run_gemm}
 def _openblas_coretype():
     """The newest OpenBLAS core type this CPU runs (faiss-cpu's bundled OpenBLAS cannot tell)."""
     try:
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return None
     return "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
@@ -112,8 +118,20 @@ def in_child(method, workdir, args, keep_result):
     env = dict(os.environ)
     if method == "faiss" and "OPENBLAS_CORETYPE" not in env and _openblas_coretype():
         env["OPENBLAS_CORETYPE"] = _openblas_coretype()
-    cmd = [sys.executable, __file__, "--child", method, "--workdir", str(workdir),
-           "--k-i2t", str(args.k_i2t), "--k-t2i", str(args.k_t2i), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--workdir",
+        str(workdir),
+        "--k-i2t",
+        str(args.k_i2t),
+        "--k-t2i",
+        str(args.k_t2i),
+        "--threads",
+        str(args.threads),
+    ]
     if keep_result:
         cmd.append("--keep-result")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
@@ -152,7 +170,7 @@ def sample_errors(img, cap, out_i, out_t, k_i2t, k_t2i, n_sample=64, tol=1e-5):
     bad = 0
     for q in rng.choice(img.shape[0], n_sample, replace=False):
         s = cap.astype(np.float64) @ img[q].astype(np.float64)
-        s[CAPS * q:CAPS * q + CAPS] = -np.inf
+        s[CAPS * q : CAPS * q + CAPS] = -np.inf
         bad += _differs(s, out_i[q], k_i2t, tol)
     for c in rng.choice(cap.shape[0], n_sample, replace=False):
         s = img.astype(np.float64) @ cap[c].astype(np.float64)
@@ -191,9 +209,12 @@ def main(argv=None):
         args.n_img, args.k_i2t, args.k_t2i, args.runs = 2000, 140, 28, 1
     methods = args.methods.split(",")
     img, cap = embeddings(args.n_img, args.dim)
-    print(f"mining {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
-          f"k_i2t={args.k_i2t}, k_t2i={args.k_t2i}, {args.threads} threads, {args.runs} runs, "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"mining {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
+        f"k_i2t={args.k_i2t}, k_t2i={args.k_t2i}, {args.threads} threads, {args.runs} runs, "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     times = {m: [] for m in methods}
     rss = {}
     with tempfile.TemporaryDirectory(prefix="mining-bench-") as tmp:
@@ -211,8 +232,10 @@ def main(argv=None):
                 print(f"  run {run + 1} {m:6s} {seconds:8.2f} s", flush=True)
     med = {m: statistics.median(t) for m, t in times.items()}
     for m in methods:
-        print(f"{m:6s} median {med[m]:8.2f} s  peak RSS {rss[m]:8.0f} MiB  runs "
-              + " ".join(f"{t:.2f}" for t in times[m]))
+        print(
+            f"{m:6s} median {med[m]:8.2f} s  peak RSS {rss[m]:8.0f} MiB  runs "
+            + " ".join(f"{t:.2f}" for t in times[m])
+        )
     if "ours" in med and "faiss" in med:
         print(f"ratio ours / faiss = {med['ours'] / med['faiss']:.2f}  (target <= 0.6)")
     if "ours" in med and "gemm" in med:

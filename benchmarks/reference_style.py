@@ -22,6 +22,7 @@ SCAN/BFAN+AOQ (AOQ's BFAN/modelAOQ.py, SCAN's model.py):
 - the four offline paired scores by a Python loop over the B pairs (xattn_scoreoffline);
 - Adam over the text encoder and the image fc, clip norm 2.0.
 """
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,13 +52,18 @@ def aoq_loss(scores, pos, off_t, off_i, quin_a, quin_b, m_on=0.2, m_off=0.0, alp
     hard = scores - 10 * eye
     on_t, on_i = hard.max(1)[0], hard.max(0)[0]
     diag = scores.diag().view(n, 1)
-    cost_s = (m_on + scores - diag.expand_as(scores)).clamp(min=0).masked_fill(eye > .5, 0).max(1)[0]
-    cost_im = (m_on + scores - diag.t().expand_as(scores)).clamp(min=0).masked_fill(eye > .5, 0).max(0)[0]
+    cost_s = (m_on + scores - diag.expand_as(scores)).clamp(min=0).masked_fill(eye > 0.5, 0).max(1)[0]
+    cost_im = (m_on + scores - diag.t().expand_as(scores)).clamp(min=0).masked_fill(eye > 0.5, 0).max(0)[0]
     cost_s = cost_s * (beta - (off_t - on_t) / alpha)
     cost_im = cost_im * (beta - (off_i - on_i) / alpha)
-    return (cost_s.sum() + cost_im.sum() + (m_off + off_t - pos).clamp(min=0).sum()
-            + (m_off + off_i - pos).clamp(min=0).sum() + (m_off + quin_a - pos).clamp(min=0).sum()
-            + (m_off + quin_b - pos).clamp(min=0).sum())
+    return (
+        cost_s.sum()
+        + cost_im.sum()
+        + (m_off + off_t - pos).clamp(min=0).sum()
+        + (m_off + off_i - pos).clamp(min=0).sum()
+        + (m_off + quin_a - pos).clamp(min=0).sum()
+        + (m_off + quin_b - pos).clamp(min=0).sum()
+    )
 
 
 # ---- VSRN ------------------------------------------------------------------------------------
@@ -72,10 +78,10 @@ class RsGCNConv(nn.Module):
         self.g, self.theta, self.phi = (nn.Conv1d(c, c, 1) for _ in range(3))
         self.W = nn.Sequential(nn.Conv1d(c, c, 1), nn.BatchNorm1d(c))
 
-    def forward(self, v):                                    # v (B, C, N)
-        g = self.g(v).permute(0, 2, 1)                      # (B, N, C)
-        theta = self.theta(v).permute(0, 2, 1)              # (B, N, C)
-        r = torch.matmul(theta, self.phi(v)) / v.shape[2]   # (B, N, N)
+    def forward(self, v):  # v (B, C, N)
+        g = self.g(v).permute(0, 2, 1)  # (B, N, C)
+        theta = self.theta(v).permute(0, 2, 1)  # (B, N, C)
+        r = torch.matmul(theta, self.phi(v)) / v.shape[2]  # (B, N, N)
         y = torch.matmul(r, g).permute(0, 2, 1).contiguous()
         return self.W(y) + v
 
@@ -153,12 +159,12 @@ class FullLengthDecoder(nn.Module):
     def forward(self, enc, hidden, labels):
         emb = self.embedding(labels)
         logps = []
-        for t in range(self.max_len - 1):                   # always every step
+        for t in range(self.max_len - 1):  # always every step
             context = self.attention(hidden.squeeze(0), enc)
             step_in = self.input_dropout(torch.cat([emb[:, t], context], dim=1)).unsqueeze(1)
             out, hidden = self.rnn(step_in, hidden)
             logps.append(F.log_softmax(self.out(out.squeeze(1)), dim=1).unsqueeze(1))
-        return torch.cat(logps, 1)                          # (B, max_len - 1, V)
+        return torch.cat(logps, 1)  # (B, max_len - 1, V)
 
 
 class CaptionModel(nn.Module):
@@ -170,8 +176,10 @@ class CaptionModel(nn.Module):
         enc, h = self.encoder(regions)
         logp = self.decoder(enc, h, labels)
         steps = logp.shape[1]
-        nll = F.nll_loss(logp.reshape(-1, logp.shape[2]), labels[:, 1:steps + 1].reshape(-1), reduction="none")
-        return (nll * masks[:, 1:steps + 1].reshape(-1)).sum() / logp.shape[0]
+        nll = F.nll_loss(
+            logp.reshape(-1, logp.shape[2]), labels[:, 1 : steps + 1].reshape(-1), reduction="none"
+        )
+        return (nll * masks[:, 1 : steps + 1].reshape(-1)).sum() / logp.shape[0]
 
 
 class _ReferenceStep:
@@ -197,10 +205,13 @@ class ReferenceVSRN(_ReferenceStep):
             module.load_state_dict(state)
         self.grad_clip = grad_clip
         # text encoder, image encoder, decoder, encoder, caption model: captioning params twice
-        self.params = (list(self.txt_enc.parameters()) + list(self.img_enc.parameters())
-                       + list(self.caption_model.decoder.parameters())
-                       + list(self.caption_model.encoder.parameters())
-                       + list(self.caption_model.parameters()))
+        self.params = (
+            list(self.txt_enc.parameters())
+            + list(self.img_enc.parameters())
+            + list(self.caption_model.decoder.parameters())
+            + list(self.caption_model.encoder.parameters())
+            + list(self.caption_model.parameters())
+        )
         # sequential Adam: a parameter listed twice gets two updates, as in PyTorch 0.4.1
         self.optimizer = torch.optim.Adam(self.params, lr=lr, foreach=False)
         for m in (self.img_enc, self.txt_enc, self.caption_model):
@@ -216,10 +227,10 @@ class ReferenceVSRN(_ReferenceStep):
         v3, u3, _ = self.forward_emb(batch["neg_images"], batch["neg_ids"], batch["neg_lengths"])
         v4, u4, _ = self.forward_emb(batch["pos2_images"], batch["pos2_ids"], batch["pos2_lengths"])
         caption = self.caption_model.loss(regions, batch["cap_labels"], batch["cap_masks"])
-        retrieval = aoq_loss(v @ u.t(), (v * u).sum(1), (v * u3).sum(1), (u * v3).sum(1),
-                             (v3 * u3).sum(1), (u4 * v4).sum(1))
+        retrieval = aoq_loss(
+            v @ u.t(), (v * u).sum(1), (v * u3).sum(1), (u * v3).sum(1), (v3 * u3).sum(1), (u4 * v4).sum(1)
+        )
         return retrieval + caption
-
 
 
 # ---- SCAN / BFAN -----------------------------------------------------------------------------
@@ -236,13 +247,13 @@ def attend(query, context, lambda_softmax, focal_type=None):
     """func_attention of SCAN (clipped_l2norm) / BFAN (plus focal re-assignment): attended
     context vectors (batch, queryL, d) for queries (batch, queryL, d), context (batch, sourceL, d)."""
     b, n_q, n_s = context.shape[0], query.shape[1], context.shape[1]
-    attn = torch.bmm(context, query.transpose(1, 2))          # (b, sourceL, queryL)
+    attn = torch.bmm(context, query.transpose(1, 2))  # (b, sourceL, queryL)
     attn = l2norm_eps(F.leaky_relu(attn, 0.1), 2)
     attn = attn.transpose(1, 2).contiguous().view(b * n_q, n_s)
     attn = F.softmax(attn * lambda_softmax, dim=1).view(b, n_q, n_s)
     if focal_type == "equal":
         keep = (attn * n_s - attn.sum(-1, keepdim=True)) > 0
-    elif focal_type == "prob":                                # the reference's s x s form
+    elif focal_type == "prob":  # the reference's s x s form
         xi = attn.reshape(b * n_q, n_s, 1)
         xj = attn.reshape(b * n_q, 1, n_s)
         f = (torch.bmm(xi, xj.sqrt()) - xj * xj.sqrt()).sum(-1).view(b, n_q, n_s)
@@ -271,13 +282,14 @@ def bfan_pair_scores(images, cap, lambda_softmax, focal_type):
 
 def all_pairs(score, images, words, lengths):
     """xattn_score: loop over captions, each against every image -> (n_image, n_caption)."""
-    return torch.cat([score(images, words[i:i + 1, :int(lengths[i])]) for i in range(words.shape[0])], 1)
+    return torch.cat([score(images, words[i : i + 1, : int(lengths[i])]) for i in range(words.shape[0])], 1)
 
 
 def paired(score, images, words, lengths):
     """xattn_scoreoffline: loop over pairs, image i against caption i -> (n,)."""
-    return torch.cat([score(images[i:i + 1], words[i:i + 1, :int(lengths[i])]) for i in range(words.shape[0])],
-                     1)[0]
+    return torch.cat(
+        [score(images[i : i + 1], words[i : i + 1, : int(lengths[i])]) for i in range(words.shape[0])], 1
+    )[0]
 
 
 class ReferenceCrossAttention(_ReferenceStep):
@@ -285,8 +297,11 @@ class ReferenceCrossAttention(_ReferenceStep):
 
     def __init__(self, ours, lr, grad_clip=2.0):
         cfg = ours.config
-        if ours.name == "scan" and (cfg.cross_attn, cfg.raw_feature_norm, cfg.agg_func) != \
-                ("t2i", "clipped_l2norm", "LogSumExp"):
+        if ours.name == "scan" and (cfg.cross_attn, cfg.raw_feature_norm, cfg.agg_func) != (
+            "t2i",
+            "clipped_l2norm",
+            "LogSumExp",
+        ):
             raise ValueError("the reference-style SCAN covers t2i / clipped_l2norm / LogSumExp only")
         if cfg.precomp_enc_type != "basic" or cfg.no_imgnorm or cfg.no_txtnorm:
             raise ValueError("the reference-style encoders cover the default SCAN/BFAN encoders only")
@@ -299,9 +314,9 @@ class ReferenceCrossAttention(_ReferenceStep):
         self.bi = ours.bi_gru
         self.rnn = nn.GRU(cfg.word_dim, cfg.embed_size, 1, batch_first=True, bidirectional=self.bi)
         image, text = ours.reference_state()
-        self.fc.load_state_dict({k[len("fc."):]: v for k, v in image.items()})
+        self.fc.load_state_dict({k[len("fc.") :]: v for k, v in image.items()})
         self.embed.weight.data.copy_(text["embed.weight"])
-        self.rnn.load_state_dict({k[len("rnn."):]: v for k, v in text.items() if k.startswith("rnn.")})
+        self.rnn.load_state_dict({k[len("rnn.") :]: v for k, v in text.items() if k.startswith("rnn.")})
         self.params = list(self.embed.parameters()) + list(self.rnn.parameters()) + list(self.fc.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
         self.grad_clip = grad_clip
@@ -319,9 +334,14 @@ class ReferenceCrossAttention(_ReferenceStep):
         im3, s3, l3 = self.forward_emb(batch["neg_images"], batch["neg_ids"], batch["neg_lengths"])
         im4, s4, l4 = self.forward_emb(batch["pos2_images"], batch["pos2_ids"], batch["pos2_lengths"])
         scores = all_pairs(self.score, im, s, s_l)
-        return aoq_loss(scores, scores.diag(), paired(self.score, im, s3, l3), paired(self.score, im3, s, s_l),
-                        paired(self.score, im3, s3, l3), paired(self.score, im4, s4, l4))
-
+        return aoq_loss(
+            scores,
+            scores.diag(),
+            paired(self.score, im, s3, l3),
+            paired(self.score, im3, s, s_l),
+            paired(self.score, im3, s3, l3),
+            paired(self.score, im4, s4, l4),
+        )
 
 
 def reference_step_for(ours, lr):

@@ -17,6 +17,7 @@ a smoke run.
     python benchmarks/train_step.py --models scan --products   # + time inside matrix products
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --quick --threads 1
 """
+
 import argparse
 import json
 import resource
@@ -34,16 +35,34 @@ sys.path.insert(0, str(REPO))
 
 MODELS = ("vsrn", "scan", "bfan")
 TARGETS = {"vsrn": ("<=", 0.8), "scan": ("<=", 0.25), "bfan": ("<=", 0.25)}  # ours / reference
-FULL = dict(batch=128, img_dim=2048, vocab=10_000, embed={"vsrn": 2048, "scan": 1024, "bfan": 1024},
-            word_dim=300, dim_hidden=512, dim_word=300)
-QUICK = dict(batch=16, img_dim=128, vocab=500, embed={"vsrn": 64, "scan": 64, "bfan": 64},
-             word_dim=32, dim_hidden=32, dim_word=32)
+FULL = dict(
+    batch=128,
+    img_dim=2048,
+    vocab=10_000,
+    embed={"vsrn": 2048, "scan": 1024, "bfan": 1024},
+    word_dim=300,
+    dim_hidden=512,
+    dim_word=300,
+)
+QUICK = dict(
+    batch=16,
+    img_dim=128,
+    vocab=500,
+    embed={"vsrn": 64, "scan": 64, "bfan": 64},
+    word_dim=32,
+    dim_hidden=32,
+    dim_word=32,
+)
 LR = 2e-4
 
 
 def model_config(name, sizes):
-    cfg = dict(vocab_size=sizes["vocab"], img_dim=sizes["img_dim"], embed_size=sizes["embed"][name],
-               word_dim=sizes["word_dim"])
+    cfg = dict(
+        vocab_size=sizes["vocab"],
+        img_dim=sizes["img_dim"],
+        embed_size=sizes["embed"][name],
+        word_dim=sizes["word_dim"],
+    )
     if name == "vsrn":
         cfg.update(dim_hidden=sizes["dim_hidden"], dim_word=sizes["dim_word"])
     return cfg
@@ -58,6 +77,7 @@ def caption_ids(rng, n, vocab, mean, std):
 def make_batch(model, sizes, rng, words_mean, words_std):
     """A training batch as TrainBatches builds it: anchors, (T3, I3), (T4, I4), caption targets."""
     from pipeline_steps.data.batches import pad_captions
+
     b = sizes["batch"]
     batch = {"index": torch.arange(b)}
     for prefix in ("", "neg_", "pos2_"):
@@ -79,6 +99,7 @@ class Ours:
     def __init__(self, model, lr, grad_clip=2.0):
         from models.losses import LossConfig
         from pipeline_steps.training.optim import Optimizers
+
         self.model, self.grad_clip = model, grad_clip
         self.loss_cfg = LossConfig(variant="adapoffquin")
         self.optimizer = Optimizers(model, lr)
@@ -86,6 +107,7 @@ class Ours:
 
     def step(self, batch):
         from pipeline_steps.train import training_loss
+
         loss, _ = training_loss(self.model, batch, self.loss_cfg, "cpu")
         self.optimizer.zero_grad()
         loss.backward()
@@ -95,7 +117,7 @@ class Ours:
 
 
 def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def timed(trainer, batch, seed):
@@ -116,6 +138,7 @@ def product_seconds(trainer, batch, seed):
     linear maps and GRU steps, the word-region products). The profiler adds a little overhead
     to the wall time, none to the products."""
     from torch.profiler import ProfilerActivity, profile
+
     torch.manual_seed(seed)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -136,6 +159,7 @@ def run_model(name, args):
     """Ours and the reference-style step of one model in this process; returns a result dict."""
     from benchmarks.reference_style import reference_step_for
     from models import create_model
+
     sizes = sizes_of(args)
     torch.manual_seed(args.seed)
     model = create_model(name, **model_config(name, sizes))
@@ -152,8 +176,12 @@ def run_model(name, args):
     result["rss_ours_gib"] = peak_rss_gib()
     _, _, loss_ref, norm_ref = timed(reference, batch, args.seed)
     result["rss_ref_gib"] = peak_rss_gib()
-    result.update(loss_ours=loss_ours, loss_ref=loss_ref, loss_diff=abs(loss_ours - loss_ref),
-                  grad_norm_rel_diff=abs(norm_ours - norm_ref) / max(norm_ref, 1e-12))
+    result.update(
+        loss_ours=loss_ours,
+        loss_ref=loss_ref,
+        loss_diff=abs(loss_ours - loss_ref),
+        grad_norm_rel_diff=abs(norm_ours - norm_ref) / max(norm_ref, 1e-12),
+    )
     runs = {"ours": [], "ref": []}
     for run in range(args.runs):  # alternate, so a slow spell of the machine hits both
         batch = new_batch()
@@ -172,9 +200,9 @@ def run_model(name, args):
 
 def rows_with_gradient(trainer, batch):
     """Share of the captions of each pass (anchor, T3, T4) whose representation gets a nonzero
-    gradient in one more step of `trainer` on a fresh batch (not timed). Our backward skips the others (models/
-    row_skipping.py, the GRU's sub-layout), so the step's cost depends on it; the reference's
-    does not."""
+    gradient in one more step of `trainer` on a fresh batch (not timed). Our backward skips the
+    others (accel/linear.py, the GRU's sub-layout), so the step's cost depends on it; the
+    reference's does not."""
     model, shares = trainer.model, []
     encode = model.encode_captions
 
@@ -184,7 +212,9 @@ def rows_with_gradient(trainer, batch):
         if rep.requires_grad:
             slot = len(shares)
             shares.append(None)
-            rep.register_hook(lambda g: shares.__setitem__(slot, float(g.flatten(1).ne(0).any(1).float().mean())))
+            rep.register_hook(
+                lambda g: shares.__setitem__(slot, float(g.flatten(1).ne(0).any(1).float().mean()))
+            )
         return out
 
     model.encode_captions = watched
@@ -200,22 +230,27 @@ def products_line(r):
     if "ours_products_s" not in r:
         return ""
     products, wall = r["ours_products_s"], r["ours_profiled_s"]
-    return (f"\n    one profiled step of ours: matrix products {products:.3g} s, everything else "
-            f"{wall - products:.3g} s; if everything but these products were free, the speedup "
-            f"would be {r['ref_s'] / products:.1f}x")
+    return (
+        f"\n    one profiled step of ours: matrix products {products:.3g} s, everything else "
+        f"{wall - products:.3g} s; if everything but these products were free, the speedup "
+        f"would be {r['ref_s'] / products:.1f}x"
+    )
 
 
 def report_line(r):
     op, target = TARGETS[r["model"]]
     ratio = r["ours_s"] / r["ref_s"]
     speedup = r["ref_s"] / r["ours_s"]
-    return (f"{r['model']}+adapoffquin  ours {r['ours_s']:.3g} s  reference {r['ref_s']:.3g} s  "
-            f"ratio {ratio:.2f} ({speedup:.1f}x faster; target ratio {op} {target})  "
-            f"[process CPU time, all threads: ours {r['ours_cpu_s']:.3g} s, reference {r['ref_cpu_s']:.3g} s]  "
-            f"loss ours {r['loss_ours']:.6g} ref {r['loss_ref']:.6g} |diff| {r['loss_diff']:.2e}  "
-            f"grad-norm rel diff {r['grad_norm_rel_diff']:.1e}  "
-            f"peak RSS after ours {r['rss_ours_gib']:.2f} GiB, after reference {r['rss_ref_gib']:.2f} GiB"
-            + gradient_rows_line(r) + products_line(r))
+    return (
+        f"{r['model']}+adapoffquin  ours {r['ours_s']:.3g} s  reference {r['ref_s']:.3g} s  "
+        f"ratio {ratio:.2f} ({speedup:.1f}x faster; target ratio {op} {target})  "
+        f"[process CPU time, all threads: ours {r['ours_cpu_s']:.3g} s, reference {r['ref_cpu_s']:.3g} s]  "
+        f"loss ours {r['loss_ours']:.6g} ref {r['loss_ref']:.6g} |diff| {r['loss_diff']:.2e}  "
+        f"grad-norm rel diff {r['grad_norm_rel_diff']:.1e}  "
+        f"peak RSS after ours {r['rss_ours_gib']:.2f} GiB, after reference {r['rss_ref_gib']:.2f} GiB"
+        + gradient_rows_line(r)
+        + products_line(r)
+    )
 
 
 def gradient_rows_line(r):
@@ -223,9 +258,12 @@ def gradient_rows_line(r):
     if not shares or None in shares:
         return ""
     # VSRN's anchor pass calls its text encoder directly: its two watched passes are T3 and T4
-    names = {3: ["anchor", "T3", "T4"], 2: ["T3", "T4"]}.get(len(shares), [str(i) for i in range(len(shares))])
-    return ("\n    captions with a gradient (ours skips the others in the backward): "
-            + ", ".join(f"{n} {share:.0%}" for n, share in zip(names, shares)))
+    names = {3: ["anchor", "T3", "T4"], 2: ["T3", "T4"]}.get(
+        len(shares), [str(i) for i in range(len(shares))]
+    )
+    return "\n    captions with a gradient (ours skips the others in the backward): " + ", ".join(
+        f"{n} {share:.0%}" for n, share in zip(names, shares)
+    )
 
 
 def parse_args(argv=None):
@@ -236,8 +274,11 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed steps per implementation (median)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--products", action="store_true",
-                   help="also profile one step of each and report the time inside matrix products")
+    p.add_argument(
+        "--products",
+        action="store_true",
+        help="also profile one step of each and report the time inside matrix products",
+    )
     p.add_argument("--words-mean", type=float, default=10.5, help="caption words (without <start>/<end>)")
     p.add_argument("--words-std", type=float, default=2.4)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -255,12 +296,16 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {MODELS}")
     sizes = sizes_of(args)
-    print(f"{'QUICK ' if args.quick else ''}B={sizes['batch']} 36x{sizes['img_dim']} vocab {sizes['vocab']}, "
-          f"{args.threads} threads, median of {args.runs} after one warm-up", flush=True)
+    print(
+        f"{'QUICK ' if args.quick else ''}B={sizes['batch']} 36x{sizes['img_dim']} vocab {sizes['vocab']}, "
+        f"{args.threads} threads, median of {args.runs} after one warm-up",
+        flush=True,
+    )
     forwarded = list(argv if argv is not None else sys.argv[1:])
     for name in names:
-        proc = subprocess.run([sys.executable, __file__, *forwarded, "--child", name],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, *forwarded, "--child", name], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(report_line(json.loads(proc.stdout.strip().splitlines()[-1])), flush=True)

@@ -22,6 +22,7 @@ The attended vectors a_q = sum_r alpha_qr C_r are never materialised:
   <x_q, a_q> = sum_r alpha_qr S_qr,   ||a_q||^2 = alpha_q^T G alpha_q,   G = C C^T (context Gram),
 which is exact and avoids the d-dimensional (B_i, B_c, n, d) tensor.
 """
+
 from typing import NamedTuple
 
 import torch
@@ -34,8 +35,17 @@ EPS = 1e-8
 LEAKY_SLOPE = 0.1  # SCAN's "clipped" is a LeakyReLU with slope 0.1, not a ReLU
 # clipped_leaky_l2norm is an alias of clipped_l2norm; relu_l2norm, l1norm and clipped_l1norm are
 # extensions (the reference's l1 variants crash; docs/reference_behaviours.md).
-RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "clipped_leaky_l2norm", "relu_l2norm",
-                     "clipped", "no_norm", "l1norm", "clipped_l1norm")
+RAW_FEATURE_NORMS = (
+    "softmax",
+    "l2norm",
+    "clipped_l2norm",
+    "clipped_leaky_l2norm",
+    "relu_l2norm",
+    "clipped",
+    "no_norm",
+    "l1norm",
+    "clipped_l1norm",
+)
 AGG_FUNCS = ("LogSumExp", "Mean", "Max", "Sum")
 FOCAL_TYPES = ("equal", "prob")
 DIRECTIONS = ("t2i", "i2t")
@@ -175,30 +185,37 @@ class Block(NamedTuple):
     """The tensors of a block of image-caption pairs (leading dims `...`: (B_i, c) for all pairs
     of B_i images and a chunk of c captions, size 1 where a tensor belongs to one side; (B,) for
     B given pairs)."""
-    s: torch.Tensor             # (..., L, k) <word j, region r>
-    word_mask: torch.Tensor     # (..., L) True at real words
-    word_norms: torch.Tensor    # (..., L)
+
+    s: torch.Tensor  # (..., L, k) <word j, region r>
+    word_mask: torch.Tensor  # (..., L) True at real words
+    word_norms: torch.Tensor  # (..., L)
     region_norms: torch.Tensor  # (..., k)
-    img_context: torch.Tensor   # the regions' Gram matrices (gram) or the regions themselves
-    cap_context: torch.Tensor   # the words' Gram matrices (gram) or the words themselves
-    gram: bool                  # see `attended_cosines`
+    img_context: torch.Tensor  # the regions' Gram matrices (gram) or the regions themselves
+    cap_context: torch.Tensor  # the words' Gram matrices (gram) or the words themselves
+    gram: bool  # see `attended_cosines`
 
 
 def _attend(block, direction, normalize, lambda_softmax, focal_type=None):
     """One direction for every pair of a block -> (R (..., L) for t2i / (..., k) for i2t, fallback)."""
     s, rows = block.s, block.word_mask.unsqueeze(-1)  # (..., L, 1): padded word rows of S
-    if direction == "t2i":          # queries: words (dim -2); context: regions (dim -1)
-        alpha = context_softmax(normalize_over_queries(s, normalize, dim=-2, mask=rows), lambda_softmax, dim=-1)
+    if direction == "t2i":  # queries: words (dim -2); context: regions (dim -1)
+        alpha = context_softmax(
+            normalize_over_queries(s, normalize, dim=-2, mask=rows), lambda_softmax, dim=-1
+        )
         fallback = None
         if focal_type is not None:
             alpha, fallback = focal_reassign(alpha, focal_type, dim=-1)
             fallback = fallback & block.word_mask
-        return attended_cosines(s, alpha, block.word_norms, block.img_context, dim=-1, gram=block.gram), fallback
+        return attended_cosines(
+            s, alpha, block.word_norms, block.img_context, dim=-1, gram=block.gram
+        ), fallback
     alpha = context_softmax(normalize_over_queries(s, normalize, dim=-1), lambda_softmax, dim=-2, mask=rows)
     fallback = None
     if focal_type is not None:
         alpha, fallback = focal_reassign(alpha, focal_type, dim=-2, mask=rows)
-    return attended_cosines(s, alpha, block.region_norms, block.cap_context, dim=-2, gram=block.gram), fallback
+    return attended_cosines(
+        s, alpha, block.region_norms, block.cap_context, dim=-2, gram=block.gram
+    ), fallback
 
 
 def _prepare(img, words, lengths):
@@ -208,8 +225,9 @@ def _prepare(img, words, lengths):
     The length checks read `lengths`: keep it on the CPU to avoid device syncs.
     """
     if img.dim() != 3 or words.dim() != 3 or img.shape[-1] != words.shape[-1]:
-        raise ValueError(f"expected img (B_i, k, d) and words (B_c, L, d), got {tuple(img.shape)}, "
-                         f"{tuple(words.shape)}")
+        raise ValueError(
+            f"expected img (B_i, k, d) and words (B_c, L, d), got {tuple(img.shape)}, {tuple(words.shape)}"
+        )
     lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
     if lengths.shape != words.shape[:1]:
         raise ValueError(f"lengths {tuple(lengths.shape)} do not match {words.shape[0]} captions")
@@ -242,13 +260,20 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
     themselves, gram = False); else one per chunk of c captions, (B_i, c) pairs (contexts: Gram
     matrices, image (B_i, k, k) and caption (1, c, L, L)), chunks in `_caption_order(lengths)`,
     each cut to its longest caption."""
-    region_norms = torch.linalg.vector_norm(img, dim=-1)   # (B_i, k)
+    region_norms = torch.linalg.vector_norm(img, dim=-1)  # (B_i, k)
     if paired:
         _check_paired(img, words)
-        yield Block(words @ img.transpose(1, 2), mask, torch.linalg.vector_norm(words, dim=-1), region_norms,
-                    img, words, gram=False)
+        yield Block(
+            words @ img.transpose(1, 2),
+            mask,
+            torch.linalg.vector_norm(words, dim=-1),
+            region_norms,
+            img,
+            words,
+            gram=False,
+        )
         return
-    img_gram = img @ img.transpose(1, 2)                   # (B_i, k, k)
+    img_gram = img @ img.transpose(1, 2)  # (B_i, k, k)
     n_img, k, d = img.shape
     flat_img = img.reshape(n_img * k, d)
     for rows in _chunks(lengths, chunk):
@@ -257,8 +282,15 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
         c, n = w.shape[:2]
         # S[i, j, q, r] = <word q of caption j, region r of image i>, made contiguous: (B_i, c, L, k)
         s = (w.reshape(c * n, d) @ flat_img.t()).view(c, n, n_img, k).permute(2, 0, 1, 3).contiguous()
-        yield Block(s, m.unsqueeze(0), torch.linalg.vector_norm(w, dim=-1).unsqueeze(0),
-                    region_norms.unsqueeze(1), img_gram, (w @ w.transpose(1, 2)).unsqueeze(0), gram=True)
+        yield Block(
+            s,
+            m.unsqueeze(0),
+            torch.linalg.vector_norm(w, dim=-1).unsqueeze(0),
+            region_norms.unsqueeze(1),
+            img_gram,
+            (w @ w.transpose(1, 2)).unsqueeze(0),
+            gram=True,
+        )
 
 
 def _caption_order(lengths):
@@ -270,7 +302,7 @@ def _chunks(lengths, chunk):
     """Caption indices (CPU) of each all-pairs chunk of `chunk` captions, in `_caption_order`."""
     order = _caption_order(lengths)
     step = max(1, int(chunk)) if chunk else max(1, len(order))
-    return [order[start:start + step] for start in range(0, len(order), step)]
+    return [order[start : start + step] for start in range(0, len(order), step)]
 
 
 def _check_paired(img, words):
@@ -296,12 +328,14 @@ def _score(img, words, lengths, block_scores, paired, chunk, sparse_grad):
         if paired:
             return fast_pairs.paired_scores(img, words, mask, score_pairs)
         if sparse_grad:  # the backward visits only the pairs that get a gradient
+
             def score_chunks(img, words):
                 for block in _pair_blocks(img, words, mask, lengths, False, chunk):
                     yield (block.s, *block_scores(block))
 
-            return fast_pairs.sparse_backward_scores(img, words, mask, _chunks(lengths, chunk), score_chunks,
-                                                     score_pairs)
+            return fast_pairs.sparse_backward_scores(
+                img, words, mask, _chunks(lengths, chunk), score_chunks, score_pairs
+            )
     parts = []
     for block in _pair_blocks(img, words, mask, lengths, paired, chunk):
         part, fell_back = block_scores(block)
@@ -314,9 +348,19 @@ def _score(img, words, lengths, block_scores, paired, chunk, sparse_grad):
     return scores[:, torch.argsort(_caption_order(lengths)).to(scores.device)], fallbacks
 
 
-def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_l2norm",
-                agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0, paired=False, chunk=32,
-                sparse_grad=False):
+def scan_scores(
+    img,
+    words,
+    lengths,
+    direction="t2i",
+    raw_feature_norm="clipped_l2norm",
+    agg_func="LogSumExp",
+    lambda_softmax=9.0,
+    lambda_lse=6.0,
+    paired=False,
+    chunk=32,
+    sparse_grad=False,
+):
     """SCAN similarities: (B_i, B_c) for all pairs, or (B,) when `paired` (docs/models.md).
 
     t2i: words attend to regions, R_j = cos(w_j, a_j) aggregated over the caption's real words;
@@ -324,9 +368,11 @@ def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_
     sparse_grad: all pairs for a hardest-negative loss, whose backward may then visit only the
     pairs that receive a gradient (accel/pairs.py). Same values and gradients.
     """
-    for value, allowed, what in ((direction, DIRECTIONS, "direction"),
-                                 (raw_feature_norm, RAW_FEATURE_NORMS, "raw_feature_norm"),
-                                 (agg_func, AGG_FUNCS, "agg_func")):
+    for value, allowed, what in (
+        (direction, DIRECTIONS, "direction"),
+        (raw_feature_norm, RAW_FEATURE_NORMS, "raw_feature_norm"),
+        (agg_func, AGG_FUNCS, "agg_func"),
+    ):
         if value not in allowed:
             raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
 
@@ -338,8 +384,17 @@ def scan_scores(img, words, lengths, direction="t2i", raw_feature_norm="clipped_
     return _score(img, words, lengths, block_scores, paired, chunk, sparse_grad)[0]
 
 
-def bfan_scores(img, words, lengths, focal_type="equal", lambda_softmax=20.0, paired=False, chunk=32,
-                return_fallbacks=False, sparse_grad=False):
+def bfan_scores(
+    img,
+    words,
+    lengths,
+    focal_type="equal",
+    lambda_softmax=20.0,
+    paired=False,
+    chunk=32,
+    return_fallbacks=False,
+    sparse_grad=False,
+):
     """BFAN similarity: mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t), both with focal
     attention of `focal_type` after the clipped_l2norm first normalisation, same lambda
     (docs/models.md).

@@ -11,6 +11,7 @@ Representations may be tensors or tuples of tensors (e.g. padded word features a
 `concat_representations` and `slice_representation` let evaluation store a whole split and score
 it block by block without knowing their structure.
 """
+
 import contextlib
 
 import torch

@@ -4,6 +4,7 @@ docs/models.md describes it. Encoders as SCAN (models/scan.py) with
 the text GRU always bidirectional (directions averaged). Score: focal attention in both directions,
 S = mean_j cos(w_j, a_j^t2i) + mean_i cos(v_i, a_i^i2t) (models/attention.py).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,9 @@ class BFANConfig:
         if self.focal_type not in xattn.FOCAL_TYPES:
             raise ValueError(f"unknown focal_type {self.focal_type!r}; choose from {xattn.FOCAL_TYPES}")
         if self.precomp_enc_type not in PRECOMP_ENC_TYPES:
-            raise ValueError(f"unknown precomp_enc_type {self.precomp_enc_type!r}; "
-                             f"choose from {PRECOMP_ENC_TYPES}")
+            raise ValueError(
+                f"unknown precomp_enc_type {self.precomp_enc_type!r}; choose from {PRECOMP_ENC_TYPES}"
+            )
 
 
 class BFAN(RegionWordModel):
@@ -44,10 +46,17 @@ class BFAN(RegionWordModel):
         self.focal_fallbacks = torch.zeros((), dtype=torch.long)
 
     def _scores(self, img, cap, paired, sparse_grad=False):
-        scores, fallbacks = xattn.bfan_scores(img, cap[0], cap[1], focal_type=self.config.focal_type,
-                                              lambda_softmax=self.config.lambda_softmax, paired=paired,
-                                              chunk=self.config.chunk, return_fallbacks=True,
-                                              sparse_grad=sparse_grad)
+        scores, fallbacks = xattn.bfan_scores(
+            img,
+            cap[0],
+            cap[1],
+            focal_type=self.config.focal_type,
+            lambda_softmax=self.config.lambda_softmax,
+            paired=paired,
+            chunk=self.config.chunk,
+            return_fallbacks=True,
+            sparse_grad=sparse_grad,
+        )
         self.focal_fallbacks = self.focal_fallbacks.to(fallbacks.device) + fallbacks
         return scores
 

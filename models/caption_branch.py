@@ -5,6 +5,7 @@ Attribute names follow the reference's state-dict keys (`encoder.vid2hid`, `enco
 `decoder.embedding`, `decoder.attention.linear1`, `decoder.attention.linear2`, `decoder.rnn`,
 `decoder.out`) so released checkpoints load by key.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,17 +40,17 @@ class Attention(nn.Module):
     def forward(self, query, enc):
         """Direct form. query (B, H), enc (B, N, H) -> context (B, H)."""
         pairs = torch.cat([enc, query.unsqueeze(1).expand_as(enc)], dim=2)  # encoder output first
-        energy = self.linear2(torch.tanh(self.linear1(pairs)))              # (B, N, 1)
+        energy = self.linear2(torch.tanh(self.linear1(pairs)))  # (B, N, 1)
         return (F.softmax(energy, dim=1) * enc).sum(dim=1)
 
     def precompute(self, enc):
         """The query-independent part W1[:, :H] E_r + b1 (B, N, H); W1 split by columns is exact."""
-        return F.linear(enc, self.linear1.weight[:, :self.dim], self.linear1.bias)
+        return F.linear(enc, self.linear1.weight[:, : self.dim], self.linear1.bias)
 
     def step(self, query, enc, pre):
         """Same as forward(query, enc), given pre = precompute(enc)."""
-        q_part = F.linear(query, self.linear1.weight[:, self.dim:])        # (B, H)
-        energy = self.linear2(torch.tanh(pre + q_part.unsqueeze(1)))       # (B, N, 1)
+        q_part = F.linear(query, self.linear1.weight[:, self.dim :])  # (B, H)
+        energy = self.linear2(torch.tanh(pre + q_part.unsqueeze(1)))  # (B, N, 1)
         alpha = F.softmax(energy, dim=1)
         return torch.bmm(alpha.transpose(1, 2), enc).squeeze(1)
 
@@ -73,7 +74,7 @@ class AttnDecoder(nn.Module):
         output layer runs once over all steps (the same numbers as applying it per step).
         """
         pre = self.attention.precompute(enc)
-        emb = self.embedding(words)                                         # (B, T, dim_word)
+        emb = self.embedding(words)  # (B, T, dim_word)
         hidden, states = h_enc, []
         for t in range(words.shape[1]):
             context = self.attention.step(hidden[0], enc, pre)
@@ -105,7 +106,7 @@ def masked_caption_nll(logits, labels, masks):
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     steps = logits.shape[1]
-    targets = labels[:, 1:steps + 1]
-    weights = masks[:, 1:steps + 1].to(logits.dtype)
+    targets = labels[:, 1 : steps + 1]
+    weights = masks[:, 1 : steps + 1].to(logits.dtype)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[2]), targets.reshape(-1), reduction="none")
     return (nll.view_as(weights) * weights).sum() / logits.shape[0]

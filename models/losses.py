@@ -5,6 +5,7 @@ item j, positives on the diagonal) plus, for the AOQ variants, the paired scores
 pairs. Models that cannot produce single vectors (SCAN, BFAN) fit because only scores cross this
 boundary. Reductions are sums over the batch, as in the reference (docs/method.md).
 """
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 @dataclass(frozen=True)
 class Terms:
     """What a variant adds to the online triplet, and its row label in the paper's tables."""
+
     label: str
     offline_triplet: bool = False
     quintuplet: bool = False
@@ -35,12 +37,12 @@ VARIANT_LABELS = {name: terms.label for name, terms in VARIANTS.items()}
 @dataclass(frozen=True)
 class LossConfig:
     variant: str = "baseline"
-    margin_online: float = 0.2   # m_on
+    margin_online: float = 0.2  # m_on
     margin_offline: float = 0.0  # m_off
     alpha: float = 0.3
     beta: float = 1.5
     detach_weights: bool = False  # the reference lets gradients flow through the weights
-    max_violation: bool = True    # hardest in-batch negative (VSE++); False sums all (VSE0)
+    max_violation: bool = True  # hardest in-batch negative (VSE++); False sums all (VSE0)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -60,16 +62,18 @@ class LossConfig:
         epochs train. The adaptive weights need the hardest negative, so they are left out: the
         variant with the same other terms (AdapOffQuin warms up as OffQuin)."""
         terms = dataclasses.replace(VARIANTS[self.variant], adaptive=False)
-        variant = next(name for name, t in VARIANTS.items()
-                       if dataclasses.replace(t, label=terms.label) == terms)
+        variant = next(
+            name for name, t in VARIANTS.items() if dataclasses.replace(t, label=terms.label) == terms
+        )
         return dataclasses.replace(self, variant=variant, max_violation=False)
 
 
 @dataclass
 class OfflineScores:
     """Paired scores of the offline pairs, each (B,): s(I1,T3), s(I3,T1), s(I3,T3), s(I4,T4)."""
-    off_t: torch.Tensor   # anchor image vs offline hard-negative caption T3
-    off_i: torch.Tensor   # offline hard-negative image I3 vs anchor caption
+
+    off_t: torch.Tensor  # anchor image vs offline hard-negative caption T3
+    off_i: torch.Tensor  # offline hard-negative image I3 vs anchor caption
     quin_a: torch.Tensor  # I3 vs T3
     quin_b: torch.Tensor  # I4 (positive image of T3) vs T4 (a positive caption of I3)
 
@@ -120,7 +124,7 @@ def _online_sum_all(scores, positive, margin):
     """VSE0: hinge summed over every in-batch negative, both directions, diagonal excluded."""
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     cost_caption = hinge(margin, scores, positive[:, None]).masked_fill(eye, 0)  # image anchors
-    cost_image = hinge(margin, scores, positive[None, :]).masked_fill(eye, 0)    # caption anchors
+    cost_image = hinge(margin, scores, positive[None, :]).masked_fill(eye, 0)  # caption anchors
     return cost_caption.sum() + cost_image.sum()
 
 
@@ -136,8 +140,9 @@ def retrieval_loss(scores, offline, cfg):
         raise ValueError(f"loss variant {cfg.variant!r} needs offline scores")
     scores = _at_least_fp32(scores)
     if offline is not None:
-        offline = OfflineScores(*(_at_least_fp32(x) for x in
-                                  (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b)))
+        offline = OfflineScores(
+            *(_at_least_fp32(x) for x in (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b))
+        )
     positive = scores.diagonal()  # (B,)
     terms = {}
     if not cfg.max_violation:
@@ -157,13 +162,17 @@ def retrieval_loss(scores, offline, cfg):
         total = h_t.sum() + h_i.sum()
         terms["online"] = total
     if flags.offline_triplet:
-        offtri = (hinge(cfg.margin_offline, offline.off_t, positive).sum()
-                  + hinge(cfg.margin_offline, offline.off_i, positive).sum())
+        offtri = (
+            hinge(cfg.margin_offline, offline.off_t, positive).sum()
+            + hinge(cfg.margin_offline, offline.off_i, positive).sum()
+        )
         terms["offline_triplet"] = offtri
         total = total + offtri
     if flags.quintuplet:
-        quin = (hinge(cfg.margin_offline, offline.quin_a, positive).sum()
-                + hinge(cfg.margin_offline, offline.quin_b, positive).sum())
+        quin = (
+            hinge(cfg.margin_offline, offline.quin_a, positive).sum()
+            + hinge(cfg.margin_offline, offline.quin_b, positive).sum()
+        )
         terms["quintuplet"] = quin
         total = total + quin
     return total, {name: value.detach() for name, value in terms.items()}

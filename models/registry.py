@@ -1,4 +1,5 @@
 """Create models by name. Adding an architecture: its file in models/, and a line here."""
+
 import importlib
 
 # arch name -> "module:class". Modules are imported on first use, and import nothing from here.

@@ -4,6 +4,7 @@
 accelerated recurrence of accel/gru.py runs instead (same parameters, same results up to float
 rounding); on CUDA the module itself runs (cuDNN).
 """
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -30,8 +31,11 @@ def run_gru(rnn, x, lengths=None, directions="concat", token_map=None):
     if rnn.num_layers != 1 or not rnn.batch_first or rnn.mode != "GRU" or not rnn.bias:
         raise ValueError("run_gru supports single-layer, batch-first nn.GRU modules with biases only")
     batch, steps = x.shape[:2]
-    lengths = torch.full((batch,), steps, dtype=torch.long) if lengths is None else \
-        torch.as_tensor(lengths, dtype=torch.long).cpu()
+    lengths = (
+        torch.full((batch,), steps, dtype=torch.long)
+        if lengths is None
+        else torch.as_tensor(lengths, dtype=torch.long).cpu()
+    )
     if lengths.shape != (batch,):
         raise ValueError(f"lengths {tuple(lengths.shape)} do not match a batch of {batch} rows")
 

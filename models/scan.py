@@ -7,6 +7,7 @@ region -> (B, k, d). Text: Embedding U(-0.1, 0.1) -> GRU (bi-GRU directions aver
 l2norm -> CaptionFeatures(words (B, L, d) zero beyond each length, lengths (B,)).
 `RegionWordModel` holds these encoders and the caption representation helpers; BFAN reuses it.
 """
+
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,20 +26,23 @@ PRECOMP_ENC_TYPES = ("basic", "weight_norm")
 
 class CaptionFeatures(NamedTuple):
     """Caption representation: words (B, L, d), zero beyond each length; lengths (B,) int64 (CPU)."""
+
     words: torch.Tensor
     lengths: torch.Tensor
 
 
 class RegionWordModel(MatchingModel):
     """Region-feature image encoder + GRU word encoder shared by SCAN and BFAN (no scoring)."""
+
     single_vector = False
 
     def __init__(self, config, bi_gru):
         super().__init__()
         self.config = config
         if config.precomp_enc_type not in PRECOMP_ENC_TYPES:
-            raise ValueError(f"unknown precomp_enc_type {config.precomp_enc_type!r}; "
-                             f"choose from {PRECOMP_ENC_TYPES}")
+            raise ValueError(
+                f"unknown precomp_enc_type {config.precomp_enc_type!r}; choose from {PRECOMP_ENC_TYPES}"
+            )
         self.img_fc = nn.Linear(config.img_dim, config.embed_size)
         if config.precomp_enc_type == "basic":
             # Xavier-uniform weights, zero bias (weight_norm keeps the framework default init).
@@ -57,7 +61,7 @@ class RegionWordModel(MatchingModel):
     # with the image encoder's linear map named `fc`.
     def reference_state(self):
         own = self.state_dict()
-        image = {"fc." + k[len("img_fc."):]: v.clone() for k, v in own.items() if k.startswith("img_fc.")}
+        image = {"fc." + k[len("img_fc.") :]: v.clone() for k, v in own.items() if k.startswith("img_fc.")}
         text = {k: v.clone() for k, v in own.items() if not k.startswith("img_fc.")}
         return [image, text]
 
@@ -66,8 +70,10 @@ class RegionWordModel(MatchingModel):
         if len(states) != 2:
             raise ValueError(f"expected 2 state dicts [image encoder, text encoder], got {len(states)}")
         image, text = states
-        ours = {"img_fc." + k[len("fc."):] if k.startswith("fc.") else f"image encoder: {k}": v
-                for k, v in image.items()}
+        ours = {
+            "img_fc." + k[len("fc.") :] if k.startswith("fc.") else f"image encoder: {k}": v
+            for k, v in image.items()
+        }
         ours.update(text)
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(ours)), sorted(set(ours) - set(own))
@@ -82,12 +88,17 @@ class RegionWordModel(MatchingModel):
     def config_from_reference(cls, opt, states):
         """Config of a released checkpoint: sizes from the weights, options from its argparse opt."""
         image, text = states
-        sizes = dict(vocab_size=text["embed.weight"].shape[0], word_dim=text["embed.weight"].shape[1],
-                     embed_size=image["fc.weight"].shape[0], img_dim=image["fc.weight"].shape[1])
+        sizes = dict(
+            vocab_size=text["embed.weight"].shape[0],
+            word_dim=text["embed.weight"].shape[1],
+            embed_size=image["fc.weight"].shape[0],
+            img_dim=image["fc.weight"].shape[1],
+        )
         if "bi_gru" in cls.config_class.__dataclass_fields__:
             sizes["bi_gru"] = "rnn.weight_ih_l0_reverse" in text
-        options = {k: v for k, v in opt.items()
-                   if k in cls.config_class.__dataclass_fields__ and k not in sizes}
+        options = {
+            k: v for k, v in opt.items() if k in cls.config_class.__dataclass_fields__ and k not in sizes
+        }
         return cls.config_class(**sizes, **options)
 
     def encode_images(self, images):
@@ -104,8 +115,13 @@ class RegionWordModel(MatchingModel):
         # bi-GRU: the average of the two directions; then the per-word l2norm. Both run on the
         # real words only, before padding (padded positions are zeros).
         norm = None if self.config.no_txtnorm else (lambda rows: xattn.l2norm(rows, dim=-1))
-        out, _ = run_gru(self.rnn, self.embed(ids), lengths_cpu, directions="mean" if self.bi_gru else "concat",
-                         token_map=norm)
+        out, _ = run_gru(
+            self.rnn,
+            self.embed(ids),
+            lengths_cpu,
+            directions="mean" if self.bi_gru else "concat",
+            token_map=norm,
+        )
         # lengths stay on the CPU: the kernels read them without a device sync
         return CaptionFeatures(out, lengths_cpu)
 
@@ -127,7 +143,7 @@ class RegionWordModel(MatchingModel):
             return rep[start:stop]
         words, lengths = rep[0][start:stop], rep[1][start:stop]
         if len(lengths):
-            words = words[:, :int(lengths.max())]
+            words = words[:, : int(lengths.max())]
         return CaptionFeatures(words, lengths)
 
 
@@ -149,10 +165,12 @@ class SCANConfig:
     chunk: int = 32  # captions scored at a time in score_all (memory bound; results unchanged)
 
     def __post_init__(self):
-        for value, allowed, what in ((self.cross_attn, xattn.DIRECTIONS, "cross_attn"),
-                                     (self.raw_feature_norm, xattn.RAW_FEATURE_NORMS, "raw_feature_norm"),
-                                     (self.agg_func, xattn.AGG_FUNCS, "agg_func"),
-                                     (self.precomp_enc_type, PRECOMP_ENC_TYPES, "precomp_enc_type")):
+        for value, allowed, what in (
+            (self.cross_attn, xattn.DIRECTIONS, "cross_attn"),
+            (self.raw_feature_norm, xattn.RAW_FEATURE_NORMS, "raw_feature_norm"),
+            (self.agg_func, xattn.AGG_FUNCS, "agg_func"),
+            (self.precomp_enc_type, PRECOMP_ENC_TYPES, "precomp_enc_type"),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
 
@@ -166,10 +184,19 @@ class SCAN(RegionWordModel):
 
     def _scores(self, img, cap, paired, sparse_grad=False):
         c = self.config
-        return xattn.scan_scores(img, cap[0], cap[1], direction=c.cross_attn,
-                                 raw_feature_norm=c.raw_feature_norm, agg_func=c.agg_func,
-                                 lambda_softmax=c.lambda_softmax, lambda_lse=c.lambda_lse,
-                                 paired=paired, chunk=c.chunk, sparse_grad=sparse_grad)
+        return xattn.scan_scores(
+            img,
+            cap[0],
+            cap[1],
+            direction=c.cross_attn,
+            raw_feature_norm=c.raw_feature_norm,
+            agg_func=c.agg_func,
+            lambda_softmax=c.lambda_softmax,
+            lambda_lse=c.lambda_lse,
+            paired=paired,
+            chunk=c.chunk,
+            sparse_grad=sparse_grad,
+        )
 
     def score_all(self, img, cap):
         return self._scores(img, cap, paired=False)

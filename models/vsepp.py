@@ -4,6 +4,7 @@ VSE++'s precomp encoder takes one global vector per image; SCAN's features are 3
 pool them by their mean first (spec scan_bfan_vsepp_data.md §C.1). Image: mean of regions ->
 Linear -> l2norm. Text: Embedding -> 1-layer GRU -> output at the last real token (<end>) -> l2norm.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -42,10 +43,10 @@ class VSEPP(MatchingModel):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def encode_images(self, images):
-        pooled = images.mean(dim=1)              # (B, D)
-        return l2norm(self.img_fc(pooled))       # (B, embed)
+        pooled = images.mean(dim=1)  # (B, D)
+        return l2norm(self.img_fc(pooled))  # (B, embed)
 
     def encode_captions(self, ids, lengths):
-        words = self.embed(ids)                  # (B, L, word_dim)
-        _, h = run_gru(self.rnn, words, lengths) # h (1, B, embed): state after <end>
-        return l2norm(h[0])                      # (B, embed)
+        words = self.embed(ids)  # (B, L, word_dim)
+        _, h = run_gru(self.rnn, words, lengths)  # h (1, B, embed): state after <end>
+        return l2norm(h[0])  # (B, embed)

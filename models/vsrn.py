@@ -8,6 +8,7 @@ it (spec §6): Q-L2AX `l2norm_over_regions`, Q-F30K `f30k_layout`, Q-BNINIT `bn_
 Q-MASK `caption_mask_extra_pad`, Q-DUP `caption_double_step` (applied by the trainer to the
 "caption" parameter group), Q-BN3 `offline_bn_updates`.
 """
+
 import contextlib
 import math
 from dataclasses import dataclass
@@ -30,18 +31,18 @@ class VSRNConfig:
     img_dim: int = 2048
     embed_size: int = 2048
     word_dim: int = 300
-    dim_hidden: int = 512           # captioning GRUs
-    dim_word: int = 300             # captioning decoder word embedding
-    max_len: int = 60               # captioning labels/masks have max_len + 1 columns
+    dim_hidden: int = 512  # captioning GRUs
+    dim_word: int = 300  # captioning decoder word embedding
+    max_len: int = 60  # captioning labels/masks have max_len + 1 columns
     gcn_layers: int = 4
-    f30k_layout: bool = False       # Q-F30K: no l2norm after fc; BatchNorm1d on the image GRU state
+    f30k_layout: bool = False  # Q-F30K: no l2norm after fc; BatchNorm1d on the image GRU state
     l2norm_over_regions: bool = True  # Q-L2AX; False = per-region l2norm
-    bn_weight_init: str = "uniform"   # Q-BNINIT (F30K embedding BN only): "uniform" U(0,1) | "ones"
+    bn_weight_init: str = "uniform"  # Q-BNINIT (F30K embedding BN only): "uniform" U(0,1) | "ones"
     caption_mask_extra_pad: bool = True  # Q-MASK: keep the one <pad> target after <end>
-    caption_double_step: bool = True     # Q-DUP: see adam_steps
-    offline_bn_updates: bool = True      # Q-BN3: AOQ offline passes update BN running statistics
+    caption_double_step: bool = True  # Q-DUP: see adam_steps
+    offline_bn_updates: bool = True  # Q-BN3: AOQ offline passes update BN running statistics
     caption_loss_weight: float = 1.0
-    captioning: bool = True              # False: retrieval only, no caption_model
+    captioning: bool = True  # False: retrieval only, no caption_model
 
     def __post_init__(self):
         if self.bn_weight_init not in ("uniform", "ones"):
@@ -63,9 +64,9 @@ def caption_targets(token_ids, max_len, extra_pad=True):
         seq = seq[:max_len]
         seq[-1] = END_ID
     labels = np.zeros(max_len + 1, dtype=np.int64)
-    labels[:len(seq)] = seq
+    labels[: len(seq)] = seq
     mask = np.zeros(max_len + 1, dtype=np.float32)
-    mask[:len(seq) + (1 if extra_pad else 0)] = 1.0
+    mask[: len(seq) + (1 if extra_pad else 0)] = 1.0
     return labels, mask
 
 
@@ -103,17 +104,19 @@ class RsGCN(nn.Module):
         """x (B, N, C) -> (B, N, C)."""
         n_regions = x.shape[1]
         w_theta, w_phi = self.theta.weight.squeeze(-1), self.phi.weight.squeeze(-1)  # (C', C)
-        w_g, w_w = self.g.weight.squeeze(-1), self.W[0].weight.squeeze(-1)          # (C', C), (C, C')
+        w_g, w_w = self.g.weight.squeeze(-1), self.W[0].weight.squeeze(-1)  # (C', C), (C, C')
         b_theta, b_phi = self.theta.bias, self.phi.bias
         # <theta_i, phi_k> without forming theta or phi: (x_i^T M + q^T) x_k + x_i . p + s
-        left = F.linear(x, w_phi.t() @ w_theta, w_phi.t() @ b_theta)               # (B, N, C)
-        scores = torch.baddbmm((x @ (w_theta.t() @ b_phi)).unsqueeze(2) + b_theta @ b_phi,
-                               left, x.transpose(1, 2))                            # (B, N, N)
-        affinity = scores / n_regions                                              # A[i, k]
-        mixed = torch.bmm(affinity, x)                                             # (A X)_i
-        w_y = torch.addcmul(F.linear(mixed, w_w @ w_g, self.W[0].bias),
-                            affinity.sum(dim=2, keepdim=True), w_w @ self.g.bias)  # W(Y): (B, N, C)
-        bn = self.W[1](w_y.reshape(-1, w_y.shape[2])).view_as(w_y)                 # stats over batch x regions
+        left = F.linear(x, w_phi.t() @ w_theta, w_phi.t() @ b_theta)  # (B, N, C)
+        scores = torch.baddbmm(
+            (x @ (w_theta.t() @ b_phi)).unsqueeze(2) + b_theta @ b_phi, left, x.transpose(1, 2)
+        )  # (B, N, N)
+        affinity = scores / n_regions  # A[i, k]
+        mixed = torch.bmm(affinity, x)  # (A X)_i
+        w_y = torch.addcmul(
+            F.linear(mixed, w_w @ w_g, self.W[0].bias), affinity.sum(dim=2, keepdim=True), w_w @ self.g.bias
+        )  # W(Y): (B, N, C)
+        bn = self.W[1](w_y.reshape(-1, w_y.shape[2])).view_as(w_y)  # stats over batch x regions
         return bn + x
 
 
@@ -145,7 +148,7 @@ class ImageEncoder(nn.Module):
             x = getattr(self, f"Rs_GCN_{k}")(x)
         regions = region_l2norm(x, over)
         _, h = run_gru(self.img_rnn, regions)
-        h = h[0]                                            # state after the last region
+        h = h[0]  # state after the last region
         if self.cfg.f30k_layout:
             h = self.bn(h)
         return l2norm(h, dim=1), regions
@@ -177,8 +180,9 @@ class VSRN(MatchingModel):
         self.img_enc = ImageEncoder(config)
         self.txt_enc = TextEncoder(config)
         if config.captioning:
-            self.caption_model = CaptionModel(config.vocab_size, config.embed_size, config.dim_hidden,
-                                              config.dim_word)
+            self.caption_model = CaptionModel(
+                config.vocab_size, config.embed_size, config.dim_hidden, config.dim_word
+            )
 
     # ---- encoders -------------------------------------------------------------------------------
     def encode_image_regions(self, images):
@@ -206,7 +210,7 @@ class VSRN(MatchingModel):
         """Decoder steps the batch needs: 1 + the last t <= max_len - 2 whose target labels[:, t + 1]
         has a nonzero weight (at least 1)."""
         masks = self.caption_weights(labels, masks)
-        used = (masks[:, 1:self.config.max_len] > 0).any(dim=0).nonzero()
+        used = (masks[:, 1 : self.config.max_len] > 0).any(dim=0).nonzero()
         return int(used.max()) + 1 if len(used) else 1
 
     def caption_loss(self, regions, labels, masks, truncate=True):
@@ -218,8 +222,10 @@ class VSRN(MatchingModel):
         """
         width = self.config.max_len + 1
         if labels.shape[1] != width or masks.shape[1] != width:
-            raise ValueError(f"caption labels/masks must have max_len + 1 = {width} columns, "
-                             f"got {tuple(labels.shape)} / {tuple(masks.shape)}")
+            raise ValueError(
+                f"caption labels/masks must have max_len + 1 = {width} columns, "
+                f"got {tuple(labels.shape)} / {tuple(masks.shape)}"
+            )
         steps = self.caption_steps(labels, masks) if truncate else self.config.max_len - 1
         logits = self.caption_model(regions, labels, steps)
         return masked_caption_nll(logits, labels, self.caption_weights(labels, masks))
@@ -262,22 +268,31 @@ class VSRN(MatchingModel):
 
     def reference_state(self):
         """[image-encoder state, text-encoder state(, caption-model state)], as the reference saves."""
-        return [{k: v.detach().clone() for k, v in module.state_dict().items()}
-                for _, module in self._reference_parts()]
+        return [
+            {k: v.detach().clone() for k, v in module.state_dict().items()}
+            for _, module in self._reference_parts()
+        ]
 
     @classmethod
     def config_from_reference(cls, opt, states):
         """VSRNConfig of a released checkpoint: sizes from the weights, the rest from its options."""
         image, text = states[0], states[1]
-        config = dict(vocab_size=text["embed.weight"].shape[0], word_dim=text["embed.weight"].shape[1],
-                      embed_size=image["fc.weight"].shape[0], img_dim=image["fc.weight"].shape[1],
-                      gcn_layers=sum(1 for k in image if k.startswith("Rs_GCN_") and k.endswith(".g.weight")),
-                      f30k_layout="bn.weight" in image, captioning=len(states) > 2,
-                      max_len=int(opt.get("max_len", 60)))
+        config = dict(
+            vocab_size=text["embed.weight"].shape[0],
+            word_dim=text["embed.weight"].shape[1],
+            embed_size=image["fc.weight"].shape[0],
+            img_dim=image["fc.weight"].shape[1],
+            gcn_layers=sum(1 for k in image if k.startswith("Rs_GCN_") and k.endswith(".g.weight")),
+            f30k_layout="bn.weight" in image,
+            captioning=len(states) > 2,
+            max_len=int(opt.get("max_len", 60)),
+        )
         if len(states) > 2:
             caption = states[2]
-            config.update(dim_hidden=caption["encoder.vid2hid.weight"].shape[0],
-                          dim_word=caption["decoder.embedding.weight"].shape[1])
+            config.update(
+                dim_hidden=caption["encoder.vid2hid.weight"].shape[0],
+                dim_word=caption["decoder.embedding.weight"].shape[1],
+            )
         return cls.config_class(**config)
 
     def load_reference_state(self, states):
@@ -286,8 +301,10 @@ class VSRN(MatchingModel):
         unexpected key, or a shape mismatch, raises ValueError naming it."""
         parts = self._reference_parts()
         if not 2 <= len(states) <= len(parts):
-            raise ValueError(f"expected {len(parts)} (or 2) state dicts "
-                             f"[{', '.join(n for n, _ in parts)}], got {len(states)}")
+            raise ValueError(
+                f"expected {len(parts)} (or 2) state dicts "
+                f"[{', '.join(n for n, _ in parts)}], got {len(states)}"
+            )
         for (part, module), state in zip(parts, states):
             own = module.state_dict()
             missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -296,8 +313,9 @@ class VSRN(MatchingModel):
                 raise ValueError(f"{part}: missing keys {missing}, unexpected keys {unexpected}")
             for key, value in state.items():
                 if tuple(value.shape) != tuple(own[key].shape):
-                    raise ValueError(f"{part}: {key} has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(own[key].shape)}")
+                    raise ValueError(
+                        f"{part}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                    )
             module.load_state_dict(state, strict=False)
 
 
@@ -305,8 +323,10 @@ class VSRN(MatchingModel):
 def _frozen_bn_statistics(model):
     """Momentum 0 on every BatchNorm (running stats stay as they are), restored on exit."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in bns]
+    saved = [
+        (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+        for m in bns
+    ]
     try:
         for m in bns:
             m.momentum = 0.0

@@ -14,6 +14,7 @@ Example:
         --out-i2t results/coco_precomp/candidates/authors/i2t_coco.npy \
         --out-t2i results/coco_precomp/candidates/authors/t2i_coco.npy
 """
+
 import argparse
 import os
 import sys
@@ -49,13 +50,16 @@ def check_candidates(path, rows, n_targets, min_cols, is_own):
     if array.ndim != 2 or array.dtype != np.int32:
         raise ValueError(f"{path}: expected a 2-D int32 array, found {array.dtype} {array.shape}")
     if array.shape[0] != rows or array.shape[1] < min_cols:
-        raise ValueError(f"{path}: expected shape ({rows}, >= {min_cols}) for this training split, "
-                         f"found {array.shape}")
+        raise ValueError(
+            f"{path}: expected shape ({rows}, >= {min_cols}) for this training split, found {array.shape}"
+        )
     for start in range(0, rows, BLOCK_ROWS):
-        block = np.asarray(array[start:start + BLOCK_ROWS])
+        block = np.asarray(array[start : start + BLOCK_ROWS])
         if block.min() < 0 or block.max() >= n_targets:
-            raise ValueError(f"{path}: indices must lie in [0, {n_targets}); rows {start}.. hold "
-                             f"{block.min()}..{block.max()}")
+            raise ValueError(
+                f"{path}: indices must lie in [0, {n_targets}); rows {start}.. hold "
+                f"{block.min()}..{block.max()}"
+            )
         hits = np.argwhere(is_own(np.arange(start, start + len(block))[:, None], block))
         if len(hits):
             row, col = hits[0]
@@ -89,8 +93,9 @@ def main(argv=None):
     n_img, n_cap = train["n_images"], train["n_captions"]
     try:
         check_candidates(args.i2t, n_img, n_cap, args.offline_size, caption_of_image)
-        check_candidates(args.t2i, n_cap, n_img, -(-args.offline_size // CAPTIONS_PER_IMAGE),
-                         image_of_caption)
+        check_candidates(
+            args.t2i, n_cap, n_img, -(-args.offline_size // CAPTIONS_PER_IMAGE), image_of_caption
+        )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     link(args.out_i2t, args.i2t)

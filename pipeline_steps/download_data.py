@@ -26,6 +26,7 @@ Example:
         --archive resources/scan_data.zip --extract data/f30k_precomp \
         --dest resources/data --stamp resources/data/f30k_precomp.download.json
 """
+
 import argparse
 import hashlib
 import http.client
@@ -48,10 +49,10 @@ from pipeline_steps.common.errors import one_line_errors
 
 log = logging.getLogger("download_data")
 CHUNK = 1 << 20
-DEFAULT_MAX_RATIO = 200.0       # zip bombs deflate ~1000x; SCAN's features ~1.1x, its text ~4x
-RATIO_EXEMPT_BYTES = 1 << 20    # smaller entries cannot fill a disk, whatever their ratio
-SPACE_MARGIN_FRACTION = 0.05    # free space asked for beyond the unpacked size (block rounding,
-SPACE_MARGIN_MIN = 64 << 20     # metadata, the pipeline's next outputs): 5%, at least 64 MiB
+DEFAULT_MAX_RATIO = 200.0  # zip bombs deflate ~1000x; SCAN's features ~1.1x, its text ~4x
+RATIO_EXEMPT_BYTES = 1 << 20  # smaller entries cannot fill a disk, whatever their ratio
+SPACE_MARGIN_FRACTION = 0.05  # free space asked for beyond the unpacked size (block rounding,
+SPACE_MARGIN_MIN = 64 << 20  # metadata, the pipeline's next outputs): 5%, at least 64 MiB
 
 
 class MirrorError(Exception):
@@ -59,8 +60,16 @@ class MirrorError(Exception):
 
 
 def _bar(total, initial, desc):
-    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
-                unit_divisor=1024, mininterval=5, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        mininterval=5,
+        file=sys.stderr,
+    )
 
 
 def sha256_file(path):
@@ -98,8 +107,10 @@ def _fetch_once(url, part, timeout):
             start, mode = 0, "wb"
         expected = int(length) if length is not None else None
         got = 0
-        with open(part, mode) as out, _bar(None if expected is None else start + expected,
-                                           start, part.name) as bar:
+        with (
+            open(part, mode) as out,
+            _bar(None if expected is None else start + expected, start, part.name) as bar,
+        ):
             while chunk := resp.read(CHUNK):
                 out.write(chunk)
                 got += len(chunk)
@@ -129,8 +140,7 @@ def download(urls, archive, sha256, timeout, retries):
             actual = sha256_file(part)
             if sha256 and actual != sha256:
                 part.unlink()
-                raise MirrorError(f"sha256 mismatch: expected {sha256}, got {actual} "
-                                  f"(deleted {part})")
+                raise MirrorError(f"sha256 mismatch: expected {sha256}, got {actual} (deleted {part})")
         except MirrorError as err:
             log.warning("mirror failed: %s: %s", url, err)
             failures.append(f"{url}: {err}")
@@ -145,8 +155,9 @@ def _members(archive):
     """(name, kind, size, linkname, handle) for every entry; kind in file/dir/symlink/hardlink/other."""
     if zipfile.is_zipfile(archive):
         zf = zipfile.ZipFile(archive)
-        return zf, [(i.filename, "dir" if i.is_dir() else "file", i.file_size, None, i)
-                    for i in zf.infolist()]
+        return zf, [
+            (i.filename, "dir" if i.is_dir() else "file", i.file_size, None, i) for i in zf.infolist()
+        ]
     try:
         tf = tarfile.open(archive)
     except (tarfile.TarError, OSError) as err:
@@ -184,8 +195,10 @@ def _link_target(name, kind, linkname):
 
 def _check(archive, name, kind, linkname, prefix=""):
     """Refuse an entry that could write (or point) outside the extraction folder."""
+
     def bad(problem):
         raise SystemExit(f"error: {archive}: refusing entry {name!r}: {problem}")
+
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
         bad("absolute path")
@@ -228,9 +241,11 @@ def _check_space(archive, plan, dest):
     where = _nearest_existing(dest)
     free = free_bytes(where)
     if need > free:
-        raise SystemExit(f"error: {archive}: refusing to extract {', '.join(plan)} into {dest}: "
-                         f"the entries unpack to {_size(total)}, {_size(need)} with the margin, "
-                         f"but {where} has {_size(free)} free")
+        raise SystemExit(
+            f"error: {archive}: refusing to extract {', '.join(plan)} into {dest}: "
+            f"the entries unpack to {_size(total)}, {_size(need)} with the margin, "
+            f"but {where} has {_size(free)} free"
+        )
 
 
 def _check_ratio(archive, name, info, max_ratio):
@@ -239,9 +254,11 @@ def _check_ratio(archive, name, info, max_ratio):
         return  # tar: one compressed stream, no per-entry ratio (the free-space check covers it)
     ratio = info.file_size / max(info.compress_size, 1)
     if ratio > max_ratio:
-        raise SystemExit(f"error: {archive}: refusing entry {name!r}: it unpacks {info.file_size} "
-                         f"bytes from {info.compress_size}, a compression ratio of {ratio:.0f} "
-                         f"(over --max-ratio {max_ratio:g}; a zip bomb?)")
+        raise SystemExit(
+            f"error: {archive}: refusing entry {name!r}: it unpacks {info.file_size} "
+            f"bytes from {info.compress_size}, a compression ratio of {ratio:.0f} "
+            f"(over --max-ratio {max_ratio:g}; a zip bomb?)"
+        )
 
 
 def extract(archive, folders, dest, max_ratio=DEFAULT_MAX_RATIO):
@@ -265,8 +282,9 @@ def extract(archive, folders, dest, max_ratio=DEFAULT_MAX_RATIO):
             for name, kind, _, linkname, info in chosen:
                 _check(archive, name, kind, linkname, prefix)
                 if any(str(up) in links for up in PurePosixPath(name).parents):
-                    raise SystemExit(f"error: {archive}: refusing entry {name!r}: its path goes "
-                                     f"through a symlink entry")
+                    raise SystemExit(
+                        f"error: {archive}: refusing entry {name!r}: its path goes through a symlink entry"
+                    )
                 _check_ratio(archive, name, info, max_ratio)
             plan[folder] = (prefix, chosen)
         _check_space(archive, plan, dest)
@@ -290,7 +308,7 @@ def _unpack(archive, handle, prefix, chosen, tmp):
     tmp.mkdir(parents=True)
     with _bar(sum(m[2] for m in chosen if m[1] == "file"), 0, f"extract {prefix}") as bar:
         for name, kind, size, linkname, info in chosen:
-            target = tmp / name[len(prefix):]
+            target = tmp / name[len(prefix) :]
             if kind == "dir":
                 target.mkdir(parents=True, exist_ok=True)
                 continue
@@ -298,13 +316,12 @@ def _unpack(archive, handle, prefix, chosen, tmp):
             if target.is_symlink() or target.is_file():
                 target.unlink()  # a later entry of the same name wins, never written through
             if kind == "symlink":  # re-aim at the same entry in the extracted (stripped) layout
-                rel = _link_target(name, kind, linkname)[len(prefix):] or "."
-                os.symlink(os.path.relpath(rel, os.path.dirname(name[len(prefix):]) or "."), target)
+                rel = _link_target(name, kind, linkname)[len(prefix) :] or "."
+                os.symlink(os.path.relpath(rel, os.path.dirname(name[len(prefix) :]) or "."), target)
             elif kind == "hardlink":
-                os.link(tmp / _link_target(name, kind, linkname)[len(prefix):], target)
+                os.link(tmp / _link_target(name, kind, linkname)[len(prefix) :], target)
             else:
-                src = handle.open(info) if isinstance(handle, zipfile.ZipFile) \
-                    else handle.extractfile(info)
+                src = handle.open(info) if isinstance(handle, zipfile.ZipFile) else handle.extractfile(info)
                 with src, open(target, "wb") as out:
                     _copy_entry(src, out, size, archive, name, bar)
 
@@ -319,8 +336,10 @@ def _copy_entry(src, out, size, archive, name, bar):
     while chunk := src.read(min(CHUNK, size - written + 1)):  # +1: one byte too many shows it
         written += len(chunk)
         if written > size:
-            raise SystemExit(f"error: {archive}: refusing entry {name!r}: it unpacks to more "
-                             f"than its declared {size} bytes")
+            raise SystemExit(
+                f"error: {archive}: refusing entry {name!r}: it unpacks to more "
+                f"than its declared {size} bytes"
+            )
         out.write(chunk)
         bar.update(len(chunk))
 
@@ -351,8 +370,10 @@ def adopt_folder(path, dest, name):
     if final.resolve() == path:
         return str(final)  # the folder already sits at its place
     if final.exists() and not final.is_symlink():
-        raise SystemExit(f"error: {final}: exists and is not a link; move it away or adopt it "
-                         f"in place (--adopt-folder {final})")
+        raise SystemExit(
+            f"error: {final}: exists and is not a link; move it away or adopt it "
+            f"in place (--adopt-folder {final})"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(final)
     tmp.unlink(missing_ok=True)
@@ -385,10 +406,14 @@ def parse_args(argv):
     parser.add_argument("--stamp", required=True, help="JSON record, written last")
     parser.add_argument("--timeout", type=float, default=60.0, help="connection timeout (s)")
     parser.add_argument("--retries", type=int, default=3, help="resumed attempts per mirror")
-    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
-                        help="refuse a zip entry over 1 MiB that unpacks to more than this many times "
-                             "its compressed size (a zip bomb; SCAN's features compress ~1.1x, its "
-                             "text ~4x; default %(default)g)")
+    parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=DEFAULT_MAX_RATIO,
+        help="refuse a zip entry over 1 MiB that unpacks to more than this many times "
+        "its compressed size (a zip bomb; SCAN's features compress ~1.1x, its "
+        "text ~4x; default %(default)g)",
+    )
     args = parser.parse_args(argv)
     if not args.max_ratio > 0:
         parser.error("--max-ratio must be positive")
@@ -419,8 +444,12 @@ def _obtain_archive(args):
                 log.info("%s: already present (sha256 %s), not downloading", archive, digest)
                 source = str(archive.resolve())
             else:
-                log.warning("%s: present but sha256 %s != expected %s; removing it, downloading "
-                            "again", archive, digest, args.sha256)
+                log.warning(
+                    "%s: present but sha256 %s != expected %s; removing it, downloading again",
+                    archive,
+                    digest,
+                    args.sha256,
+                )
                 archive.unlink()
         if source is None:
             source, digest = download(args.urls, archive, args.sha256, args.timeout, args.retries)
@@ -443,8 +472,12 @@ def main(argv=None):
         record = {"mode": "adopt-folder", "source": str(src), "archive": None, "sha256": None}
     else:
         archive, source, digest = _obtain_archive(args)
-        record = {"mode": "adopt-archive" if args.adopt_archive else "download", "source": source,
-                  "archive": str(archive), "sha256": digest}
+        record = {
+            "mode": "adopt-archive" if args.adopt_archive else "download",
+            "source": source,
+            "archive": str(archive),
+            "sha256": digest,
+        }
         folders = extract(archive, args.extract, args.dest, max_ratio=args.max_ratio)
     record["extracted"] = folders
     record["files"] = _file_list(folders.values())

@@ -15,6 +15,7 @@ Example:
         --evaluation coco_1k testall 5fold results/eval/x/coco_1k.json \
         --evaluation coco_5k testall full results/eval/x/coco_5k.json
 """
+
 import argparse
 import json
 import logging
@@ -22,13 +23,13 @@ import sys
 
 import accel
 from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
-from pipeline_steps.training.checkpoint import load_checkpoint
 from pipeline_steps.common.device import pick_device
 from pipeline_steps.common.errors import one_line_errors
+from pipeline_steps.data.splits import open_split
 from pipeline_steps.retrieval.encode import encode_split
 from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate
 from pipeline_steps.retrieval.scorers import ensemble_scorer, representation_scorer
-from pipeline_steps.data.splits import open_split
+from pipeline_steps.training.checkpoint import load_checkpoint
 
 log = logging.getLogger("evaluate")
 
@@ -39,9 +40,14 @@ def parse_args(argv):
     p.add_argument("--data", required=True)
     p.add_argument("--prepared", required=True)
     p.add_argument("--label", default=None, help="what is evaluated, for the report (default: model names)")
-    p.add_argument("--evaluation", nargs=4, action="append", required=True,
-                   metavar=("NAME", "SPLIT", "PROTOCOL", "OUT"),
-                   help="one evaluation: its name, split, protocol (full | 5fold) and output JSON")
+    p.add_argument(
+        "--evaluation",
+        nargs=4,
+        action="append",
+        required=True,
+        metavar=("NAME", "SPLIT", "PROTOCOL", "OUT"),
+        help="one evaluation: its name, split, protocol (full | 5fold) and output JSON",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
@@ -57,11 +63,18 @@ def score_split(checkpoints, data, prepared, split, batch_size, device):
         images, caps = encode_split(model, features, captions, info.n_captions, batch_size, device)
         scorers.append(representation_scorer(model, images, caps, info.n_images))
         loss_config = json.loads(checkpoint.get("loss_config", "{}"))
-        models.append({"checkpoint": str(path), "model": model.name,
-                       "variant": loss_config.get("variant", "baseline"), "seed": checkpoint.get("seed"),
-                       "epoch": checkpoint.get("epoch"), "iteration": checkpoint.get("iteration"),
-                       "loss_config": loss_config,
-                       "train_config": json.loads(checkpoint.get("train_config", "{}"))})
+        models.append(
+            {
+                "checkpoint": str(path),
+                "model": model.name,
+                "variant": loss_config.get("variant", "baseline"),
+                "seed": checkpoint.get("seed"),
+                "epoch": checkpoint.get("epoch"),
+                "iteration": checkpoint.get("iteration"),
+                "loss_config": loss_config,
+                "train_config": json.loads(checkpoint.get("train_config", "{}")),
+            }
+        )
     scorer = scorers[0] if len(scorers) == 1 else ensemble_scorer(scorers)
     return scorer, info.n_images, models
 
@@ -71,28 +84,42 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     remove_stale_temporaries(*(e[3] for e in args.evaluation))
-    for name, split, protocol, _ in args.evaluation:
+    for name, _, protocol, _ in args.evaluation:
         if protocol not in ("full", "5fold"):
             raise SystemExit(f"error: evaluation {name}: protocol must be full or 5fold, not {protocol!r}")
     if args.threads > 0:
         import torch
+
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     log.info("accelerated paths: %s", accel.summary())
     for split in dict.fromkeys(e[1] for e in args.evaluation):
-        scorer, n_images, models = score_split(args.checkpoints, args.data, args.prepared, split,
-                                               args.batch_size, device)
+        scorer, n_images, models = score_split(
+            args.checkpoints, args.data, args.prepared, split, args.batch_size, device
+        )
         for name, _, protocol, out in (e for e in args.evaluation if e[1] == split):
             try:
                 metrics = evaluate(scorer, protocol)
             except ValueError as err:
                 raise SystemExit(f"error: evaluation {name} on split {split}: {err}") from None
             label = args.label or "+".join(dict.fromkeys(m["model"] for m in models))
-            result = {**metrics, "evaluation": name, "label": label, "protocol": protocol,
-                      "split": split, "models": models}
+            result = {
+                **metrics,
+                "evaluation": name,
+                "label": label,
+                "protocol": protocol,
+                "split": split,
+                "models": models,
+            }
             write_text_atomic(out, json.dumps(result, indent=2))
-            log.info("EVAL %s split=%s protocol=%s models=%d %s", name, split, protocol, len(models),
-                     " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS))
+            log.info(
+                "EVAL %s split=%s protocol=%s models=%d %s",
+                name,
+                split,
+                protocol,
+                len(models),
+                " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS),
+            )
     return 0
 
 

@@ -14,6 +14,7 @@ of its own: the workflow wraps the command of every GPU job in it (workflow/rule
 Example:
     python -m pipeline_steps.gpu_slot --gpus 1 -- python -m pipeline_steps.evaluate ...
 """
+
 import argparse
 import fcntl
 import os
@@ -29,7 +30,7 @@ def local_devices(slots=None, env=os.environ):
     count = slots if slots is not None else env.get("AOQ_LOCAL_GPUS")
     if "CUDA_VISIBLE_DEVICES" in env:  # set empty, it hides every device
         visible = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-        return visible if count is None else visible[:int(count)]
+        return visible if count is None else visible[: int(count)]
     if count is None:
         count = count_nvidia_gpus()
     return [str(i) for i in range(int(count))]
@@ -64,8 +65,9 @@ def acquire(n, devices, lock_dir, poll_s=0.5):
         for _, fd in held:  # never sit on some slots while waiting for others
             os.close(fd)
         if not waiting:
-            print(f"gpu_slot: waiting for {n} free GPU slot(s) of {len(devices)}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"gpu_slot: waiting for {n} free GPU slot(s) of {len(devices)}", file=sys.stderr, flush=True
+            )
             waiting = True
         time.sleep(poll_s)
 
@@ -74,8 +76,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, required=True, help="GPUs this job asked for")
     p.add_argument("--slots", type=int, help="GPUs of this machine (default: see above)")
-    p.add_argument("--lock-dir", default=os.environ.get(
-        "AOQ_GPU_LOCK_DIR", os.path.join(tempfile.gettempdir(), "aoq-gpu-slots")))
+    p.add_argument(
+        "--lock-dir",
+        default=os.environ.get("AOQ_GPU_LOCK_DIR", os.path.join(tempfile.gettempdir(), "aoq-gpu-slots")),
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command and its arguments")
     args = p.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -90,8 +94,11 @@ def main(argv=None):
     if args.gpus > 0 and not os.environ.get("SLURM_JOB_ID"):
         devices = local_devices(args.slots)
         if not devices:
-            print(f"gpu_slot: {args.gpus} GPU(s) asked for but none found; running without",
-                  file=sys.stderr, flush=True)
+            print(
+                f"gpu_slot: {args.gpus} GPU(s) asked for but none found; running without",
+                file=sys.stderr,
+                flush=True,
+            )
         elif args.gpus > len(devices):
             sys.exit(f"gpu_slot: {args.gpus} GPUs asked for but this machine has {len(devices)}")
         else:
@@ -101,8 +108,11 @@ def main(argv=None):
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(device for device, _ in held)
-            print(f"gpu_slot: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"gpu_slot: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}",
+                file=sys.stderr,
+                flush=True,
+            )
     os.execvp(args.command[0], args.command)
 
 

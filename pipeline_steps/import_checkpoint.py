@@ -12,6 +12,7 @@ Example:
     python -m pipeline_steps.import_checkpoint --reference runs/aoq_f30k_1/model_best.pth.tar \
         --arch vsrn --prepared results/f30k_precomp/prepared --out released/vsrn_aoq_1.pt
 """
+
 import argparse
 import json
 import logging
@@ -20,10 +21,10 @@ import sys
 from models import create_model
 from models.registry import model_class
 from pipeline_steps.common.atomic import remove_stale_temporaries
-from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.data.reference_files import load_reference_checkpoint
 from pipeline_steps.data.splits import read_manifest
+from pipeline_steps.training.checkpoint import save_checkpoint
 
 log = logging.getLogger("import_checkpoint")
 
@@ -52,15 +53,25 @@ def main(argv=None):
         config |= json.loads(args.model_config)
         vocab_size = read_manifest(args.prepared)["vocab_size"]
         if config["vocab_size"] != vocab_size:
-            raise ValueError(f"the checkpoint has a vocabulary of {config['vocab_size']} words, the "
-                             f"prepared data {vocab_size}: prepare the data with the released vocabulary")
+            raise ValueError(
+                f"the checkpoint has a vocabulary of {config['vocab_size']} words, the "
+                f"prepared data {vocab_size}: prepare the data with the released vocabulary"
+            )
         model = create_model(args.arch, **config)
         model.load_reference_state(reference["model"])
     except (ValueError, KeyError) as err:
         raise SystemExit(f"error: {args.reference}: {err}") from None
-    save_checkpoint(args.out, model, epoch=reference["epoch"], iteration=reference["eiters"],
-                    val_score4=reference["best_rsum"], seed=None, source=str(args.reference),
-                    loss_config=json.dumps({"variant": "released"}), train_config="{}")
+    save_checkpoint(
+        args.out,
+        model,
+        epoch=reference["epoch"],
+        iteration=reference["eiters"],
+        val_score4=reference["best_rsum"],
+        seed=None,
+        source=str(args.reference),
+        loss_config=json.dumps({"variant": "released"}),
+        train_config="{}",
+    )
     log.info("imported %s (%s, epoch %s) -> %s", args.reference, args.arch, reference["epoch"], args.out)
     return 0
 

@@ -18,6 +18,7 @@ Example:
     python -m pipeline_steps.make_demo_data --out resources/demo --seed 0 --n-train 2000 \
         --n-dev 200 --n-test 200 --n-testall-per-fold 100 --img-dim 128
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -34,9 +35,9 @@ N_FOLDS = 5
 SPLITS = ("train", "dev", "test", "testall")
 
 # Tuned so a bag-of-words ridge proxy gets image->text R@1 well inside (chance, perfect).
-INSTANCE_NOISE = 0.7   # shared by all regions of one object: averaging regions cannot remove it
-REGION_NOISE = 1.0     # independent per region, like jittered detector boxes
-P_RARE = 0.004         # rare synonyms: a handful of uses per split, so a vocab threshold matters
+INSTANCE_NOISE = 0.7  # shared by all regions of one object: averaging regions cannot remove it
+REGION_NOISE = 1.0  # independent per region, like jittered detector boxes
+P_RARE = 0.004  # rare synonyms: a handful of uses per split, so a vocab threshold matters
 
 
 def _phrases(text):
@@ -69,8 +70,9 @@ red:red|crimson,scarlet blue:blue|azure green:green|emerald yellow:yellow|golden
 black:black|ebony white:white|ivory brown:brown|chestnut orange:orange|tangerine
 pink:pink|rosy gray:gray,grey|ashen
 """)
-SIZES = _lexicon("tiny:tiny|miniature small:small,little|petite large:large,big|sizable "
-                 "huge:huge,giant|colossal")
+SIZES = _lexicon(
+    "tiny:tiny|miniature small:small,little|petite large:large,big|sizable huge:huge,giant|colossal"
+)
 SETTINGS = _lexicon("""
 park:in_the_park,at_the_park|in_a_meadow street:on_the_street,on_a_road|on_a_boulevard
 kitchen:in_the_kitchen,in_a_kitchen|in_a_scullery beach:on_the_beach,at_the_shore|on_the_seashore
@@ -78,17 +80,24 @@ field:in_a_field,on_the_grass|in_a_pasture room:in_a_room,in_the_living_room|in_
 office:in_an_office,at_the_office|in_a_workplace garden:in_the_garden,in_a_backyard|in_an_orchard
 lake:by_the_lake,near_the_water|by_a_lagoon snow:in_the_snow,on_a_snowy_hill|in_a_snowdrift
 """)
-RELATIONS = _lexicon("on:on,on_top_of|atop next_to:next_to,beside|alongside under:under,below|"
-                     "beneath behind:behind|in_back_of near:near,close_to|nigh "
-                     "in_front_of:in_front_of|ahead_of")
+RELATIONS = _lexicon(
+    "on:on,on_top_of|atop next_to:next_to,beside|alongside under:under,below|"
+    "beneath behind:behind|in_back_of near:near,close_to|nigh "
+    "in_front_of:in_front_of|ahead_of"
+)
 # Objects this size cover this many of the 36 boxes (+0/1); 4 huge objects + 3 relation boxes
 # still fit in 36 regions.
 SIZE_REGIONS = {"tiny": 2, "small": 3, "large": 5, "huge": 7}
 VERBS = ["is", "sits", "is sitting", "is standing", "rests", "is lying", "is placed"]
-OPENERS = ["a photo of", "a picture of", "an image showing", "there is", "a view of",
-           "a close up of"]
-FILLERS = ["on a sunny day", "in this picture", "during the day", "in the photo",
-           "on a cloudy afternoon", "in the daytime"]
+OPENERS = ["a photo of", "a picture of", "an image showing", "there is", "a view of", "a close up of"]
+FILLERS = [
+    "on a sunny day",
+    "in this picture",
+    "during the day",
+    "in the photo",
+    "on a cloudy afternoon",
+    "in the daytime",
+]
 
 
 def _pick(rng, seq):
@@ -133,8 +142,9 @@ def make_scenes(n, rng):
     fam = 0
     while len(scenes) < n:
         base = _random_scene(rng)
-        members = [(base, "base")] + [_variant(base, rng) for _ in
-                                       range(int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15])))]
+        members = [(base, "base")] + [
+            _variant(base, rng) for _ in range(int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15])))
+        ]
         for scene, kind in members:
             scenes.append(scene)
             family.append(fam)
@@ -146,9 +156,16 @@ def make_scenes(n, rng):
 
 def make_prototypes(seed, dim):
     rng = np.random.default_rng([seed, 1000])
-    return {name: dict(zip(table, rng.standard_normal((len(table), dim)).astype(np.float32)))
-            for name, table in (("objects", OBJECTS), ("colours", COLOURS), ("sizes", SIZES),
-                                ("settings", SETTINGS), ("relations", RELATIONS))}
+    return {
+        name: dict(zip(table, rng.standard_normal((len(table), dim)).astype(np.float32)))
+        for name, table in (
+            ("objects", OBJECTS),
+            ("colours", COLOURS),
+            ("sizes", SIZES),
+            ("settings", SETTINGS),
+            ("relations", RELATIONS),
+        )
+    }
 
 
 def image_features(scene, protos, rng, out):
@@ -156,16 +173,22 @@ def image_features(scene, protos, rng, out):
     dim = out.shape[1]
     k, bases = 0, []
     for cls, col, size in scene["objects"]:
-        base = (protos["objects"][cls] + 0.6 * protos["colours"][col]
-                + 0.4 * protos["sizes"][size] + INSTANCE_NOISE * rng.standard_normal(dim))
+        base = (
+            protos["objects"][cls]
+            + 0.6 * protos["colours"][col]
+            + 0.4 * protos["sizes"][size]
+            + INSTANCE_NOISE * rng.standard_normal(dim)
+        )
         n = SIZE_REGIONS[size] + int(rng.integers(2))
-        out[k:k + n] = (rng.uniform(0.6, 1.4, (n, 1)) * base
-                        + REGION_NOISE * rng.standard_normal((n, dim)))
+        out[k : k + n] = rng.uniform(0.6, 1.4, (n, 1)) * base + REGION_NOISE * rng.standard_normal((n, dim))
         bases.append(base)
         k += n
     for i, j, rel in scene["relations"]:  # a union box sees both objects and their arrangement
-        out[k] = (0.5 * (bases[i] + bases[j]) + 0.7 * protos["relations"][rel]
-                  + REGION_NOISE * rng.standard_normal(dim))
+        out[k] = (
+            0.5 * (bases[i] + bases[j])
+            + 0.7 * protos["relations"][rel]
+            + REGION_NOISE * rng.standard_normal(dim)
+        )
         k += 1
     n_bg = N_REGIONS - k
     setting = (rng.random((n_bg, 1)) < 0.7) * protos["settings"][scene["setting"]]
@@ -236,8 +259,13 @@ def write_split(out_dir, split, n_images, seed, protos, dim, rows_per_caption=Fa
     with atomic_path(Path(out_dir) / f"{split}_ims.npy") as tmp:
         np.save(tmp, ims)
     write_text_atomic(Path(out_dir) / f"{split}_caps.txt", "\n".join(captions) + "\n")
-    return {"images": n_images, "rows": int(ims.shape[0]), "family": family, "change": change,
-            "scenes": scenes}
+    return {
+        "images": n_images,
+        "rows": int(ims.shape[0]),
+        "family": family,
+        "change": change,
+        "scenes": scenes,
+    }
 
 
 def _positive_int(text):
@@ -257,11 +285,18 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=_positive_int, default=2000, help="train images")
     p.add_argument("--n-dev", type=_positive_int, default=200, help="dev images")
     p.add_argument("--n-test", type=_positive_int, default=200, help="test images")
-    p.add_argument("--n-testall-per-fold", type=_positive_int, default=100,
-                   help=f"testall images per fold; testall holds {N_FOLDS} folds")
+    p.add_argument(
+        "--n-testall-per-fold",
+        type=_positive_int,
+        default=100,
+        help=f"testall images per fold; testall holds {N_FOLDS} folds",
+    )
     p.add_argument("--img-dim", type=_positive_int, default=128, help="region feature size")
-    p.add_argument("--dev-rows-per-caption", action="store_true",
-                   help="store one dev image row per caption (Flickr30K layout)")
+    p.add_argument(
+        "--dev-rows-per-caption",
+        action="store_true",
+        help="store one dev image row per caption (Flickr30K layout)",
+    )
     args = p.parse_args(argv)
     if args.img_dim < 8:
         p.error(f"--img-dim must be >= 8, got {args.img_dim}")
@@ -272,20 +307,39 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    remove_stale_temporaries(Path(args.out) / "demo_meta.json",
-                             *(Path(args.out) / f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt")))
-    sizes = {"train": args.n_train, "dev": args.n_dev, "test": args.n_test,
-             "testall": N_FOLDS * args.n_testall_per_fold}
+    remove_stale_temporaries(
+        Path(args.out) / "demo_meta.json",
+        *(Path(args.out) / f"{s}_{kind}" for s in SPLITS for kind in ("ims.npy", "caps.txt")),
+    )
+    sizes = {
+        "train": args.n_train,
+        "dev": args.n_dev,
+        "test": args.n_test,
+        "testall": N_FOLDS * args.n_testall_per_fold,
+    }
     protos = make_prototypes(args.seed, args.img_dim)
-    meta = {"generator_version": GENERATOR_VERSION, "seed": args.seed, "img_dim": args.img_dim,
-            "regions": N_REGIONS, "captions_per_image": CAPTIONS_PER_IMAGE, "testall_folds": N_FOLDS,
-            "dev_rows_per_caption": args.dev_rows_per_caption, "sizes": sizes,
-            "lexicon": {"objects": {k: v[0] + v[1] for k, v in OBJECTS.items()}},
-            "splits": {}}
+    meta = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": args.seed,
+        "img_dim": args.img_dim,
+        "regions": N_REGIONS,
+        "captions_per_image": CAPTIONS_PER_IMAGE,
+        "testall_folds": N_FOLDS,
+        "dev_rows_per_caption": args.dev_rows_per_caption,
+        "sizes": sizes,
+        "lexicon": {"objects": {k: v[0] + v[1] for k, v in OBJECTS.items()}},
+        "splits": {},
+    }
     for split in SPLITS:
         meta["splits"][split] = write_split(
-            args.out, split, sizes[split], args.seed, protos, args.img_dim,
-            rows_per_caption=(split == "dev" and args.dev_rows_per_caption))
+            args.out,
+            split,
+            sizes[split],
+            args.seed,
+            protos,
+            args.img_dim,
+            rows_per_caption=(split == "dev" and args.dev_rows_per_caption),
+        )
     write_text_atomic(args.out / "demo_meta.json", json.dumps(meta, sort_keys=True) + "\n")
 
 

@@ -15,6 +15,7 @@ Example:
         --out-i2t results/candidates/vsepp/seed0/i2t_demo.npy \
         --out-t2i results/candidates/vsepp/seed0/t2i_demo.npy --k-i2t 2000 --k-t2i 400
 """
+
 import argparse
 import logging
 import sys
@@ -42,12 +43,20 @@ def parse_args(argv):
     p.add_argument("--k-i2t", type=int, default=2000)
     p.add_argument("--k-t2i", type=int, default=400)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="score precision; float16/bfloat16 only on GPU")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="score precision; float16/bfloat16 only on GPU",
+    )
     p.add_argument("--block-mb", type=int, default=256, help="memory for one block of scores")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="selection engine: native (compiled, CPU), torch (CPU or GPU), auto")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="selection engine: native (compiled, CPU), torch (CPU or GPU), auto",
+    )
     return p.parse_args(argv)
 
 
@@ -64,25 +73,45 @@ def main(argv=None):
     with h5py.File(args.embeddings, "r") as h5:
         images, captions = h5["images"], h5["captions"]
         n_img, n_cap = images.shape[0], captions.shape[0]
-        log.info("mining %d images x %d captions on %s (t2i lists: %.0f MiB on CPU)", n_img, n_cap,
-                 device, t2i_queue_bytes(n_cap, args.k_t2i) / 2**20)
+        log.info(
+            "mining %d images x %d captions on %s (t2i lists: %.0f MiB on CPU)",
+            n_img,
+            n_cap,
+            device,
+            t2i_queue_bytes(n_cap, args.k_t2i) / 2**20,
+        )
         with atomic_path(args.out_i2t) as tmp_i2t, atomic_path(args.out_t2i) as tmp_t2i:
-            out_i2t = np.lib.format.open_memmap(tmp_i2t, mode="w+", dtype=np.int32,
-                                                shape=(n_img, args.k_i2t))
-            out_t2i = np.lib.format.open_memmap(tmp_t2i, mode="w+", dtype=np.int32,
-                                                shape=(n_cap, args.k_t2i))
+            out_i2t = np.lib.format.open_memmap(tmp_i2t, mode="w+", dtype=np.int32, shape=(n_img, args.k_i2t))
+            out_t2i = np.lib.format.open_memmap(tmp_t2i, mode="w+", dtype=np.int32, shape=(n_cap, args.k_t2i))
             try:
                 with tqdm(total=n_img, desc="mining", unit="img", mininterval=5, file=sys.stderr) as bar:
-                    mine_both(images, captions, args.k_i2t, args.k_t2i, out_i2t, out_t2i,
-                              device=device, dtype=DTYPES[args.dtype], max_block_elems=max_block_elems,
-                              engine=args.engine, progress=bar.update)
+                    mine_both(
+                        images,
+                        captions,
+                        args.k_i2t,
+                        args.k_t2i,
+                        out_i2t,
+                        out_t2i,
+                        device=device,
+                        dtype=DTYPES[args.dtype],
+                        max_block_elems=max_block_elems,
+                        engine=args.engine,
+                        progress=bar.update,
+                    )
             except ValueError as err:
                 raise SystemExit(f"error: {args.embeddings}: {err}") from None
             out_i2t.flush()
             out_t2i.flush()
             del out_i2t, out_t2i
-    log.info("wrote %s (%d x %d) and %s (%d x %d)", args.out_i2t, n_img, args.k_i2t,
-             args.out_t2i, n_cap, args.k_t2i)
+    log.info(
+        "wrote %s (%d x %d) and %s (%d x %d)",
+        args.out_i2t,
+        n_img,
+        args.k_i2t,
+        args.out_t2i,
+        n_cap,
+        args.k_t2i,
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ Example:
     python -m pipeline_steps.prepare_data --data results/demo_data/demo_precomp \
         --out results/prepared/demo_precomp --img-dim 128 --splits train dev test testall
 """
+
 import argparse
 import json
 import logging
@@ -24,8 +25,14 @@ from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, 
 from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.data.precomp import DataError, validate_split
 from pipeline_steps.data.reference_files import load_vocab_pickle
-from pipeline_steps.data.text import (build_vocab, encode, load_vocab_json, make_tokenizer,
-                                        read_caption_lines, vocab_json_text)
+from pipeline_steps.data.text import (
+    build_vocab,
+    encode,
+    load_vocab_json,
+    make_tokenizer,
+    read_caption_lines,
+    vocab_json_text,
+)
 
 log = logging.getLogger("prepare_data")
 
@@ -36,12 +43,18 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--img-dim", type=int, required=True, help="expected feature width D")
     parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
-    parser.add_argument("--dataset-name", default=None,
-                        help="coco_precomp / f30k_precomp: also check the release's split sizes")
+    parser.add_argument(
+        "--dataset-name",
+        default=None,
+        help="coco_precomp / f30k_precomp: also check the release's split sizes",
+    )
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--vocab-json", default=None, help="use this SCAN vocab json instead of building one")
-    vocab.add_argument("--vocab-pkl", default=None,
-                       help="use this VSRN/AOQ vocabulary pickle (Python 2, loaded without unpickling code)")
+    vocab.add_argument(
+        "--vocab-pkl",
+        default=None,
+        help="use this VSRN/AOQ vocabulary pickle (Python 2, loaded without unpickling code)",
+    )
     parser.add_argument("--vocab-threshold", type=int, default=4)
     parser.add_argument("--tokenizer", choices=["auto", "punkt", "preserve_line"], default="auto")
     return parser.parse_args(argv)
@@ -78,13 +91,15 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
-    remove_stale_temporaries(out / "vocab.json", out / "manifest.json",
-                             *(out / f"{split}_ids.npz" for split in args.splits))
+    remove_stale_temporaries(
+        out / "vocab.json", out / "manifest.json", *(out / f"{split}_ids.npz" for split in args.splits)
+    )
     if "train" not in args.splits:
         raise SystemExit("--splits must include train")
     try:
-        infos = {s: validate_split(args.data, s, args.img_dim, dataset=args.dataset_name)
-                 for s in args.splits}
+        infos = {
+            s: validate_split(args.data, s, args.img_dim, dataset=args.dataset_name) for s in args.splits
+        }
         word2idx = None
         if args.vocab_json:
             word2idx = load_vocab_json(args.vocab_json)
@@ -98,7 +113,7 @@ def main(argv=None):
     captions = {}
     for split, info in infos.items():  # the cheap check of every split before any tokenizing
         path = Path(args.data) / f"{split}_caps.txt"
-        captions[split] = (path, read_caption_lines(path)[:info.n_captions])
+        captions[split] = (path, read_caption_lines(path)[: info.n_captions])
         _refuse_blank_lines(*captions[split])
     tokenize, tokenizer_name = make_tokenizer(args.tokenizer)
     tokens = {}
@@ -114,8 +129,13 @@ def main(argv=None):
         vocab_source = f"loaded: {args.vocab_json or args.vocab_pkl}"
 
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"data": str(args.data), "tokenizer": tokenizer_name, "vocab": vocab_source,
-                "vocab_size": len(word2idx), "splits": {}}
+    manifest = {
+        "data": str(args.data),
+        "tokenizer": tokenizer_name,
+        "vocab": vocab_source,
+        "vocab_size": len(word2idx),
+        "splits": {},
+    }
     for split, token_lists in tokens.items():
         ids, offsets = encode(token_lists, word2idx)
         with atomic_path(out / f"{split}_ids.npz") as tmp:

@@ -11,6 +11,7 @@ Example:
         --val-logs results/train/*/*/*/val_log.csv --out-md report.md --out-csv report.csv \
         --out-png curves.png
 """
+
 import argparse
 import json
 import sys
@@ -42,11 +43,17 @@ def metrics_table(paths):
     for path in paths:
         result = json.loads(Path(path).read_text(encoding="utf-8"))
         variants = {m["variant"] for m in result["models"]}
-        rows.append({"evaluation": result["evaluation"], "split": result["split"],
-                     "protocol": result["protocol"], "model": result.get("label", result["models"][0]["model"]),
-                     "variant": variants.pop() if len(variants) == 1 else "mixed",
-                     "ensemble_size": len(result["models"]),
-                     **{k: result[k] for k in COLUMNS + ["i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]}})
+        rows.append(
+            {
+                "evaluation": result["evaluation"],
+                "split": result["split"],
+                "protocol": result["protocol"],
+                "model": result.get("label", result["models"][0]["model"]),
+                "variant": variants.pop() if len(variants) == 1 else "mixed",
+                "ensemble_size": len(result["models"]),
+                **{k: result[k] for k in COLUMNS + ["i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]},
+            }
+        )
     table = pd.DataFrame(rows)
     order = {v: i for i, v in enumerate(VARIANT_LABELS)}
     table["_order"] = table["variant"].map(order).fillna(len(order))
@@ -54,14 +61,22 @@ def metrics_table(paths):
 
 
 def markdown(table, title):
-    lines = [f"# {title}", "",
-             "Sentence retrieval = image to text (i2t); image retrieval = text to image (t2i). "
-             "Rows with an ensemble size above 1 score with the mean of the models' similarity matrices.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        "Sentence retrieval = image to text (i2t); image retrieval = text to image (t2i). "
+        "Rows with an ensemble size above 1 score with the mean of the models' similarity matrices.",
+        "",
+    ]
     for evaluation, group in table.groupby("evaluation", sort=False):
         first = group.iloc[0]
-        lines += [f"## {evaluation} (split `{first['split']}`, protocol `{first['protocol']}`)", "",
-                  "| | | Sentence retrieval | | | Image retrieval | | | |", HEADER,
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {evaluation} (split `{first['split']}`, protocol `{first['protocol']}`)",
+            "",
+            "| | | Sentence retrieval | | | Image retrieval | | | |",
+            HEADER,
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for _, row in group.iterrows():
             method = VARIANT_LABELS.get(row["variant"], row["variant"])
             size = f" (ensemble of {row['ensemble_size']})" if row["ensemble_size"] > 1 else ""
@@ -73,8 +88,10 @@ def markdown(table, title):
 
 def plot_curves(log_paths, target):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.get_cmap("tab20").colors  # more runs than the default cycle's 10 colours
     for axis in axes:
@@ -86,8 +103,9 @@ def plot_curves(log_paths, target):
         axes[1].plot(log["iteration"], log["train_loss"], marker=".", label=label)
     axes[0].set(xlabel="iteration", ylabel="dev i2t R@1+R@5 + t2i R@1+R@5", title="validation")
     # Log scale: warm-up epochs sum the hinge over all negatives and are orders of magnitude larger.
-    axes[1].set(xlabel="iteration", ylabel="mean training loss since last validation", title="training",
-                yscale="log")
+    axes[1].set(
+        xlabel="iteration", ylabel="mean training loss since last validation", title="training", yscale="log"
+    )
     if log_paths:
         axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -103,7 +121,9 @@ def main(argv=None):
     table = metrics_table(args.metrics)
     write_text_atomic(args.out_csv, table.to_csv(index=False, float_format="%.4f"))
     plot_curves(args.val_logs, args.out_png)
-    write_text_atomic(args.out_md, markdown(table, args.title) + f"\n![training curves]({Path(args.out_png).name})\n")
+    write_text_atomic(
+        args.out_md, markdown(table, args.title) + f"\n![training curves]({Path(args.out_png).name})\n"
+    )
     return 0
 
 

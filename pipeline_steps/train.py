@@ -19,6 +19,7 @@ Example:
         --loss-config '{"variant": "baseline"}' --seed 0 --out-best best.pt --out-last last.pt \
         --out-log val.csv --resume-dir /tmp/resume
 """
+
 import argparse
 import csv
 import hashlib
@@ -29,7 +30,6 @@ import math
 import shutil
 import sys
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,18 +38,18 @@ from tqdm import tqdm
 import accel
 from models import create_model
 from models.losses import LossConfig, OfflineScores, retrieval_loss
-from pipeline_steps.training import distributed
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
-from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
-from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.common.errors import InputError, one_line_errors
+from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
+from pipeline_steps.data.splits import open_split, read_manifest
 from pipeline_steps.retrieval.encode import encode_split
 from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate, val_score4
 from pipeline_steps.retrieval.scorers import representation_scorer
+from pipeline_steps.training import distributed
+from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.training.optim import Optimizers
 from pipeline_steps.training.precision import MixedPrecision
 from pipeline_steps.training.resume import FolderInUse, ResumeFolder, best_name
-from pipeline_steps.data.splits import open_split, read_manifest
 
 log = logging.getLogger("train")
 
@@ -59,14 +59,14 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     learning_rate: float = 2e-4
-    lr_update: int = 15          # lr x0.1 every lr_update epochs
-    grad_clip: float = 2.0       # total-norm clip; <= 0 disables
-    val_step: int = 500          # also validate every val_step iterations
-    offline_size: int = 300      # offline negatives drawn from the top offline_size candidates
+    lr_update: int = 15  # lr x0.1 every lr_update epochs
+    grad_clip: float = 2.0  # total-norm clip; <= 0 disables
+    val_step: int = 500  # also validate every val_step iterations
+    offline_size: int = 300  # offline negatives drawn from the top offline_size candidates
     eval_batch_size: int = 256
     workers: int = 0
-    allow_tf32: bool = False     # the reference ran in full fp32 (Q-TF32); True is faster on GPUs
-    amp: str = "none"            # none | bf16 | fp16 autocast of forward and loss (common/precision.py)
+    allow_tf32: bool = False  # the reference ran in full fp32 (Q-TF32); True is faster on GPUs
+    amp: str = "none"  # none | bf16 | fp16 autocast of forward and loss (common/precision.py)
     # Epochs at the start that sum the online hinge over all in-batch negatives (VSE0) instead of
     # taking the hardest one. 0 = the reference. From random init on weak features the hardest
     # negative can collapse every embedding onto one point; a warm-up epoch (as VSE-infinity's
@@ -86,10 +86,17 @@ def parse_args(argv):
     p.add_argument("--candidates-i2t")
     p.add_argument("--candidates-t2i")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:k]; under torchrun/srun, "
-                   "auto and cuda mean this process's GPU")
-    p.add_argument("--distributed", choices=["auto", "off"], default="auto",
-                   help="auto: join the process group of a torchrun or srun launch, if any")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda[:k]; under torchrun/srun, auto and cuda mean this process's GPU",
+    )
+    p.add_argument(
+        "--distributed",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: join the process group of a torchrun or srun launch, if any",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--out-best", required=True)
     p.add_argument("--out-last", required=True)
@@ -108,8 +115,17 @@ def _json_config(text, cls, what):
 
 def fingerprint(args):
     """What makes two runs the same run; resume state from a different run is not reused."""
-    keys = ["data", "prepared", "model", "model_config", "train_config", "loss_config",
-            "candidates_i2t", "candidates_t2i", "seed"]
+    keys = [
+        "data",
+        "prepared",
+        "model",
+        "model_config",
+        "train_config",
+        "loss_config",
+        "candidates_i2t",
+        "candidates_t2i",
+        "seed",
+    ]
     text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -140,8 +156,12 @@ def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
             cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
             img4 = model.encode_images(batch["pos2_images"].to(device))
             cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
-        paired = dict(off_t=model.score_paired(img, cap3), off_i=model.score_paired(img3, cap),
-                      quin_a=model.score_paired(img3, cap3), quin_b=model.score_paired(img4, cap4))
+        paired = dict(
+            off_t=model.score_paired(img, cap3),
+            off_i=model.score_paired(img3, cap),
+            quin_a=model.score_paired(img3, cap3),
+            quin_b=model.score_paired(img4, cap4),
+        )
         offline = OfflineScores(**{name: ctx.whole_batch(score) for name, score in paired.items()})
     img = ctx.whole_batch(img, model.concat_representations)
     cap = ctx.whole_batch(cap, model.concat_representations)
@@ -216,20 +236,38 @@ class Run:
         if self.ctx.is_main:
             cuda_all = torch.cuda.is_available() and not self.ctx.enabled  # a process touches its GPU only
             best = None if self.best_iteration is None else best_name(self.best_iteration)
-            self.folder.save_state({
-                "fingerprint": self.fingerprint, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if cuda_all else [], "rank_rng": rank_rng,
-                "epoch": self.epoch, "next_batch": self.next_batch, "iteration": self.iteration,
-                "best_score": self.best_score, "best_iteration": self.best_iteration,
-                "best_file": best, "history": self.history})
+            self.folder.save_state(
+                {
+                    "fingerprint": self.fingerprint,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if cuda_all else [],
+                    "rank_rng": rank_rng,
+                    "epoch": self.epoch,
+                    "next_batch": self.next_batch,
+                    "iteration": self.iteration,
+                    "best_score": self.best_score,
+                    "best_iteration": self.best_iteration,
+                    "best_file": best,
+                    "history": self.history,
+                }
+            )
         self.saved_iteration = self.iteration
         self.ctx.barrier()
 
     def checkpoint(self, path, metrics):
-        save_checkpoint(path, self.model, epoch=self.epoch, iteration=self.iteration,
-                        val_score4=val_score4(metrics), metrics=metrics, seed=self.args.seed,
-                        train_config=self.args.train_config, loss_config=self.args.loss_config)
+        save_checkpoint(
+            path,
+            self.model,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            val_score4=val_score4(metrics),
+            metrics=metrics,
+            seed=self.args.seed,
+            train_config=self.args.train_config,
+            loss_config=self.args.loss_config,
+        )
 
     @property
     def best_path(self):
@@ -243,13 +281,27 @@ def run_validation(run, dev, cfg, device, train_loss, lr, label):
     if is_best:
         run.best_score, run.best_iteration = score, run.iteration
         run.checkpoint(run.best_path, metrics)  # a new name: the saved state still names the old one
-    row = {"epoch": run.epoch, "iteration": run.iteration, "lr": lr, "train_loss": train_loss,
-           **{k: round(metrics[k], 4) for k in RECALL_COLUMNS}, "val_score4": round(score, 4),
-           "best": int(is_best)}
+    row = {
+        "epoch": run.epoch,
+        "iteration": run.iteration,
+        "lr": lr,
+        "train_loss": train_loss,
+        **{k: round(metrics[k], 4) for k in RECALL_COLUMNS},
+        "val_score4": round(score, 4),
+        "best": int(is_best),
+    }
     run.history.append(row)
-    log.info("VAL %s epoch=%d iter=%d lr=%.3g train_loss=%.4f %s val_score4=%.2f best=%d", label,
-             run.epoch, run.iteration, lr, train_loss,
-             " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS), score, int(is_best))
+    log.info(
+        "VAL %s epoch=%d iter=%d lr=%.3g train_loss=%.4f %s val_score4=%.2f best=%d",
+        label,
+        run.epoch,
+        run.iteration,
+        lr,
+        train_loss,
+        " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS),
+        score,
+        int(is_best),
+    )
 
 
 class NonFinite(Exception):
@@ -260,10 +312,15 @@ def check_finite(what, value, label, run):
     """Stop at once on a NaN/Inf, naming the run and the step. The resume state of the last
     validation stays, so a rerun replays the same steps and stops the same way."""
     if not math.isfinite(value):
-        kept = ("no resume state yet" if run.saved_iteration is None else
-                f"the resume state of iteration {run.saved_iteration} is kept in {run.dir}")
-        raise NonFinite(f"non-finite {what} ({value}) at {label} epoch={run.epoch} "
-                        f"iteration={run.iteration + 1}; training stopped, {kept}")
+        kept = (
+            "no resume state yet"
+            if run.saved_iteration is None
+            else f"the resume state of iteration {run.saved_iteration} is kept in {run.dir}"
+        )
+        raise NonFinite(
+            f"non-finite {what} ({value}) at {label} epoch={run.epoch} "
+            f"iteration={run.iteration + 1}; training stopped, {kept}"
+        )
 
 
 def history_csv(history):
@@ -298,8 +355,9 @@ def build(args, cfg, loss_cfg, ctx):
     ctx.prepare_model(model, args.seed)  # multi-process: whole-batch BatchNorm, own dropout streams
     candidates = None
     if loss_cfg.needs_offline:
-        candidates = OfflineCandidates(args.candidates_i2t, args.candidates_t2i, info.n_images,
-                                       cfg.offline_size)
+        candidates = OfflineCandidates(
+            args.candidates_i2t, args.candidates_t2i, info.n_images, cfg.offline_size
+        )
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     try:
@@ -322,16 +380,32 @@ def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, la
         optimizer.set_lr(lr)
         epoch_loss = loss_config_at_epoch(loss_cfg, cfg, run.epoch)
         batches = epoch_batches(info.n_captions, cfg.batch_size, seed, run.epoch)
-        dataset = TrainBatches(features, captions, batches, seed, run.epoch, candidates,
-                               first_batch=run.next_batch, caption_targets=caption_targets,
-                               shard=(ctx.rank, ctx.world_size))
+        dataset = TrainBatches(
+            features,
+            captions,
+            batches,
+            seed,
+            run.epoch,
+            candidates,
+            first_batch=run.next_batch,
+            caption_targets=caption_targets,
+            shard=(ctx.rank, ctx.world_size),
+        )
         # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
         # resumed run, which creates one mid-epoch, would diverge from an uninterrupted one.
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
-                                             generator=torch.Generator().manual_seed(seed))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=cfg.workers, generator=torch.Generator().manual_seed(seed)
+        )
         losses = []
-        bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=run.next_batch, total=len(batches),
-                   mininterval=5, file=sys.stderr, disable=not ctx.is_main)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {run.epoch}",
+            initial=run.next_batch,
+            total=len(batches),
+            mininterval=5,
+            file=sys.stderr,
+            disable=not ctx.is_main,
+        )
         for batch in bar:
             with precision.autocast():
                 loss, _ = training_loss(model, batch, epoch_loss, ctx.device, ctx)
@@ -367,11 +441,15 @@ def main(argv=None):
     cfg = _json_config(args.train_config, TrainConfig, "--train-config")
     loss_cfg = _json_config(args.loss_config, LossConfig, "--loss-config")
     if loss_cfg.needs_offline and not (args.candidates_i2t and args.candidates_t2i):
-        raise SystemExit(f"error: loss variant {loss_cfg.variant!r} needs --candidates-i2t and --candidates-t2i")
+        raise SystemExit(
+            f"error: loss variant {loss_cfg.variant!r} needs --candidates-i2t and --candidates-t2i"
+        )
     ctx = distributed.setup(args.device, enabled=args.distributed == "auto")
     prefix = f"[rank {ctx.rank}] " if ctx.enabled else ""
-    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
-                        format=f"%(asctime)s {prefix}%(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if ctx.is_main else logging.WARNING,
+        format=f"%(asctime)s {prefix}%(name)s %(message)s",
+    )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

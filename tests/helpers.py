@@ -1,4 +1,5 @@
 """Small builders shared by several test files."""
+
 import json
 import os
 import re
@@ -41,8 +42,17 @@ def write_config(workdir, config):
 
 
 def snakemake(workdir, config, *args):
-    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(workdir),
-                       "--configfile", str(write_config(workdir, config)), "--cores", "2", *args]
+    cmd = SNAKEMAKE + [
+        "-s",
+        str(SNAKEFILE),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(write_config(workdir, config)),
+        "--cores",
+        "2",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
 
 
@@ -55,18 +65,34 @@ def planned_jobs(result):
             rule = match.group(1)
             jobs.append((rule, ""))
         elif line.strip().startswith("wildcards:") and jobs:
-            jobs[-1] = (rule, line.strip()[len("wildcards:"):].strip())
+            jobs[-1] = (rule, line.strip()[len("wildcards:") :].strip())
     return jobs
 
 
 def make_prepared_demo(root, seed, n_train, n_dev, n_test, splits, img_dim=16):
     """A tiny generated dataset and its prepared folder under `root`: (data, prepared)."""
     data, prepared = root / "demo_precomp", root / "prepared"
-    make_demo_data.main(["--out", str(data), "--seed", str(seed), "--n-train", str(n_train),
-                         "--n-dev", str(n_dev), "--n-test", str(n_test), "--n-testall-per-fold", "4",
-                         "--img-dim", str(img_dim)])
-    prepare_data.main(["--data", str(data), "--out", str(prepared), "--img-dim", str(img_dim),
-                       "--splits", *splits])
+    make_demo_data.main(
+        [
+            "--out",
+            str(data),
+            "--seed",
+            str(seed),
+            "--n-train",
+            str(n_train),
+            "--n-dev",
+            str(n_dev),
+            "--n-test",
+            str(n_test),
+            "--n-testall-per-fold",
+            "4",
+            "--img-dim",
+            str(img_dim),
+        ]
+    )
+    prepare_data.main(
+        ["--data", str(data), "--out", str(prepared), "--img-dim", str(img_dim), "--splits", *splits]
+    )
     return data, prepared
 
 

@@ -1,5 +1,6 @@
 """The accelerated paths (accel/) against the plain ones, end to end; the one switch; builds that
 fail, hang or lack vector instructions cost speed only."""
+
 import json
 import os
 import platform
@@ -20,9 +21,12 @@ from pipeline_steps.retrieval import metrics, mining, scorers
 from pipeline_steps.train import training_loss
 from tests.helpers import REPO, make_prepared_demo
 
-SMALL = {"vsepp": {}, "vsrn": {"dim_hidden": 8, "dim_word": 8, "max_len": 20},
-         "scan": {"cross_attn": "t2i", "agg_func": "LogSumExp", "lambda_lse": 6.0},
-         "bfan": {"focal_type": "prob"}}
+SMALL = {
+    "vsepp": {},
+    "vsrn": {"dim_hidden": 8, "dim_word": 8, "max_len": 20},
+    "scan": {"cross_attn": "t2i", "agg_func": "LogSumExp", "lambda_lse": 6.0},
+    "bfan": {"focal_type": "prob"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +48,9 @@ def step(name, batches, variant):
     torch.manual_seed(0)
     model = create_model(name, vocab_size=vocab, img_dim=16, embed_size=16, word_dim=8, **SMALL[name])
     targets = model.caption_targets_of if model.needs_caption_targets else None
-    batch = TrainBatches(features, captions, epoch_batches(150, 32, 0, 0), 0, 0, candidates,
-                         caption_targets=targets)[1]
+    batch = TrainBatches(
+        features, captions, epoch_batches(150, 32, 0, 0), 0, 0, candidates, caption_targets=targets
+    )[1]
     model.train()
     torch.manual_seed(1)  # dropout
     loss, _ = training_loss(model, batch, LossConfig(variant), "cpu")
@@ -87,23 +92,36 @@ def test_evaluation_and_mining_are_the_same_with_and_without_acceleration():
     scores = img.astype(np.float64) @ cap.astype(np.float64).T
     # candidates: the same scores in the same order (the plain path may order tied ids otherwise)
     for got, want, table in ((fast[1], plain[1], scores), (fast[2], plain[2], scores.T)):
-        np.testing.assert_array_equal(np.take_along_axis(table, got.astype(np.int64), 1),
-                                      np.take_along_axis(table, want.astype(np.int64), 1))
+        np.testing.assert_array_equal(
+            np.take_along_axis(table, got.astype(np.int64), 1),
+            np.take_along_axis(table, want.astype(np.int64), 1),
+        )
 
 
 def test_the_environment_switch_turns_every_path_off():
-    code = ("import json, torch, accel; from accel import gru, topk, linear, l2norm, pairs; "
-            "x = torch.zeros(2, 3, requires_grad=True); "
-            "print(json.dumps([accel.enabled(), gru.applies(x), linear.applies(x), l2norm.applies(x), "
-            "pairs.applies(x, x), topk.load_kernel() is None, gru.cell_kernels() is None]))")
+    code = (
+        "import json, torch, accel; from accel import gru, topk, linear, l2norm, pairs; "
+        "x = torch.zeros(2, 3, requires_grad=True); "
+        "print(json.dumps([accel.enabled(), gru.applies(x), linear.applies(x), l2norm.applies(x), "
+        "pairs.applies(x, x), topk.load_kernel() is None, gru.cell_kernels() is None]))"
+    )
     for value, expected in (("1", [False, False, False, False, False, True, True]), (None, None)):
-        env = {k: v for k, v in os.environ.items() if k != "AOQ_NO_ACCEL"} | ({"AOQ_NO_ACCEL": value} if value else {})
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env,
-                             check=True).stdout
+        env = {k: v for k, v in os.environ.items() if k != "AOQ_NO_ACCEL"} | (
+            {"AOQ_NO_ACCEL": value} if value else {}
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env, check=True
+        ).stdout
         got = json.loads(out)
         assert got == (expected or [True, True, True, True, True, False, False]), got
-    report = subprocess.run([sys.executable, "-m", "accel"], cwd=REPO, capture_output=True, text=True,
-                            env=os.environ | {"AOQ_NO_ACCEL": "1"}, check=True).stdout
+    report = subprocess.run(
+        [sys.executable, "-m", "accel"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"AOQ_NO_ACCEL": "1"},
+        check=True,
+    ).stdout
     assert report.startswith("accelerated paths: off")
 
 
@@ -125,10 +143,21 @@ def test_a_hanging_compiler_times_out_and_the_torch_path_runs(tmp_path, monkeypa
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the baseline ISA flag is x86-64's")
 def test_kernels_built_without_vector_extensions_give_the_same_results(tmp_path, monkeypatch):
     """A CPU without AVX (or another processor) gets the kernels' plain loops: same results."""
-    flags = ("-O2", "-march=x86-64", "-mno-avx", "-mno-avx2", "-mno-avx512f", "-shared", "-fPIC", "-std=gnu99")
+    flags = (
+        "-O2",
+        "-march=x86-64",
+        "-mno-avx",
+        "-mno-avx2",
+        "-mno-avx512f",
+        "-shared",
+        "-fPIC",
+        "-std=gnu99",
+    )
     monkeypatch.setenv("AOQ_KERNEL_CACHE", str(tmp_path))
     plain_topk = build.load_library(topk.SOURCE, "aoq_topk_plain", topk._bind, cflags=flags)
-    plain_cell = build.load_library(gru.CELL_SOURCE, "aoq_gru_cell_plain", gru._bind_cell_kernels, cflags=flags)
+    plain_cell = build.load_library(
+        gru.CELL_SOURCE, "aoq_gru_cell_plain", gru._bind_cell_kernels, cflags=flags
+    )
     assert plain_topk is not None and plain_cell is not None
     rng = np.random.default_rng(5)
     img, cap = rng.integers(-2, 3, (40, 6)).astype("f4"), rng.integers(-2, 3, (200, 6)).astype("f4")
@@ -144,8 +173,9 @@ def test_kernels_built_without_vector_extensions_give_the_same_results(tmp_path,
 
     def gru_outputs():
         from models.rnn import run_gru
+
         out, h = run_gru(rnn, x, lengths)
-        grads = torch.autograd.grad((out ** 2).sum() + h.sum(), [x, *rnn.parameters()])
+        grads = torch.autograd.grad((out**2).sum() + h.sum(), [x, *rnn.parameters()])
         return [out.detach(), h.detach(), *grads]
 
     native, native_gru = mine_and_rank(), gru_outputs()

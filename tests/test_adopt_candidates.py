@@ -1,4 +1,5 @@
 """The authors' candidate files are checked before they replace our mining."""
+
 import json
 
 import numpy as np
@@ -13,8 +14,9 @@ N_IMG = 12
 def setup(tmp_path):
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    (prepared / "manifest.json").write_text(json.dumps(
-        {"splits": {"train": {"n_images": N_IMG, "n_captions": 5 * N_IMG}}}))
+    (prepared / "manifest.json").write_text(
+        json.dumps({"splits": {"train": {"n_images": N_IMG, "n_captions": 5 * N_IMG}}})
+    )
     rng = np.random.default_rng(0)
     # Valid files built by brute force: random scores, own positives excluded, sorted.
     scores = rng.normal(size=(N_IMG, 5 * N_IMG))
@@ -28,10 +30,22 @@ def setup(tmp_path):
 def run(tmp_path, prepared, i2t, t2i, size=20):
     np.save(tmp_path / "i2t.npy", i2t)
     np.save(tmp_path / "t2i.npy", t2i)
-    adopt_candidates.main(["--i2t", str(tmp_path / "i2t.npy"), "--t2i", str(tmp_path / "t2i.npy"),
-                           "--prepared", str(prepared), "--offline-size", str(size),
-                           "--out-i2t", str(tmp_path / "out" / "i2t_x.npy"),
-                           "--out-t2i", str(tmp_path / "out" / "t2i_x.npy")])
+    adopt_candidates.main(
+        [
+            "--i2t",
+            str(tmp_path / "i2t.npy"),
+            "--t2i",
+            str(tmp_path / "t2i.npy"),
+            "--prepared",
+            str(prepared),
+            "--offline-size",
+            str(size),
+            "--out-i2t",
+            str(tmp_path / "out" / "i2t_x.npy"),
+            "--out-t2i",
+            str(tmp_path / "out" / "t2i_x.npy"),
+        ]
+    )
 
 
 def test_valid_files_are_linked_not_copied(setup):
@@ -58,8 +72,10 @@ def corrupt(which, how, i2t, t2i):
 
 
 @pytest.mark.parametrize("which", ["i2t", "t2i"])
-@pytest.mark.parametrize("how,message", [("own", "own positive"), ("range", "must lie in"),
-                                         ("dtype", "int32"), ("rows", "expected shape")])
+@pytest.mark.parametrize(
+    "how,message",
+    [("own", "own positive"), ("range", "must lie in"), ("dtype", "int32"), ("rows", "expected shape")],
+)
 def test_bad_files_are_refused_naming_the_file(setup, which, how, message):
     tmp_path, prepared, i2t, t2i = setup
     bad_i2t, bad_t2i = corrupt(which, how, i2t, t2i)

@@ -1,6 +1,7 @@
 """Every model trains under bf16 autocast with the losses in float32 (the `amp: bf16` option).
 
 CPU autocast runs here; the CUDA variant runs where a GPU is present."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,7 @@ def batch_for(model, batch=6):
         batch_dict[prefix + "images"] = random_images(IMG_DIM, seed=seed + 1, batch=batch)
         batch_dict[prefix + "ids"], batch_dict[prefix + "lengths"] = ids, lengths
     if model.needs_caption_targets:
-        rows = [batch_dict["ids"][b, 1:int(n) - 1].numpy() for b, n in enumerate(batch_dict["lengths"])]
+        rows = [batch_dict["ids"][b, 1 : int(n) - 1].numpy() for b, n in enumerate(batch_dict["lengths"])]
         labels, masks = zip(*(model.caption_targets_of(r) for r in rows))
         batch_dict["cap_labels"] = torch.from_numpy(np.stack(labels))
         batch_dict["cap_masks"] = torch.from_numpy(np.stack(masks))
@@ -42,8 +43,12 @@ def aoq_loss(model, batch, device):
     cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
     img4 = model.encode_images(batch["pos2_images"].to(device))
     cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
-    offline = OfflineScores(model.score_paired(img, cap3), model.score_paired(img3, cap),
-                            model.score_paired(img3, cap3), model.score_paired(img4, cap4))
+    offline = OfflineScores(
+        model.score_paired(img, cap3),
+        model.score_paired(img3, cap),
+        model.score_paired(img3, cap3),
+        model.score_paired(img4, cap4),
+    )
     loss, _ = retrieval_loss(model.score_all(img, cap), offline, LossConfig(variant="adapoffquin"))
     return loss if aux is None else loss + aux
 
@@ -63,7 +68,9 @@ def test_bf16_autocast_step_is_float32_and_close(name, device):
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
     got.backward()
     for pname, param in model.named_parameters():
-        assert param.grad is None or (param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all()), pname
+        assert param.grad is None or (
+            param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all()
+        ), pname
 
 
 def test_losses_promote_reduced_precision_inputs():
@@ -72,9 +79,13 @@ def test_losses_promote_reduced_precision_inputs():
     offline = OfflineScores(*(torch.rand(5, generator=g) for _ in range(4)))
     cfg = LossConfig(variant="adapoffquin")
     low = scores.bfloat16()
-    low_offline = OfflineScores(*(x.bfloat16() for x in (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b)))
+    low_offline = OfflineScores(
+        *(x.bfloat16() for x in (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b))
+    )
     loss, terms = retrieval_loss(low, low_offline, cfg)
-    upcast = OfflineScores(*(x.bfloat16().float() for x in (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b)))
+    upcast = OfflineScores(
+        *(x.bfloat16().float() for x in (offline.off_t, offline.off_i, offline.quin_a, offline.quin_b))
+    )
     assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
     assert torch.equal(loss, retrieval_loss(low.float(), upcast, cfg)[0])
     logits = torch.randn(3, 4, 7, generator=g).bfloat16()

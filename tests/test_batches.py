@@ -1,4 +1,5 @@
 """Tests for pipeline_steps.data.batches: AOQ offline sampling rule, epochs, TrainBatches."""
+
 import pickle
 import re
 
@@ -34,12 +35,12 @@ def test_sample_follows_the_aoq_index_rule(tmp_path):
     t3, i3, t4, i4 = cands.sample(caps, np.random.default_rng(0))
     for a in (t3, i3, t4, i4):
         assert a.shape == caps.shape
-    n = (t3 // 5 - caps // 5) % N_IMG           # caption rank, drawn in the anchor image's row
-    assert np.array_equal(t3 % 5, n % 5)          # consistent with the i2t encoding of that rank
-    assert n.min() == 0 and n.max() == OFF - 1    # Uniform{0..offline_size-1}: both ends reached
+    n = (t3 // 5 - caps // 5) % N_IMG  # caption rank, drawn in the anchor image's row
+    assert np.array_equal(t3 % 5, n % 5)  # consistent with the i2t encoding of that rank
+    assert n.min() == 0 and n.max() == OFF - 1  # Uniform{0..offline_size-1}: both ends reached
     assert np.bincount(n, minlength=OFF).min() > 3000 / OFF / 3
-    rank_i3 = (i3 - caps) % N_IMG                 # image rank, drawn in the anchor caption's row
-    assert np.array_equal(rank_i3, n // 5)        # the same n serves both directions
+    rank_i3 = (i3 - caps) % N_IMG  # image rank, drawn in the anchor caption's row
+    assert np.array_equal(rank_i3, n // 5)  # the same n serves both directions
     assert np.array_equal(t4 // 5, i3)
     n2 = t4 % 5
     assert set(n2.tolist()) == set(range(5))
@@ -58,20 +59,28 @@ def test_sample_is_deterministic_for_a_seed(tmp_path):
     assert not np.array_equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("which, shape, dtype", [
-    ("i2t", (N_IMG + 1, OFF), np.int32),      # wrong number of rows
-    ("i2t", (N_IMG, OFF - 1), np.int32),      # too few columns
-    ("i2t", (N_IMG, OFF), np.int64),          # wrong dtype
-    ("t2i", (5 * N_IMG - 1, 5), np.int32),
-    ("t2i", (5 * N_IMG, 4), np.int32),        # ceil(23 / 5) = 5 columns needed
-    ("t2i", (5 * N_IMG, 5), np.int64),
-    ("t2i", (5 * N_IMG,), np.int32),          # not 2-D
-])
+@pytest.mark.parametrize(
+    "which, shape, dtype",
+    [
+        ("i2t", (N_IMG + 1, OFF), np.int32),  # wrong number of rows
+        ("i2t", (N_IMG, OFF - 1), np.int32),  # too few columns
+        ("i2t", (N_IMG, OFF), np.int64),  # wrong dtype
+        ("t2i", (5 * N_IMG - 1, 5), np.int32),
+        ("t2i", (5 * N_IMG, 4), np.int32),  # ceil(23 / 5) = 5 columns needed
+        ("t2i", (5 * N_IMG, 5), np.int64),
+        ("t2i", (5 * N_IMG,), np.int32),  # not 2-D
+    ],
+)
 def test_candidate_validation_names_the_file(tmp_path, which, shape, dtype):
     good = {"i2t": ((N_IMG, OFF), np.int32), "t2i": ((5 * N_IMG, 5), np.int32)}
     good[which] = (shape, dtype)
-    paths = {name: save(tmp_path / f"bad_{name}_file.npy" if name == which else tmp_path / f"{name}.npy",
-                        np.zeros(s, dtype=d)) for name, (s, d) in good.items()}
+    paths = {
+        name: save(
+            tmp_path / f"bad_{name}_file.npy" if name == which else tmp_path / f"{name}.npy",
+            np.zeros(s, dtype=d),
+        )
+        for name, (s, d) in good.items()
+    }
     with pytest.raises(DataError, match=re.escape(str(paths[which]))):
         OfflineCandidates(paths["i2t"], paths["t2i"], N_IMG, OFF)
 
@@ -94,6 +103,7 @@ def test_epoch_batches_cover_every_item_once(n_items, size):
 def test_epoch_batches_depend_on_seed_and_epoch_only():
     def flat(seed, epoch):
         return np.concatenate(epoch_batches(200, 16, seed, epoch))
+
     assert np.array_equal(flat(1, 2), flat(1, 2))
     assert not np.array_equal(flat(1, 2), flat(1, 3))
     assert not np.array_equal(flat(1, 2), flat(2, 2))
@@ -120,16 +130,26 @@ def store(tmp_path):
     first_word = {word2idx[f"w{c}_0"]: c for c in range(5 * NI)}
     return dict(
         features=ImageFeatures(tmp_path, SplitInfo("train", NI, 5 * NI, 1, D)),
-        captions=CaptionIds(tmp_path / "train_ids.npz"), i2t=i2t, t2i=t2i,
+        captions=CaptionIds(tmp_path / "train_ids.npz"),
+        i2t=i2t,
+        t2i=t2i,
         expected_ids=lambda c: [START] + [word2idx[w] for w in tokens[c]] + [END],
         decode=lambda row: first_word[int(row[1])],
-        candidates=OfflineCandidates(tmp_path / "i2t.npy", tmp_path / "t2i.npy", NI, K))
+        candidates=OfflineCandidates(tmp_path / "i2t.npy", tmp_path / "t2i.npy", NI, K),
+    )
 
 
 def dataset(store, offline=True, first_batch=0, seed=5, epoch=2):
     batches = epoch_batches(5 * NI, 6, seed, epoch)  # 7 batches, the last one of 4
-    return TrainBatches(store["features"], store["captions"], batches, seed, epoch,
-                        store["candidates"] if offline else None, first_batch)
+    return TrainBatches(
+        store["features"],
+        store["captions"],
+        batches,
+        seed,
+        epoch,
+        store["candidates"] if offline else None,
+        first_batch,
+    )
 
 
 def check_captions(store, ids, lengths, caps):
@@ -151,7 +171,9 @@ def test_anchor_batch_contents(store):
         caps = batch["index"].numpy()
         seen.append(caps)
         assert batch["images"].dtype == torch.float32 and batch["images"].shape == (len(caps), 36, D)
-        assert torch.equal(batch["images"], torch.from_numpy(caps // 5).float()[:, None, None].expand(-1, 36, D))
+        assert torch.equal(
+            batch["images"], torch.from_numpy(caps // 5).float()[:, None, None].expand(-1, 36, D)
+        )
         check_captions(store, batch["ids"], batch["lengths"], caps)
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(5 * NI))
 
@@ -171,8 +193,8 @@ def test_offline_batch_contents_follow_the_rule(store):
         check_captions(store, batch["neg_ids"], batch["neg_lengths"], t3)
         check_captions(store, batch["pos2_ids"], batch["pos2_lengths"], t4)
         for c, a3, b3, a4, b4 in zip(caps, t3, i3, t4, i4):
-            n = list(i2t[c // 5]).index(a3)        # T3 is an i2t candidate of the anchor image
-            assert b3 == t2i[c, n // 5]            # I3 has the coupled rank in the anchor's t2i row
+            n = list(i2t[c // 5]).index(a3)  # T3 is an i2t candidate of the anchor image
+            assert b3 == t2i[c, n // 5]  # I3 has the coupled rank in the anchor's t2i row
             assert a4 // 5 == b3 and b4 == a3 // 5
         # draws come from default_rng([seed, epoch, batch number])
         want = store["candidates"].sample(caps, np.random.default_rng([5, 2, b]))
@@ -211,5 +233,7 @@ def test_candidates_pickle_as_paths_and_reopen_the_files(store):
     clone = pickle.loads(data)
     assert isinstance(clone.i2t, np.memmap) and isinstance(clone.t2i, np.memmap)
     caps = np.arange(5 * NI)
-    for a, b in zip(clone.sample(caps, np.random.default_rng(3)), candidates.sample(caps, np.random.default_rng(3))):
+    for a, b in zip(
+        clone.sample(caps, np.random.default_rng(3)), candidates.sample(caps, np.random.default_rng(3))
+    ):
         assert np.array_equal(a, b)

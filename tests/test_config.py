@@ -1,5 +1,6 @@
 """The configuration: refused when Snakemake starts, in one line naming the key; the schema mirrors
 the code it describes; a model overrides its baseline and AOQ training separately."""
+
 import copy
 import dataclasses
 import json
@@ -24,8 +25,11 @@ def model_entry_schema():
 
 
 def arch_rules(arch):
-    return next(rule["then"] for rule in model_entry_schema()["allOf"]
-                if rule["if"]["properties"]["arch"]["const"] == arch)
+    return next(
+        rule["then"]
+        for rule in model_entry_schema()["allOf"]
+        if rule["if"]["properties"]["arch"]["const"] == arch
+    )
 
 
 def test_model_entries_mirror_the_registry():
@@ -44,12 +48,22 @@ def test_value_enums_mirror_the_models():
     assert tuple(scan["agg_func"]["enum"]) == xattn.AGG_FUNCS
     assert tuple(scan["raw_feature_norm"]["enum"]) == xattn.RAW_FEATURE_NORMS
     assert tuple(bfan["focal_type"]["enum"]) == xattn.FOCAL_TYPES
-    assert tuple(scan["precomp_enc_type"]["enum"]) == tuple(bfan["precomp_enc_type"]["enum"]) == PRECOMP_ENC_TYPES
+    assert (
+        tuple(scan["precomp_enc_type"]["enum"])
+        == tuple(bfan["precomp_enc_type"]["enum"])
+        == PRECOMP_ENC_TYPES
+    )
 
 
 def test_the_miners_architectures_are_the_single_vector_models():
     text = (REPO / "workflow" / "rules" / "validate.smk").read_text()
-    listed = set(re.search(r"EMBEDDING_ARCHS = \(([^)]*)\)", text).group(1).replace('"', "").replace(" ", "").split(","))
+    listed = set(
+        re.search(r"EMBEDDING_ARCHS = \(([^)]*)\)", text)
+        .group(1)
+        .replace('"', "")
+        .replace(" ", "")
+        .split(",")
+    )
     assert listed - {""} == {a for a in model_names() if model_class(a).single_vector}
 
 
@@ -67,34 +81,65 @@ def deep_set(config, key, value):
 
 
 REFUSALS = {
-    "unknown variant": (lambda c: deep_set(c, "aoq.variants", ["offtri", "offtripple"]),
-                        "config: aoq.variants: unknown loss variant 'offtripple' (models/losses.py has offtri, "),
-    "unknown top-level key": (lambda c: c.update(evaluations=[]), "config: (top level): unknown key 'evaluations'"),
-    "unknown model key": (lambda c: deep_set(c, "models.vsepp.embed_sise", 3),
-                          "config: models.vsepp: unknown key 'embed_sise'"),
-    "key of another arch": (lambda c: deep_set(c, "models.vsepp.focal_type", "prob"),
-                            "config: models.vsepp: unknown key 'focal_type'"),
-    "unknown training key in a model": (lambda c: deep_set(c, "models.vsepp.aoq", {"train": {"lr_updat": 3}}),
-                                        "config: models.vsepp.aoq.train: unknown key 'lr_updat'"),
+    "unknown variant": (
+        lambda c: deep_set(c, "aoq.variants", ["offtri", "offtripple"]),
+        "config: aoq.variants: unknown loss variant 'offtripple' (models/losses.py has offtri, ",
+    ),
+    "unknown top-level key": (
+        lambda c: c.update(evaluations=[]),
+        "config: (top level): unknown key 'evaluations'",
+    ),
+    "unknown model key": (
+        lambda c: deep_set(c, "models.vsepp.embed_sise", 3),
+        "config: models.vsepp: unknown key 'embed_sise'",
+    ),
+    "key of another arch": (
+        lambda c: deep_set(c, "models.vsepp.focal_type", "prob"),
+        "config: models.vsepp: unknown key 'focal_type'",
+    ),
+    "unknown training key in a model": (
+        lambda c: deep_set(c, "models.vsepp.aoq", {"train": {"lr_updat": 3}}),
+        "config: models.vsepp.aoq.train: unknown key 'lr_updat'",
+    ),
     "negative beta": (lambda c: deep_set(c, "aoq.loss.beta", -3), "config: aoq.loss.beta: -3 is less than"),
     "zero alpha": (lambda c: deep_set(c, "aoq.loss.alpha", 0), "config: aoq.loss.alpha: 0 is less than"),
-    "negative margin": (lambda c: deep_set(c, "aoq.loss.margin_online", -0.1), "config: aoq.loss.margin_online:"),
-    "miner not a model": (lambda c: deep_set(c, "mining.model", "vsrn"),
-                          "config: mining.model: 'vsrn' is not an entry of `models:`"),
-    "miner cannot mine": (lambda c: c["models"].update(vsepp={"arch": "scan"}),
-                          "config: mining.model: 'vsepp' is a scan model"),
-    "miner seed not trained": (lambda c: deep_set(c, "mining.seed", 3), "config: mining.seed: 3 is not a seed"),
-    "run.models unknown": (lambda c: deep_set(c, "run.models", ["vsepp", "vsrn"]),
-                           "config: run.models: 'vsrn' is not an entry of `models:`"),
+    "negative margin": (
+        lambda c: deep_set(c, "aoq.loss.margin_online", -0.1),
+        "config: aoq.loss.margin_online:",
+    ),
+    "miner not a model": (
+        lambda c: deep_set(c, "mining.model", "vsrn"),
+        "config: mining.model: 'vsrn' is not an entry of `models:`",
+    ),
+    "miner cannot mine": (
+        lambda c: c["models"].update(vsepp={"arch": "scan"}),
+        "config: mining.model: 'vsepp' is a scan model",
+    ),
+    "miner seed not trained": (
+        lambda c: deep_set(c, "mining.seed", 3),
+        "config: mining.seed: 3 is not a seed",
+    ),
+    "run.models unknown": (
+        lambda c: deep_set(c, "run.models", ["vsepp", "vsrn"]),
+        "config: run.models: 'vsrn' is not an entry of `models:`",
+    ),
     "bad device": (lambda c: deep_set(c, "run.device", "gpu"), "config: run.device: 'gpu' does not match"),
-    "offline_size above k_i2t": (lambda c: deep_set(c, "aoq.train.offline_size", 31),
-                                 "config: aoq.train.offline_size: 31 (model vsepp) draws from the top 31 i2t"),
-    "offline_size above 5 k_t2i": (lambda c: deep_set(c, "mining.k_t2i", 3),
-                                   "config: aoq.train.offline_size: 20 (model vsepp) draws from the top 4 t2i"),
-    "k_i2t above the split": (lambda c: c["mining"].update(k_i2t=196),
-                              "config: mining.k_i2t: 196, but an image of the 40-image training split"),
-    "k_t2i above the split": (lambda c: c["mining"].update(k_t2i=40),
-                              "config: mining.k_t2i: 40, but a caption of the 40-image training split"),
+    "offline_size above k_i2t": (
+        lambda c: deep_set(c, "aoq.train.offline_size", 31),
+        "config: aoq.train.offline_size: 31 (model vsepp) draws from the top 31 i2t",
+    ),
+    "offline_size above 5 k_t2i": (
+        lambda c: deep_set(c, "mining.k_t2i", 3),
+        "config: aoq.train.offline_size: 20 (model vsepp) draws from the top 4 t2i",
+    ),
+    "k_i2t above the split": (
+        lambda c: c["mining"].update(k_i2t=196),
+        "config: mining.k_i2t: 196, but an image of the 40-image training split",
+    ),
+    "k_t2i above the split": (
+        lambda c: c["mining"].update(k_t2i=40),
+        "config: mining.k_t2i: 40, but a caption of the 40-image training split",
+    ),
 }
 
 
@@ -146,12 +191,21 @@ def test_bfan_aoq_runs_use_the_releases_lr_update(tmp_path, preset):
 
 def test_model_level_round_overrides_reach_only_their_round(tmp_path):
     config = tiny_config()
-    config["models"]["vsepp"].update(train={"learning_rate": 0.01}, baseline={"train": {"epochs": 3}},
-                                     aoq={"train": {"epochs": 2, "learning_rate": 0.02}})
+    config["models"]["vsepp"].update(
+        train={"learning_rate": 0.01},
+        baseline={"train": {"epochs": 3}},
+        aoq={"train": {"epochs": 2, "learning_rate": 0.02}},
+    )
     trains = train_configs(snakemake(tmp_path, config, "-n", "-p"))
-    assert (trains[("vsepp", "baseline")]["epochs"], trains[("vsepp", "baseline")]["learning_rate"]) == (3, 0.01)
+    assert (trains[("vsepp", "baseline")]["epochs"], trains[("vsepp", "baseline")]["learning_rate"]) == (
+        3,
+        0.01,
+    )
     for variant in config["aoq"]["variants"]:
-        assert (trains[("vsepp", variant)]["epochs"], trains[("vsepp", variant)]["learning_rate"]) == (2, 0.02)
+        assert (trains[("vsepp", variant)]["epochs"], trains[("vsepp", variant)]["learning_rate"]) == (
+            2,
+            0.02,
+        )
 
 
 def test_schema_defaults_agree_with_the_steps_own_defaults():
@@ -162,13 +216,36 @@ def test_schema_defaults_agree_with_the_steps_own_defaults():
     props = schema["properties"]
     mining = props["mining"]["properties"]
     mine_args = mine_candidates.parse_args(["--embeddings", "e", "--out-i2t", "i", "--out-t2i", "t"])
-    assert (mine_args.block_mb, mine_args.dtype) == (mining["block_mb"]["default"], mining["dtype"]["default"])
+    assert (mine_args.block_mb, mine_args.dtype) == (
+        mining["block_mb"]["default"],
+        mining["dtype"]["default"],
+    )
     dataset = props["dataset"]["properties"]
     prep = prepare_data.parse_args(["--data", "d", "--out", "o", "--img-dim", "4"])
-    assert (prep.vocab_threshold, prep.tokenizer) == (dataset["vocab_threshold"]["default"],
-                                                      dataset["tokenizer"]["default"])
+    assert (prep.vocab_threshold, prep.tokenizer) == (
+        dataset["vocab_threshold"]["default"],
+        dataset["tokenizer"]["default"],
+    )
     aoq_train = props["aoq"]["properties"]["train"]["allOf"][1]["properties"]
     assert train.TrainConfig().offline_size == aoq_train["offline_size"]["default"]
-    assert props["run"]["properties"]["device"]["default"] == train.parse_args(
-        ["--data", "d", "--prepared", "p", "--model", "m", "--out-best", "b", "--out-last", "l",
-         "--out-log", "v", "--resume-dir", "r"]).device
+    assert (
+        props["run"]["properties"]["device"]["default"]
+        == train.parse_args(
+            [
+                "--data",
+                "d",
+                "--prepared",
+                "p",
+                "--model",
+                "m",
+                "--out-best",
+                "b",
+                "--out-last",
+                "l",
+                "--out-log",
+                "v",
+                "--resume-dir",
+                "r",
+            ]
+        ).device
+    )

@@ -1,6 +1,7 @@
 """Batched SCAN / BFAN kernels against a slow per-pair loop that follows the reference step by step
 (spec scan_bfan_vsepp_data.md §A.4, A.5, B.2, B.3): each caption is sliced to its true length and
 every pair is scored with plain 2-D tensor operations, so no masking is involved."""
+
 import math
 import zlib
 
@@ -26,7 +27,7 @@ def first_norm(a, norm):
     if norm == "relu_l2norm":
         a = torch.clamp(a, min=0)
     if norm.endswith("l2norm"):
-        return a / (torch.sqrt((a ** 2).sum(dim=1, keepdim=True)) + 1e-8)
+        return a / (torch.sqrt((a**2).sum(dim=1, keepdim=True)) + 1e-8)
     if norm.endswith("l1norm"):
         return a / (a.abs().sum(dim=1, keepdim=True) + 1e-8)
     return a
@@ -34,8 +35,8 @@ def first_norm(a, norm):
 
 def ref_attention(q, c, lam, norm, focal=None):
     """Attended vectors (m, d) of queries q (m, d) over context c (s, d), and the fallback count."""
-    attn = first_norm(c @ q.t(), norm)                   # (s, m)
-    alpha = torch.softmax(lam * attn.t(), dim=1)          # (m, s), softmax over the context
+    attn = first_norm(c @ q.t(), norm)  # (s, m)
+    alpha = torch.softmax(lam * attn.t(), dim=1)  # (m, s), softmax over the context
     fallbacks = 0
     if focal is not None:
         g = torch.ones_like(alpha) if focal == "equal" else torch.sqrt(alpha)
@@ -68,7 +69,7 @@ def ref_sims(img, words, lengths, direction, norm, lam1):
     sims = {}
     for i in range(len(img)):
         for j in range(len(words)):
-            v, w = img[i], words[j, :int(lengths[j])]
+            v, w = img[i], words[j, : int(lengths[j])]
             if direction == "t2i":
                 a, _ = ref_attention(w, v, lam1, norm)
                 sims[i, j] = ref_cos(w, a)
@@ -89,7 +90,7 @@ def ref_bfan(img, words, lengths, focal, lam):
     out, total = torch.zeros(len(img), len(words), dtype=img.dtype), 0
     for i in range(len(img)):
         for j in range(len(words)):
-            v, w = img[i], words[j, :int(lengths[j])]
+            v, w = img[i], words[j, : int(lengths[j])]
             a_t2i, f1 = ref_attention(w, v, lam, "clipped_l2norm", focal)
             a_i2t, f2 = ref_attention(v, w, lam, "clipped_l2norm", focal)
             out[i, j] = ref_cos(w, a_t2i).mean() + ref_cos(v, a_i2t).mean()
@@ -120,8 +121,17 @@ def test_scan_all_pairs_match_per_pair_loop(direction, norm):
     img, words, lengths = make_data(seed=zlib.crc32(f"{direction}{norm}".encode()) % 1000)
     sims = ref_sims(img, words, lengths, direction, norm, 9.0)
     for agg in xa.AGG_FUNCS:
-        got = xa.scan_scores(img, words, lengths, direction=direction, raw_feature_norm=norm, agg_func=agg,
-                             lambda_softmax=9.0, lambda_lse=6.0, chunk=2)
+        got = xa.scan_scores(
+            img,
+            words,
+            lengths,
+            direction=direction,
+            raw_feature_norm=norm,
+            agg_func=agg,
+            lambda_softmax=9.0,
+            lambda_lse=6.0,
+            chunk=2,
+        )
         assert got.shape == (3, 5) and got.dtype == torch.float64
         torch.testing.assert_close(got, ref_scan(sims, (3, 5), agg, 6.0), atol=1e-10, rtol=1e-10)
 
@@ -132,8 +142,9 @@ def test_scan_lambdas_and_unnormalised_features(direction, lam1, lam2):
     img, words, lengths = make_data(seed=7, normalise=False)
     sims = ref_sims(img, words, lengths, direction, "clipped_l2norm", lam1)
     for agg in ("LogSumExp", "Mean"):
-        got = xa.scan_scores(img, words, lengths, direction=direction, agg_func=agg,
-                             lambda_softmax=lam1, lambda_lse=lam2)
+        got = xa.scan_scores(
+            img, words, lengths, direction=direction, agg_func=agg, lambda_softmax=lam1, lambda_lse=lam2
+        )
         torch.testing.assert_close(got, ref_scan(sims, (3, 5), agg, lam2), atol=1e-10, rtol=1e-10)
 
 
@@ -141,7 +152,9 @@ def test_scan_lambdas_and_unnormalised_features(direction, lam1, lam2):
 def test_scan_float32_matches_float64_reference(direction):
     img, words, lengths = make_data(n_img=4, n_cap=6, seed=3)
     got = xa.scan_scores(img.float(), words.float(), lengths, direction=direction, lambda_lse=20.0)
-    want = ref_scan(ref_sims(img, words, lengths, direction, "clipped_l2norm", 9.0), (4, 6), "LogSumExp", 20.0)
+    want = ref_scan(
+        ref_sims(img, words, lengths, direction, "clipped_l2norm", 9.0), (4, 6), "LogSumExp", 20.0
+    )
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
@@ -152,8 +165,9 @@ def test_paired_is_the_diagonal_and_chunking_changes_nothing(kernel):
 
     def score(**kw):
         if kernel in xa.DIRECTIONS:
-            return xa.scan_scores(img, words, lengths, direction=kernel, raw_feature_norm="softmax",
-                                  agg_func="Mean", **kw)
+            return xa.scan_scores(
+                img, words, lengths, direction=kernel, raw_feature_norm="softmax", agg_func="Mean", **kw
+            )
         return xa.bfan_scores(img, words, lengths, focal_type=kernel, **kw)
 
     full = score(chunk=100)
@@ -174,7 +188,9 @@ def test_padding_values_and_width_change_nothing(kernel):
         n = len(img) if paired else len(words)
         words, lens = words[:n], lengths[:n]
         if kernel in xa.DIRECTIONS:
-            return xa.scan_scores(img, words, lens, direction=kernel, raw_feature_norm="l2norm", paired=paired)
+            return xa.scan_scores(
+                img, words, lens, direction=kernel, raw_feature_norm="l2norm", paired=paired
+            )
         return xa.bfan_scores(img, words, lens, focal_type=kernel, paired=paired)
 
     for paired in (False, True):
@@ -195,9 +211,12 @@ def test_gradients_are_finite_with_padding(direction, norm):
     assert (words.grad[pad] == 0).all()
 
 
-
-SCAN_VARIANTS = [{}, {"raw_feature_norm": "softmax", "agg_func": "Mean"},
-                 {"raw_feature_norm": "l1norm", "agg_func": "Max"}, {"raw_feature_norm": "no_norm", "agg_func": "Sum"}]
+SCAN_VARIANTS = [
+    {},
+    {"raw_feature_norm": "softmax", "agg_func": "Mean"},
+    {"raw_feature_norm": "l1norm", "agg_func": "Max"},
+    {"raw_feature_norm": "no_norm", "agg_func": "Sum"},
+]
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True])
@@ -209,16 +228,18 @@ def test_zero_padding_skips_the_mask_with_the_same_gradients(kernel, paired, spa
     img, noisy, lengths = make_data(n_img=5, n_cap=5, seed=9)
     _, zero, _ = make_data(n_img=5, n_cap=5, seed=9, pad_value=0.0)
     pad = torch.arange(noisy.shape[1])[None, :] >= lengths[:, None]
-    b, l = pad.nonzero()[0].tolist()
-    noisy[b, l, 0] = float("inf")  # garbage that only masking makes harmless
+    b, pos = pad.nonzero()[0].tolist()
+    noisy[b, pos, 0] = float("inf")  # garbage that only masking makes harmless
     assert noisy[pad].abs().min() > 0
 
     def run(words):
         im, w = img.clone().requires_grad_(), words.clone().requires_grad_()
         options = dict(paired=paired, chunk=2, sparse_grad=sparse_grad)
         if kernel in xa.DIRECTIONS:
-            scores = [xa.scan_scores(im, w, lengths, direction=kernel, **options, **variant)
-                      for variant in SCAN_VARIANTS]
+            scores = [
+                xa.scan_scores(im, w, lengths, direction=kernel, **options, **variant)
+                for variant in SCAN_VARIANTS
+            ]
         else:
             scores = [xa.bfan_scores(im, w, lengths, focal_type=kernel, **options)]
         # a few entries get a gradient, as with a hardest-negative loss
@@ -232,13 +253,15 @@ def test_zero_padding_skips_the_mask_with_the_same_gradients(kernel, paired, spa
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert (got[2][pad] == 0).all()
 
+
 # ---- BFAN -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("lam", [20.0, 5.0])
 @pytest.mark.parametrize("focal", xa.FOCAL_TYPES)
 def test_bfan_matches_per_pair_loop(focal, lam):
     img, words, lengths = make_data(n_img=4, n_cap=6, seed=13)
-    got, fallbacks = xa.bfan_scores(img, words, lengths, focal_type=focal, lambda_softmax=lam, chunk=4,
-                                    return_fallbacks=True)
+    got, fallbacks = xa.bfan_scores(
+        img, words, lengths, focal_type=focal, lambda_softmax=lam, chunk=4, return_fallbacks=True
+    )
     want, ref_fallbacks = ref_bfan(img, words, lengths, focal, lam)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     assert int(fallbacks) == ref_fallbacks
@@ -267,10 +290,11 @@ def test_bfan_guard_for_one_token_captions(focal):
 
 
 def test_focal_mask_is_strict_and_carries_no_gradient():
-    alpha = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64,
-                         requires_grad=True)
+    alpha = torch.tensor(
+        [[0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64, requires_grad=True
+    )
     out, fallback = xa.focal_reassign(alpha, "equal")
-    assert fallback.tolist() == [True, False]            # all equal: nothing strictly above the mean
+    assert fallback.tolist() == [True, False]  # all equal: nothing strictly above the mean
     torch.testing.assert_close(out[1].detach(), torch.tensor([0.4, 0.3, 0, 0], dtype=torch.float64) / 0.7)
     out[1, 0].backward()
     # d/d alpha of alpha_0 / (alpha_0 + alpha_1): only the kept entries receive gradient
@@ -291,8 +315,9 @@ def test_logsumexp_is_stable_for_large_lambda():
         for dtype in (torch.float16, torch.float32):  # exp(20) overflows float16
             got = xa.aggregate(r.to(dtype), "LogSumExp", lam, mask=mask)
             assert got.dtype == torch.float32 and torch.isfinite(got).all()
-            torch.testing.assert_close(got.double(), want, atol=2e-3 if dtype == torch.float16 else 1e-6,
-                                       rtol=0)
+            torch.testing.assert_close(
+                got.double(), want, atol=2e-3 if dtype == torch.float16 else 1e-6, rtol=0
+            )
     huge = xa.aggregate(torch.tensor([[1.0, 0.5]]), "LogSumExp", 1000.0)
     assert math.isclose(float(huge), 1.0, abs_tol=1e-6)
 

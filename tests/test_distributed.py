@@ -12,6 +12,7 @@ process (no model has other randomness in training). With dropout on, a 2-proces
 after a validation resumes bit for bit (each rank's random stream is restored). Rank 0 alone
 writes outputs and every rank finishes.
 """
+
 import csv
 import os
 import socket
@@ -27,19 +28,21 @@ from torch import nn
 
 from pipeline_steps import train
 from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches, shard_bounds
-from pipeline_steps.training.distributed import Context, Launch, launch_from_env
 from pipeline_steps.data.splits import open_split
+from pipeline_steps.training.distributed import Context, Launch, launch_from_env
 from tests.helpers import make_prepared_demo
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 TRAIN = '{"epochs": 2, "batch_size": 8, "val_step": 4, "eval_batch_size": 64, "offline_size": 20}'
 MODELS = {
     "vsepp": '{"embed_size": 16, "word_dim": 8}',
     "scan": '{"embed_size": 16, "word_dim": 8, "chunk": 3}',
     "vsrn": '{"embed_size": 16, "word_dim": 8, "dim_hidden": 8, "dim_word": 8, "max_len": 8, '
-            '"f30k_layout": true}',  # BatchNorm over regions (Rs_GCN) and over the batch (bn)
+    '"f30k_layout": true}',  # BatchNorm over regions (Rs_GCN) and over the batch (bn)
 }
 RTOL, ATOL = 1e-5, 1e-6
 # The bias of the convolution feeding each Rs_GCN BatchNorm has a gradient that is zero in exact
@@ -66,11 +69,32 @@ def dataset(tmp_path_factory):
 
 
 def train_args(dataset, out, model, variant):
-    args = ["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]), "--model", model,
-            "--model-config", MODELS[model], "--train-config", TRAIN, "--loss-config",
-            f'{{"variant": "{variant}"}}', "--seed", "3", "--device", "cpu", "--out-best",
-            str(out / "best.pt"), "--out-last", str(out / "last.pt"), "--out-log", str(out / "val.csv"),
-            "--resume-dir", str(out / "resume")]
+    args = [
+        "--data",
+        str(dataset["data"]),
+        "--prepared",
+        str(dataset["prepared"]),
+        "--model",
+        model,
+        "--model-config",
+        MODELS[model],
+        "--train-config",
+        TRAIN,
+        "--loss-config",
+        f'{{"variant": "{variant}"}}',
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--out-best",
+        str(out / "best.pt"),
+        "--out-last",
+        str(out / "last.pt"),
+        "--out-log",
+        str(out / "val.csv"),
+        "--resume-dir",
+        str(out / "resume"),
+    ]
     if variant != "baseline":
         args += ["--candidates-i2t", str(dataset["i2t"]), "--candidates-t2i", str(dataset["t2i"])]
     return args
@@ -111,16 +135,23 @@ def instrument(setattr, kill_after_saves=0, dropout=False):
 
 def _process(rank, world_size, port, argv, trace_dir, kill_after_saves, dropout):
     """One spawned process: torchrun's environment, then the real train.main."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     trace = instrument(setattr, kill_after_saves, dropout)
     try:
         train.main(argv)
     except Killed:
         dist.destroy_process_group()
-    torch.save({"losses": trace["losses"], "weights": trace["model"].state_dict()},
-               os.path.join(trace_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"losses": trace["losses"], "weights": trace["model"].state_dict()},
+        os.path.join(trace_dir, f"rank{rank}.pt"),
+    )
 
 
 def free_port():
@@ -131,8 +162,9 @@ def free_port():
 
 def run_two(argv, trace_dir, kill_after_saves=0, dropout=False):
     trace_dir.mkdir(parents=True, exist_ok=True)
-    torch.multiprocessing.spawn(_process, nprocs=2, join=True,
-                                args=(2, free_port(), argv, str(trace_dir), kill_after_saves, dropout))
+    torch.multiprocessing.spawn(
+        _process, nprocs=2, join=True, args=(2, free_port(), argv, str(trace_dir), kill_after_saves, dropout)
+    )
     return [torch.load(trace_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -160,8 +192,10 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned processes
 
 
-@pytest.mark.parametrize("model,variant", [("vsepp", "baseline"), ("vsepp", "adapoffquin"),
-                                           ("scan", "adapoffquin"), ("vsrn", "adapoffquin")])
+@pytest.mark.parametrize(
+    "model,variant",
+    [("vsepp", "baseline"), ("vsepp", "adapoffquin"), ("scan", "adapoffquin"), ("vsrn", "adapoffquin")],
+)
 def test_two_processes_match_one(dataset, tmp_path, monkeypatch, model, variant):
     single = run_one(dataset, tmp_path / "one", model, variant, monkeypatch)
     ranks = run_two(train_args(dataset, tmp_path / "two", model, variant), tmp_path / "trace")
@@ -170,8 +204,10 @@ def test_two_processes_match_one(dataset, tmp_path, monkeypatch, model, variant)
         np.testing.assert_allclose(rank["losses"], single["losses"], rtol=RTOL)
     assert all(torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]) for k in ranks[0]["weights"])
     assert_close_weights(ranks[0]["weights"], single["model"].state_dict())
-    assert_close_weights(torch.load(tmp_path / "two" / "last.pt", weights_only=True)["state_dict"],
-                         torch.load(tmp_path / "one" / "last.pt", weights_only=True)["state_dict"])
+    assert_close_weights(
+        torch.load(tmp_path / "two" / "last.pt", weights_only=True)["state_dict"],
+        torch.load(tmp_path / "one" / "last.pt", weights_only=True)["state_dict"],
+    )
     assert log_rows(tmp_path / "two" / "val.csv") == log_rows(tmp_path / "one" / "val.csv")
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "last.pt", "val.csv"]
 
@@ -197,15 +233,32 @@ def test_two_processes_resume_after_a_kill_exactly(dataset, tmp_path):
 
 def test_torchrun_launch_writes_once_and_matches(dataset, tmp_path, monkeypatch):
     run_one(dataset, tmp_path / "one", "vsepp", "baseline", monkeypatch)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pipeline_steps.train", *train_args(dataset, tmp_path / "two", "vsepp", "baseline")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline_steps.train",
+        *train_args(dataset, tmp_path / "two", "vsepp", "baseline"),
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 0] train VAL" in done.stderr and "[rank 1]" not in done.stderr  # rank 1 logs warnings only
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "last.pt", "val.csv"]
-    assert_close_weights(torch.load(tmp_path / "two" / "last.pt", weights_only=True)["state_dict"],
-                         torch.load(tmp_path / "one" / "last.pt", weights_only=True)["state_dict"])
+    assert_close_weights(
+        torch.load(tmp_path / "two" / "last.pt", weights_only=True)["state_dict"],
+        torch.load(tmp_path / "one" / "last.pt", weights_only=True)["state_dict"],
+    )
 
 
 def test_shards_of_a_batch_are_the_batch(dataset):
@@ -224,15 +277,16 @@ def test_shards_of_a_batch_are_the_batch(dataset):
         for key in ("ids", "neg_ids", "pos2_ids"):  # each shard is padded to its own longest caption
             parts = [shard[b][key] for shard in shards]
             width = batch[key].shape[1]
-            assert torch.equal(torch.cat([nn.functional.pad(x, (0, width - x.shape[1])) for x in parts]),
-                               batch[key]), key
+            assert torch.equal(
+                torch.cat([nn.functional.pad(x, (0, width - x.shape[1])) for x in parts]), batch[key]
+            ), key
 
 
 def test_too_few_items_for_the_processes_is_refused():
     ctx = Context(rank=0, world_size=4)
     with pytest.raises(SystemExit, match="last one"):
         ctx.check_batch_split(45, 7)  # last batch of 3 items for 4 processes
-    ctx.check_batch_split(45, 8)      # last batch of 5
+    ctx.check_batch_split(45, 8)  # last batch of 5
 
 
 @pytest.mark.parametrize("n,world", [(8, 2), (5, 2), (128, 8), (35, 8), (4, 4)])
@@ -248,8 +302,14 @@ def test_shards_are_contiguous_and_cover_the_batch(n, world):
 def test_launch_from_environment():
     assert launch_from_env({}) is None
     assert launch_from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Launch(1, 4, 1)
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_STEP_NODELIST": "gpu[03-06]", "SLURM_JOB_ID": "123456"}
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NODELIST": "gpu[03-06]",
+        "SLURM_JOB_ID": "123456",
+    }
     hosts = {"gpu[03-06]": "gpu03"}
     assert launch_from_env(slurm, hosts.get) == Launch(5, 8, 1, "gpu03", "23456")
     mine = slurm | {"MASTER_ADDR": "head", "MASTER_PORT": "29400", "SLURM_STEP_NUM_TASKS": "4"}

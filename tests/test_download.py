@@ -1,4 +1,5 @@
 """Tests for pipeline_steps.download_data against a local HTTP server on 127.0.0.1 (no internet)."""
+
 import hashlib
 import io
 import json
@@ -104,14 +105,23 @@ def serve():
     def start(routes, mode="range"):
         servers.append(Server(routes, mode))
         return servers[-1]
+
     yield start
     for server in servers:
         server.stop()
 
 
 def _run(tmp_path, source, *extra, extract=("data/f30k_precomp",)):
-    argv = [*source, "--dest", str(tmp_path / "data"), "--stamp", str(tmp_path / "stamp.json"),
-            "--timeout", "5", *extra]
+    argv = [
+        *source,
+        "--dest",
+        str(tmp_path / "data"),
+        "--stamp",
+        str(tmp_path / "stamp.json"),
+        "--timeout",
+        "5",
+        *extra,
+    ]
     if extract:
         argv += ["--extract", *extract]
     return download_data.main(argv)
@@ -219,10 +229,17 @@ def _tar_with_link(target, through=False):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("kind, entry", [
-    ("zip", "data/f30k_precomp/../../evil.txt"), ("zip", "ABSOLUTE"),
-    ("tar", "../../../evil.txt"), ("tar", "../coco_precomp/train_caps.txt"), ("tar", "/etc/passwd"),
-    ("tar-through", ".")])
+@pytest.mark.parametrize(
+    "kind, entry",
+    [
+        ("zip", "data/f30k_precomp/../../evil.txt"),
+        ("zip", "ABSOLUTE"),
+        ("tar", "../../../evil.txt"),
+        ("tar", "../coco_precomp/train_caps.txt"),
+        ("tar", "/etc/passwd"),
+        ("tar-through", "."),
+    ],
+)
 def test_unsafe_entries_are_refused(tmp_path, kind, entry):
     entry = str(tmp_path / "evil.txt") if entry == "ABSOLUTE" else entry
     if kind == "zip":
@@ -352,8 +369,7 @@ def test_free_space_is_checked_before_extracting(tmp_path, monkeypatch, suffix):
         archive.write_bytes(ZIP)
     else:
         _tar_gz(archive)
-    total = sum(len(data) for name, data in _release_files().items()
-                if name.startswith("data/f30k_precomp/"))
+    total = sum(len(data) for name, data in _release_files().items() if name.startswith("data/f30k_precomp/"))
     need = total + download_data.SPACE_MARGIN_MIN  # a tiny archive: the minimum margin applies
     asked, free = [], {"bytes": need - 1}
     monkeypatch.setattr(download_data, "free_bytes", lambda path: asked.append(path) or free["bytes"])
@@ -374,11 +390,13 @@ def test_entry_is_never_written_past_its_declared_size(tmp_path):
     class Bar:
         def update(self, n):
             pass
+
     out = io.BytesIO()
     with pytest.raises(SystemExit) as err:
         download_data._copy_entry(io.BytesIO(b"x" * 10), out, 5, "a.zip", "data/f/x.npy", Bar())
-    assert str(err.value) == ("error: a.zip: refusing entry 'data/f/x.npy': it unpacks to more "
-                              "than its declared 5 bytes")
+    assert str(err.value) == (
+        "error: a.zip: refusing entry 'data/f/x.npy': it unpacks to more than its declared 5 bytes"
+    )
     assert out.getvalue() == b""
     out = io.BytesIO()
     download_data._copy_entry(io.BytesIO(b"x" * 10), out, 10, "a.zip", "data/f/x.npy", Bar())

@@ -1,4 +1,5 @@
 """extract_embeddings, mine_candidates and evaluate as steps, checked against brute force."""
+
 import json
 
 import h5py
@@ -8,9 +9,9 @@ import torch
 
 from models import create_model
 from pipeline_steps import evaluate, extract_embeddings, mine_candidates
-from pipeline_steps.training.checkpoint import save_checkpoint
-from pipeline_steps.retrieval.encode import encode_split
 from pipeline_steps.data.splits import open_split
+from pipeline_steps.retrieval.encode import encode_split
+from pipeline_steps.training.checkpoint import save_checkpoint
 from tests.helpers import make_prepared_demo
 
 
@@ -31,17 +32,34 @@ def setup(tmp_path_factory):
 def per_query_ranks(sims):
     """Reference ranks by a full sort per query (image q owns captions 5q..5q+4)."""
     n_img = sims.shape[0]
-    i2t = np.array([min(np.where(np.argsort(-sims[q]) == c)[0][0] for c in range(5 * q, 5 * q + 5))
-                    for q in range(n_img)])
+    i2t = np.array(
+        [
+            min(np.where(np.argsort(-sims[q]) == c)[0][0] for c in range(5 * q, 5 * q + 5))
+            for q in range(n_img)
+        ]
+    )
     t2i = np.array([np.where(np.argsort(-sims[:, c]) == c // 5)[0][0] for c in range(5 * n_img)])
     return i2t, t2i
 
 
 def test_extract_writes_the_models_embeddings(setup):
     out = setup["root"] / "train.h5"
-    extract_embeddings.main(["--checkpoint", str(setup["checkpoints"][0]), "--data", str(setup["data"]),
-                             "--prepared", str(setup["prepared"]), "--out", str(out), "--batch-size", "7",
-                             "--device", "cpu"])
+    extract_embeddings.main(
+        [
+            "--checkpoint",
+            str(setup["checkpoints"][0]),
+            "--data",
+            str(setup["data"]),
+            "--prepared",
+            str(setup["prepared"]),
+            "--out",
+            str(out),
+            "--batch-size",
+            "7",
+            "--device",
+            "cpu",
+        ]
+    )
     model = torch.load(setup["checkpoints"][0], weights_only=True)
     features, captions, info = open_split(setup["data"], setup["prepared"], "train")
     net = create_model("vsepp", **model["model_config"])
@@ -59,8 +77,22 @@ def test_mine_step_equals_brute_force(setup):
     if not emb.exists():
         test_extract_writes_the_models_embeddings(setup)
     i2t_path, t2i_path = setup["root"] / "i2t_demo.npy", setup["root"] / "t2i_demo.npy"
-    mine_candidates.main(["--embeddings", str(emb), "--out-i2t", str(i2t_path), "--out-t2i",
-                          str(t2i_path), "--k-i2t", "50", "--k-t2i", "10", "--device", "cpu"])
+    mine_candidates.main(
+        [
+            "--embeddings",
+            str(emb),
+            "--out-i2t",
+            str(i2t_path),
+            "--out-t2i",
+            str(t2i_path),
+            "--k-i2t",
+            "50",
+            "--k-t2i",
+            "10",
+            "--device",
+            "cpu",
+        ]
+    )
     with h5py.File(emb, "r") as h5:
         sims = h5["images"][:].astype(np.float64) @ h5["captions"][:].astype(np.float64).T
     own = np.arange(120) // 5
@@ -77,17 +109,47 @@ def test_mine_step_bad_k_leaves_nothing(setup, tmp_path):
     if not emb.exists():
         test_extract_writes_the_models_embeddings(setup)
     with pytest.raises(SystemExit, match="train.h5"):
-        mine_candidates.main(["--embeddings", str(emb), "--out-i2t", str(tmp_path / "i2t.npy"),
-                              "--out-t2i", str(tmp_path / "t2i.npy"), "--k-i2t", "500", "--device", "cpu"])
+        mine_candidates.main(
+            [
+                "--embeddings",
+                str(emb),
+                "--out-i2t",
+                str(tmp_path / "i2t.npy"),
+                "--out-t2i",
+                str(tmp_path / "t2i.npy"),
+                "--k-i2t",
+                "500",
+                "--device",
+                "cpu",
+            ]
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_ensemble_equals_per_query_reference(setup):
     out1k, out5k = setup["root"] / "a.json", setup["root"] / "b.json"
-    evaluate.main(["--checkpoints", *map(str, setup["checkpoints"]), "--data", str(setup["data"]),
-                   "--prepared", str(setup["prepared"]), "--device", "cpu",
-                   "--evaluation", "t1k", "test", "full", str(out1k),
-                   "--evaluation", "c1k", "testall", "5fold", str(out5k)])
+    evaluate.main(
+        [
+            "--checkpoints",
+            *map(str, setup["checkpoints"]),
+            "--data",
+            str(setup["data"]),
+            "--prepared",
+            str(setup["prepared"]),
+            "--device",
+            "cpu",
+            "--evaluation",
+            "t1k",
+            "test",
+            "full",
+            str(out1k),
+            "--evaluation",
+            "c1k",
+            "testall",
+            "5fold",
+            str(out5k),
+        ]
+    )
     sims = {}
     for split in ("test", "testall"):
         features, captions, info = open_split(setup["data"], setup["prepared"], split)
@@ -109,7 +171,7 @@ def test_evaluate_ensemble_equals_per_query_reference(setup):
     folds = json.loads(out5k.read_text())
     per_fold = []
     for f in range(5):
-        i2t, t2i = per_query_ranks(sims["testall"][4 * f:4 * f + 4, 20 * f:20 * f + 20])
+        i2t, t2i = per_query_ranks(sims["testall"][4 * f : 4 * f + 4, 20 * f : 20 * f + 20])
         per_fold.append(100 * np.mean(i2t < 5))
     assert folds["i2t_r5"] == pytest.approx(np.mean(per_fold))
     assert folds["protocol"] == "5fold" and len(folds["folds"]) == 5

@@ -1,4 +1,5 @@
 """The conda environment and the pip requirements pin the same packages at the same versions."""
+
 import re
 from pathlib import Path
 

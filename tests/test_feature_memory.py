@@ -1,4 +1,5 @@
 """Reading a split row by row does not pile the file's pages into the process's resident set."""
+
 import numpy as np
 
 from pipeline_steps.data.precomp import ImageFeatures, SplitInfo
@@ -38,5 +39,5 @@ def test_reading_every_row_keeps_resident_memory_bounded(tmp_path):
     read_all(kept)
     growth_kept = rss_file_kib() - before
 
-    assert growth_kept > file_kib // 2         # without releasing, the file piles up in RSS
-    assert growth_released < file_kib // 4     # with it, at most about one release interval stays
+    assert growth_kept > file_kib // 2  # without releasing, the file piles up in RSS
+    assert growth_released < file_kib // 4  # with it, at most about one release interval stays

@@ -1,5 +1,6 @@
 """The GPU slot wrapper on CPU: concurrent jobs get distinct devices, a slot is reused once released,
 a crash releases it, and jobs under SLURM or without GPUs run untouched."""
+
 import os
 import signal
 import subprocess
@@ -11,23 +12,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The child reports the devices it sees and when it started, sleeps, then reports when it ended.
-CHILD = ("import os, sys, time; print(os.environ.get('CUDA_VISIBLE_DEVICES', '-'), time.time(), "
-         "flush=True); time.sleep(float(sys.argv[1])); print(time.time(), flush=True)")
+CHILD = (
+    "import os, sys, time; print(os.environ.get('CUDA_VISIBLE_DEVICES', '-'), time.time(), "
+    "flush=True); time.sleep(float(sys.argv[1])); print(time.time(), flush=True)"
+)
 
 
 def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "AOQ_LOCAL_GPUS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "AOQ_LOCAL_GPUS")
+    }
     return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
 def start(lock_dir, gpus, sleep, slots=None, child=CHILD, **env):
-    cmd = [sys.executable, "-m", "pipeline_steps.gpu_slot", "--gpus", str(gpus),
-           "--lock-dir", str(lock_dir)]
+    cmd = [sys.executable, "-m", "pipeline_steps.gpu_slot", "--gpus", str(gpus), "--lock-dir", str(lock_dir)]
     cmd += ["--slots", str(slots)] if slots is not None else []
     cmd += ["--", sys.executable, "-c", child, str(sleep)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env(**env))
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(**env)
+    )
 
 
 def started(proc):
@@ -98,12 +104,15 @@ def test_user_visible_devices_are_the_slots(tmp_path):
     [finished(p) for p in procs]
 
 
-@pytest.mark.parametrize("gpus, env, expected", [
-    (1, {"SLURM_JOB_ID": "12", "CUDA_VISIBLE_DEVICES": "3"}, "3"),  # SLURM chose the device
-    (1, {"SLURM_JOB_ID": "12"}, "-"),
-    (0, {}, "-"),                                                  # no GPU: nothing to choose
-    (1, {"AOQ_LOCAL_GPUS": "0"}, "-"),                             # none on this machine
-])
+@pytest.mark.parametrize(
+    "gpus, env, expected",
+    [
+        (1, {"SLURM_JOB_ID": "12", "CUDA_VISIBLE_DEVICES": "3"}, "3"),  # SLURM chose the device
+        (1, {"SLURM_JOB_ID": "12"}, "-"),
+        (0, {}, "-"),  # no GPU: nothing to choose
+        (1, {"AOQ_LOCAL_GPUS": "0"}, "-"),  # none on this machine
+    ],
+)
 def test_jobs_left_alone(tmp_path, gpus, env, expected):
     proc = start(tmp_path, gpus, 0, **env)
     assert started(proc)[0] == expected

@@ -1,5 +1,6 @@
 """run_gru (models/rnn.py; on the CPU, accel/gru.py) against nn.GRU on the packed batch: outputs,
 final states, gradients."""
+
 import contextlib
 import copy
 
@@ -24,7 +25,7 @@ def make(bidirectional, seed=0, dtype=torch.float64, inp=5, hidden=7):
 
 
 LENGTHS = {
-    "mixed": [3, 9, 1, 5, 5, 8],   # unsorted, ties, a one-step row
+    "mixed": [3, 9, 1, 5, 5, 8],  # unsorted, ties, a one-step row
     "equal": [4, 4, 4],
     "single": [6],
 }
@@ -44,7 +45,10 @@ def test_matches_packed_nn_gru_with_gradients(bidirectional, case):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got_h, want_h, atol=1e-12, rtol=1e-12)
     assert (got[torch.arange(got.shape[1])[None, :] >= lengths[:, None]] == 0).all()
-    w_out, w_h = torch.randn(got.shape, dtype=torch.float64, generator=g), torch.randn(got_h.shape, dtype=torch.float64, generator=g)
+    w_out, w_h = (
+        torch.randn(got.shape, dtype=torch.float64, generator=g),
+        torch.randn(got_h.shape, dtype=torch.float64, generator=g),
+    )
     inputs = [x] + list(rnn.parameters())
     grads = torch.autograd.grad((got * w_out).sum() + (got_h * w_h).sum(), inputs)
     want_grads = torch.autograd.grad((want * w_out).sum() + (want_h * w_h).sum(), inputs)
@@ -55,7 +59,7 @@ def test_matches_packed_nn_gru_with_gradients(bidirectional, case):
 def test_full_length_rows_and_float32():
     rnn = make(False, dtype=torch.float32, inp=16, hidden=32)
     x = torch.randn(8, 36, 16)
-    got, got_h = run_gru(rnn, x)            # no lengths: every row runs all steps
+    got, got_h = run_gru(rnn, x)  # no lengths: every row runs all steps
     want, want_h = rnn(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-5)
@@ -138,7 +142,9 @@ def test_lengths_must_match_the_batch_and_an_empty_batch_is_empty():
     assert out.shape == (0, 0, 14) and h_n.shape == (2, 0, 7)
     out, _ = run_gru(rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long), directions="mean")
     assert out.shape == (0, 0, 7)
-    out, _ = run_gru(rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long), token_map=lambda r: r[:, :3])
+    out, _ = run_gru(
+        rnn, torch.randn(0, 5, 5), torch.zeros(0, dtype=torch.long), token_map=lambda r: r[:, :3]
+    )
     assert out.shape == (0, 0, 3)
     with pytest.raises(ValueError, match="biases"):
         run_gru(torch.nn.GRU(5, 4, batch_first=True, bias=False), torch.randn(2, 3, 5))
@@ -146,10 +152,10 @@ def test_lengths_must_match_the_batch_and_an_empty_batch_is_empty():
 
 def test_no_grad_keeps_nothing_for_a_backward(cell_engine, monkeypatch):
     from accel import gru
+
     kept = []
     original = gru._forward_direction
-    monkeypatch.setattr(gru, "_forward_direction",
-                        lambda *args: kept.append(args[-1]) or original(*args))
+    monkeypatch.setattr(gru, "_forward_direction", lambda *args: kept.append(args[-1]) or original(*args))
     rnn = make(True, dtype=torch.float32)
     with torch.no_grad():
         run_gru(rnn, torch.randn(3, 4, 5), torch.tensor([4, 1, 3]))
@@ -158,33 +164,42 @@ def test_no_grad_keeps_nothing_for_a_backward(cell_engine, monkeypatch):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("zero_rows, final_rows", [([1, 3], []), ([0, 2, 3, 5], [2]), ([0, 1, 2, 3, 4, 5], [])])
-def test_rows_without_a_gradient_are_left_out_of_the_backward(cell_engine, bidirectional, zero_rows,
-                                                              final_rows, monkeypatch):
+@pytest.mark.parametrize(
+    "zero_rows, final_rows", [([1, 3], []), ([0, 2, 3, 5], [2]), ([0, 1, 2, 3, 4, 5], [])]
+)
+def test_rows_without_a_gradient_are_left_out_of_the_backward(
+    cell_engine, bidirectional, zero_rows, final_rows, monkeypatch
+):
     """Rows whose outputs get no gradient (an inactive hinge) are skipped; every gradient equals
     nn.GRU's in float64. A row with a gradient on its final state only still runs."""
     from accel import gru
+
     tokens_run = []
     original = gru._backward_direction
-    monkeypatch.setattr(gru, "_backward_direction",
-                        lambda grad, *rest: tokens_run.append(len(grad)) or original(grad, *rest))
-    rnn64 = make(bidirectional, seed=4, inp=6, hidden=32)   # 32: the kernels' streaming stores too
+    monkeypatch.setattr(
+        gru, "_backward_direction", lambda grad, *rest: tokens_run.append(len(grad)) or original(grad, *rest)
+    )
+    rnn64 = make(bidirectional, seed=4, inp=6, hidden=32)  # 32: the kernels' streaming stores too
     rnn32 = make(bidirectional, seed=4, dtype=torch.float32, inp=6, hidden=32)
     lengths = torch.tensor([7, 2, 9, 9, 1, 4])
     g = torch.Generator().manual_seed(6)
     x64 = torch.randn(len(lengths), 9, 6, dtype=torch.float64, generator=g).requires_grad_()
     x32 = x64.detach().float().requires_grad_()
-    w_out = torch.randn(len(lengths), 9, rnn64.hidden_size * (2 if bidirectional else 1), dtype=torch.float64,
-                        generator=g)
+    w_out = torch.randn(
+        len(lengths), 9, rnn64.hidden_size * (2 if bidirectional else 1), dtype=torch.float64, generator=g
+    )
     w_out[zero_rows] = 0
     w_h = torch.zeros(2 if bidirectional else 1, len(lengths), rnn64.hidden_size, dtype=torch.float64)
     w_h[:, final_rows] = torch.randn(w_h[:, final_rows].shape, dtype=torch.float64, generator=g)
     for rnn, x, tol in ((rnn32, x32, dict(atol=2e-5, rtol=1e-4)), (rnn64, x64, dict(atol=1e-12, rtol=1e-10))):
         got, got_h = run_gru(rnn, x, lengths)
-        grads = torch.autograd.grad((got.double() * w_out).sum() + (got_h.double() * w_h).sum(),
-                                    [x] + list(rnn.parameters()))
+        grads = torch.autograd.grad(
+            (got.double() * w_out).sum() + (got_h.double() * w_h).sum(), [x] + list(rnn.parameters())
+        )
         want, want_h = packed_reference(rnn64, x64, lengths)
-        want_grads = torch.autograd.grad((want * w_out).sum() + (want_h * w_h).sum(), [x64] + list(rnn64.parameters()))
+        want_grads = torch.autograd.grad(
+            (want * w_out).sum() + (want_h * w_h).sum(), [x64] + list(rnn64.parameters())
+        )
         for name, a, b in zip(["x"] + [n for n, _ in rnn64.named_parameters()], grads, want_grads):
             torch.testing.assert_close(a.double(), b, msg=name, **tol)
     active = sorted(set(range(len(lengths))) - set(zero_rows) | set(final_rows))
@@ -200,8 +215,10 @@ def test_direction_mean_and_token_map_act_on_real_tokens(engine, directions, bid
     is the path GPUs take."""
     rnn = make(bidirectional, seed=8)
     lengths = torch.tensor([3, 6, 1, 6])
-    x = torch.randn(4, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    token_map = lambda rows: rows / (rows.norm(dim=-1, keepdim=True) + 1e-8) * 2.0   # zero rows stay zero
+    x = torch.randn(
+        4, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True
+    )
+    token_map = lambda rows: rows / (rows.norm(dim=-1, keepdim=True) + 1e-8) * 2.0  # zero rows stay zero
     with accel.disabled() if engine == "module" else contextlib.nullcontext():
         assert gru.applies(x) == (engine == "packed layout")
         got, got_h = run_gru(rnn, x, lengths, directions=directions, token_map=token_map)

@@ -1,10 +1,11 @@
 """Tests of models/losses.py against an independent, loop-based float64 reference of the AOQ losses."""
+
 import math
 
 import pytest
 import torch
 
-from models.losses import LossConfig, OfflineScores, VARIANTS, retrieval_loss
+from models.losses import VARIANTS, LossConfig, OfflineScores, retrieval_loss
 
 DT = torch.float64
 
@@ -38,11 +39,13 @@ def reference(S, off, variant, m_on=0.2, m_off=0.0, alpha=0.3, beta=1.5, max_vio
             h_i *= beta - (off["off_i"][b] - on_i) / alpha
         terms["online"] += h_t + h_i
         if "offline_triplet" in terms:
-            terms["offline_triplet"] += (relu(m_off + off["off_t"][b] - pos[b])
-                                         + relu(m_off + off["off_i"][b] - pos[b]))
+            terms["offline_triplet"] += relu(m_off + off["off_t"][b] - pos[b]) + relu(
+                m_off + off["off_i"][b] - pos[b]
+            )
         if "quintuplet" in terms:
-            terms["quintuplet"] += (relu(m_off + off["quin_a"][b] - pos[b])
-                                    + relu(m_off + off["quin_b"][b] - pos[b]))
+            terms["quintuplet"] += relu(m_off + off["quin_a"][b] - pos[b]) + relu(
+                m_off + off["quin_b"][b] - pos[b]
+            )
     return terms
 
 
@@ -73,8 +76,11 @@ def test_matches_reference(variant, B, seed, custom):
     S, off = random_case(B, seed)
     kw = CUSTOM if custom else {}
     loss, terms = run(S, off, variant=variant, **kw)
-    ref_kw = dict(m_on=kw["margin_online"], m_off=kw["margin_offline"], alpha=kw["alpha"],
-                  beta=kw["beta"]) if custom else {}
+    ref_kw = (
+        dict(m_on=kw["margin_online"], m_off=kw["margin_offline"], alpha=kw["alpha"], beta=kw["beta"])
+        if custom
+        else {}
+    )
     ref = reference(S.tolist(), {k: v.tolist() for k, v in off.items()}, variant, **ref_kw)
     assert loss.dtype == DT and loss.dim() == 0
     assert close(loss.item(), sum(ref.values())), (loss.item(), ref)

@@ -1,4 +1,5 @@
 """Tests for pipeline_steps.make_demo_data (synthetic SCAN-precomp data set)."""
+
 import collections
 import json
 import re
@@ -9,8 +10,18 @@ import pytest
 from pipeline_steps.make_demo_data import main
 
 SPLITS = ("train", "dev", "test", "testall")
-SMALL = ["--n-train", "150", "--n-dev", "20", "--n-test", "12", "--n-testall-per-fold", "3",
-         "--img-dim", "16"]
+SMALL = [
+    "--n-train",
+    "150",
+    "--n-dev",
+    "20",
+    "--n-test",
+    "12",
+    "--n-testall-per-fold",
+    "3",
+    "--img-dim",
+    "16",
+]
 IMAGES = {"train": 150, "dev": 20, "test": 12, "testall": 15}
 
 
@@ -88,7 +99,7 @@ def test_captions_mention_only_their_scene_objects(data, meta):
         caps = _caps(data, split)
         for k, scene in enumerate(meta["splits"][split]["scenes"]):
             own = {obj[0] for obj in scene["objects"]}
-            for cap in caps[5 * k:5 * k + 5]:
+            for cap in caps[5 * k : 5 * k + 5]:
                 mentioned = {word_to_class[w] for w in _words(cap) if w in word_to_class}
                 assert mentioned and mentioned <= own, (cap, own)
 
@@ -122,10 +133,17 @@ def test_variants_differ_from_base_in_one_thing(meta):
     assert checked > 10
 
 
-@pytest.mark.parametrize("bad", [
-    ["--n-train", "0"], ["--n-dev", "-3"], ["--n-test", "many"], ["--img-dim", "4"],
-    ["--n-testall-per-fold", "0"], ["--seed", "-1"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--n-train", "0"],
+        ["--n-dev", "-3"],
+        ["--n-test", "many"],
+        ["--img-dim", "4"],
+        ["--n-testall-per-fold", "0"],
+        ["--seed", "-1"],
+    ],
+)
 def test_bad_arguments_exit_cleanly(tmp_path, bad, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:

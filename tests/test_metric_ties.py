@@ -1,13 +1,14 @@
 """Ranks on tied scores follow the reference's order (argsort(d)[::-1], stable): among equal
 scores the higher index ranks first, so a tie never goes to the ground truth by rule and a
 collapsed model scores as badly as it is. Checked against a per-query stable-argsort loop."""
+
 import numpy as np
 import pytest
 import torch
 
+from accel import topk
 from pipeline_steps.retrieval import metrics as M
 from pipeline_steps.retrieval import scorers
-from accel import topk
 from tests.test_metrics import reference_metrics, reference_ranks
 
 
@@ -21,6 +22,7 @@ def tied_scores(kind, n_img, seed=0):
 
 def matrix_scorer(S):
     """A scorer handing out blocks of a fixed matrix: the loop below sees the very same floats."""
+
     def score_block(i0, i1, c0, c1):
         return torch.from_numpy(np.ascontiguousarray(S[i0:i1, c0:c1]))
 
@@ -52,7 +54,7 @@ def test_five_fold_protocol_matches_the_loop_per_fold(counting_path, kind):
     S = tied_scores(kind, 40, seed=3)
     got = M.evaluate(matrix_scorer(S), "5fold", block_size=3)
     for f, fold in enumerate(got["folds"]):
-        own = S[8 * f:8 * (f + 1), 40 * f:40 * (f + 1)].astype(np.float64)
+        own = S[8 * f : 8 * (f + 1), 40 * f : 40 * (f + 1)].astype(np.float64)
         assert fold == pytest.approx(reference_metrics(own))
 
 
@@ -62,8 +64,9 @@ def test_collapsed_model_scores_as_the_loop_scores_it(counting_path):
     only captions of the last images find theirs (t2i 1, 5, 10): rsum 20, not 600."""
     got = M.evaluate(scorers.embedding_scorer(np.zeros((100, 8), "f4"), np.zeros((500, 8), "f4")), "full")
     assert got == pytest.approx(reference_metrics(np.zeros((100, 500))))
-    assert [got[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")] == \
-        pytest.approx([1, 1, 2, 1, 5, 10])
+    assert [got[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")] == pytest.approx(
+        [1, 1, 2, 1, 5, 10]
+    )
     assert got["rsum"] == pytest.approx(20.0)
 
 

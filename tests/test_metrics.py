@@ -1,4 +1,5 @@
 """Tests for pipeline_steps.retrieval.metrics against a per-query full-sort reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +37,7 @@ def reference_ranks(S):
 def has_ties(S):
     """True if some score ties with a ground-truth score (then the tie rule decides the rank)."""
     for q in range(S.shape[0]):
-        best = S[q, 5 * q:5 * q + 5].max()
+        best = S[q, 5 * q : 5 * q + 5].max()
         if np.any(np.delete(S[q], np.arange(5 * q, 5 * q + 5)) == best):
             return True
     return any(np.sum(S[:, c] == S[c // 5, c]) != 1 for c in range(S.shape[1]))
@@ -97,8 +98,9 @@ def test_recall_metrics_by_hand():
     # Even count with a fractional median: (1 + 4) / 2 = 2.5 -> floor 2 -> medr 3.
     assert M.recall_metrics(np.array([0, 1, 4, 9]), np.array([0]))["i2t_medr"] == 3.0
     assert all(isinstance(v, float) for v in m.values())
-    assert set(m) == {f"{d}_{k}" for d in ("i2t", "t2i")
-                      for k in ("r1", "r5", "r10", "medr", "meanr")} | {"rsum"}
+    assert set(m) == {f"{d}_{k}" for d in ("i2t", "t2i") for k in ("r1", "r5", "r10", "medr", "meanr")} | {
+        "rsum"
+    }
 
 
 def reference_metrics(S):
@@ -119,7 +121,7 @@ def test_five_fold_is_mean_of_sliced_folds(seed):
     res = M.evaluate(scorers.embedding_scorer(img, cap), "5fold", block_size=4)
     folds = []
     for f in range(5):
-        fi, fc = img[12 * f:12 * (f + 1)], cap[60 * f:60 * (f + 1)]
+        fi, fc = img[12 * f : 12 * (f + 1)], cap[60 * f : 60 * (f + 1)]
         folds.append(reference_metrics(fi @ fc.T))
     assert len(res["folds"]) == 5
     for got, ref in zip(res["folds"], folds):
@@ -141,7 +143,9 @@ def test_ensemble_is_mean_of_score_matrices():
     b_img, b_cap = exact_gaussian(rng, n, 5), exact_gaussian(rng, 5 * n, 5)
     S = (a_img @ a_cap.T + b_img @ b_cap.T) / 2
     assert not has_ties(S)
-    scorer = scorers.ensemble_scorer([scorers.embedding_scorer(a_img, a_cap), scorers.embedding_scorer(b_img, b_cap)])
+    scorer = scorers.ensemble_scorer(
+        [scorers.embedding_scorer(a_img, a_cap), scorers.embedding_scorer(b_img, b_cap)]
+    )
     # Ranks are scale-invariant, so check the block values are the mean (not the sum) directly.
     np.testing.assert_array_equal(scorer(3, 9, 10, 40).numpy(), S[3:9, 10:40])
     i2t, t2i = M.retrieval_ranks(scorer, block_size=6)

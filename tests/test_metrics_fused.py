@@ -1,11 +1,11 @@
 """The one-pass rank computation: torch and native counting paths, ties, rounding of positives."""
+
 import numpy as np
 import pytest
-import torch
 
+from accel import topk
 from pipeline_steps.retrieval import metrics as M
 from pipeline_steps.retrieval import scorers
-from accel import topk
 
 
 def count_ranks(S):
@@ -14,10 +14,21 @@ def count_ranks(S):
     t2i = #images above the own image + #images equal to it with a higher index."""
     n_img, n_cap = S.shape
     idx_cap, idx_img = np.arange(n_cap), np.arange(n_img)
-    i2t = np.array([min(np.sum(S[q] > S[q, g]) + np.sum((S[q] == S[q, g]) & (idx_cap > g))
-                        for g in range(5 * q, 5 * q + 5)) for q in range(n_img)])
-    t2i = np.array([np.sum(S[:, c] > S[c // 5, c]) + np.sum((S[:, c] == S[c // 5, c]) & (idx_img > c // 5))
-                    for c in range(n_cap)])
+    i2t = np.array(
+        [
+            min(
+                np.sum(S[q] > S[q, g]) + np.sum((S[q] == S[q, g]) & (idx_cap > g))
+                for g in range(5 * q, 5 * q + 5)
+            )
+            for q in range(n_img)
+        ]
+    )
+    t2i = np.array(
+        [
+            np.sum(S[:, c] > S[c // 5, c]) + np.sum((S[:, c] == S[c // 5, c]) & (idx_img > c // 5))
+            for c in range(n_cap)
+        ]
+    )
     return i2t, t2i
 
 
@@ -57,8 +68,7 @@ def test_own_image_never_counted_when_positive_rounds_differently():
 
     i2t, t2i = M.retrieval_ranks(scorers.Scorer(n, shaky), max_block_elems=10_000)
     # Others are compared with the (lowered) positive: scores equal to it now count, own never.
-    lowered = np.array([np.sum(np.delete(S[:, c], c // 5) > S[c // 5, c] - 1e-3)
-                        for c in range(5 * n)])
+    lowered = np.array([np.sum(np.delete(S[:, c], c // 5) > S[c // 5, c] - 1e-3) for c in range(5 * n)])
     assert not np.array_equal(lowered, count_ranks(S)[1])  # the lowering matters here
     np.testing.assert_array_equal(t2i, lowered)
     np.testing.assert_array_equal(i2t, count_ranks(S)[0])

@@ -1,4 +1,5 @@
 """mining.mine_both (both engines) against a brute-force full-sort reference, on tie-free data."""
+
 import h5py
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def reference_topk(S, excluded, k):
 def ties_in_topk(S, excluded, k):
     """True if two of the k+1 best allowed scores of a row are equal (top-k order ambiguous)."""
     for q in range(S.shape[0]):
-        allowed = np.sort(np.delete(S[q], list(excluded(q))))[::-1][:k + 1]
+        allowed = np.sort(np.delete(S[q], list(excluded(q))))[::-1][: k + 1]
         if np.any(allowed[:-1] == allowed[1:]):
             return True
     return False

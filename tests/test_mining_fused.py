@@ -4,6 +4,7 @@ The native engine promises the first k of a stable descending sort (equal scores
 so it is checked exactly on data full of ties; the torch engine leaves tie order open, so it is
 checked on tie-free data (and by score multiset on tied data).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -46,16 +47,20 @@ def run(img, cap, k_i2t, k_t2i, **kwargs):
     return out_i, out_t
 
 
-needs_kernel = pytest.mark.skipif(topk.load_kernel() is None,
-                                  reason="no C compiler: the native kernel cannot be built here")
+needs_kernel = pytest.mark.skipif(
+    topk.load_kernel() is None, reason="no C compiler: the native kernel cannot be built here"
+)
 
 
 @needs_kernel
-@pytest.mark.parametrize("n, d, spread, k_i2t, k_t2i", [
-    (23, 8, 3, 10, 7),      # many ties
-    (40, 4, 1, 150, 39),    # scores in {-4..4}: ties everywhere; k_t2i = every other image
-    (31, 6, 2, 150, 1),     # k_i2t = every non-own caption
-])
+@pytest.mark.parametrize(
+    "n, d, spread, k_i2t, k_t2i",
+    [
+        (23, 8, 3, 10, 7),  # many ties
+        (40, 4, 1, 150, 39),  # scores in {-4..4}: ties everywhere; k_t2i = every other image
+        (31, 6, 2, 150, 1),  # k_i2t = every non-own caption
+    ],
+)
 @pytest.mark.parametrize("block_rows, tile_cols", [(1, 3), (7, 13), (None, 2048)])
 def test_native_exact_with_ties(monkeypatch, n, d, spread, k_i2t, k_t2i, block_rows, tile_cols):
     monkeypatch.setattr(mining, "NATIVE_TILE_COLS", tile_cols)
@@ -93,9 +98,13 @@ def test_torch_engine_matches_brute_force(block_rows):
 def test_torch_engine_with_ties_selects_equal_scores():
     img, cap, S = integer_data(3, 30, 4, 1)
     out_i, out_t = run(img, cap, 20, 9, engine="torch", block_rows=4)
-    for got, want, M in ((out_i, stable_topk(S, own_caps, 20), S), (out_t, stable_topk(S.T, own_img, 9), S.T)):
-        np.testing.assert_array_equal(np.take_along_axis(M, got.astype(np.int64), 1),
-                                      np.take_along_axis(M, want, 1))
+    for got, want, M in (
+        (out_i, stable_topk(S, own_caps, 20), S),
+        (out_t, stable_topk(S.T, own_img, 9), S.T),
+    ):
+        np.testing.assert_array_equal(
+            np.take_along_axis(M, got.astype(np.int64), 1), np.take_along_axis(M, want, 1)
+        )
     assert all(not own_caps(q) & set(out_i[q]) for q in range(30))
     assert all(c // 5 not in out_t[c] for c in range(150))
 

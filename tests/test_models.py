@@ -1,5 +1,6 @@
 """Tests for the model library: VSE++ encoders against hand-computed references, the registry,
 checkpoints and gradient flow through the baseline loss."""
+
 import pytest
 import torch
 
@@ -31,10 +32,10 @@ def test_caption_encoding_matches_each_caption_alone(model):
     with torch.no_grad():
         got = model.encode_captions(ids, lengths)
         for b in range(len(ids)):
-            seq = ids[b:b + 1, :int(lengths[b])]                 # unpadded, batch of one
-            out, _ = model.rnn(model.embed(seq))                 # (1, len, embed)
+            seq = ids[b : b + 1, : int(lengths[b])]  # unpadded, batch of one
+            out, _ = model.rnn(model.embed(seq))  # (1, len, embed)
             last = out[0, -1]
-            want = last / torch.sqrt((last ** 2).sum())
+            want = last / torch.sqrt((last**2).sum())
             torch.testing.assert_close(got[b], want, atol=1e-6, rtol=0)
 
 
@@ -44,8 +45,9 @@ def test_caption_encoding_ignores_padding_content(model):
     pad = torch.arange(ids.shape[1])[None, :] >= lengths[:, None]
     noisy[pad] = 5
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_captions(noisy, lengths),
-                                   model.encode_captions(ids, lengths), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            model.encode_captions(noisy, lengths), model.encode_captions(ids, lengths), atol=1e-6, rtol=0
+        )
 
 
 def test_image_encoding_by_hand(model):
@@ -55,7 +57,7 @@ def test_image_encoding_by_hand(model):
         w, bias = model.img_fc.weight, model.img_fc.bias
         pooled = x.sum(dim=1) / 36.0
         y = torch.stack([w @ pooled[b] + bias for b in range(len(x))])
-        want = y / torch.sqrt((y ** 2).sum(dim=1, keepdim=True))
+        want = y / torch.sqrt((y**2).sum(dim=1, keepdim=True))
     assert got.shape == (len(x), CFG["embed_size"])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
@@ -115,11 +117,14 @@ def test_checkpoint_round_trip(model, tmp_path):
     assert list(tmp_path.joinpath("ckpt").iterdir()) == [path]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("payload", [
-    {"state_dict": {"w": torch.zeros(2)}},              # a bare state dict wrapper
-    {"format": "someone-else/1", "model_name": "vsepp"},
-    [1, 2, 3],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"state_dict": {"w": torch.zeros(2)}},  # a bare state dict wrapper
+        {"format": "someone-else/1", "model_name": "vsepp"},
+        [1, 2, 3],
+    ],
+)
 def test_foreign_file_is_refused(tmp_path, payload):
     path = tmp_path / "foreign.pt"
     torch.save(payload, path)

@@ -1,5 +1,6 @@
 """Adding a loss variant is a one-file change: a copy of the repository whose models/losses.py
 alone gains a throwaway variant plans, trains and reports it."""
+
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ THROWAWAY = '    "quinonly": Terms("+QuinOnly", quintuplet=True),\n'
 
 
 def copy_of_the_repository(dest):
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -33,10 +35,25 @@ def test_a_variant_added_to_losses_py_alone_runs_end_to_end(tmp_path):
     config["aoq"]["variants"] = ["quinonly"]
     work = tmp_path / "work"
     work.mkdir()
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "workflow" / "Snakefile"),
-                             "--directory", str(work), "--configfile", str(write_config(work, config)),
-                             "--cores", "2"], capture_output=True, text=True, timeout=900,
-                            env=ENV | {"PYTHONPATH": str(repo)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "workflow" / "Snakefile"),
+            "--directory",
+            str(work),
+            "--configfile",
+            str(write_config(work, config)),
+            "--cores",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=ENV | {"PYTHONPATH": str(repo)},
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     results = work / "results" / "demo_precomp"
     assert "| vsepp | +QuinOnly |" in (results / "report" / "report.md").read_text()
@@ -44,10 +61,13 @@ def test_a_variant_added_to_losses_py_alone_runs_end_to_end(tmp_path):
     assert "variant=quinonly" in log
 
     # Its loss is the online triplet plus the quintuplet term, nothing else.
-    check = ("import torch; from models.losses import *; S = torch.tensor([[0.5, 0.4], [0.6, 0.7]]); "
-             "o = OfflineScores(*[torch.tensor(v) for v in ([0.55, 0.2], [0.45, 0.9], [0.6, 0.1], [0.3, 0.75])]); "
-             "loss, terms = retrieval_loss(S, o, LossConfig('quinonly')); "
-             "print(sorted(terms), round(loss.item(), 6))")
-    out = subprocess.run([sys.executable, "-c", check], cwd=repo, capture_output=True, text=True, env=ENV,
-                         check=True).stdout.strip()
+    check = (
+        "import torch; from models.losses import *; S = torch.tensor([[0.5, 0.4], [0.6, 0.7]]); "
+        "o = OfflineScores(*[torch.tensor(v) for v in ([0.55, 0.2], [0.45, 0.9], [0.6, 0.1], [0.3, 0.75])]); "
+        "loss, terms = retrieval_loss(S, o, LossConfig('quinonly')); "
+        "print(sorted(terms), round(loss.item(), 6))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=repo, capture_output=True, text=True, env=ENV, check=True
+    ).stdout.strip()
     assert out == "['online', 'quintuplet'] 0.65"  # hand-computed in tests/test_losses.py: 0.5 + 0.15

@@ -1,4 +1,5 @@
 """Optimiser layout and clipping, including the reference's doubled captioning update (Q-DUP)."""
+
 import math
 
 import pytest
@@ -33,7 +34,7 @@ def adam_reference(param, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
         g = g.double()
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        p = p - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
     return p
 
 
@@ -64,8 +65,9 @@ def test_clip_with_duplicated_params_follows_the_listed_semantics(max_norm):
     for p in listed:
         if coef < 1:
             grads[p] = grads[p] * coef
-    got = clip_grad_norm_listed([(list(model.retrieval.parameters()), 1),
-                                 (list(model.caption.parameters()), 2)], max_norm)
+    got = clip_grad_norm_listed(
+        [(list(model.retrieval.parameters()), 1), (list(model.caption.parameters()), 2)], max_norm
+    )
     assert got == pytest.approx(total)
     for p in model.parameters():
         torch.testing.assert_close(p.grad, grads[p])

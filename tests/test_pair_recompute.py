@@ -1,10 +1,11 @@
 """The sparse backward of all-pairs cross-attention scores (accel/pairs.py) against plain
 autograd through the same scores, and the hand-written l2norm backward against autograd."""
+
 import pytest
 import torch
 
-from models import create_model
 from models import attention as xattn
+from models import create_model
 from models.losses import LossConfig, retrieval_loss
 
 LENGTHS = torch.tensor([3, 7, 1, 5, 7, 2])
@@ -24,7 +25,7 @@ def incoming_gradient(kind, shape, seed=1):
     dense = torch.randn(shape, dtype=torch.float64, generator=g)
     if kind == "dense":
         return dense
-    keep = torch.zeros(shape, dtype=torch.bool)                       # a hardest-negative pattern
+    keep = torch.zeros(shape, dtype=torch.bool)  # a hardest-negative pattern
     keep[torch.arange(shape[0]), torch.randint(shape[1], (shape[0],), generator=g)] = True
     keep[torch.randint(shape[0], (shape[1],), generator=g), torch.arange(shape[1])] = True
     return dense * keep
@@ -41,7 +42,9 @@ def both_ways(score, make_features, incoming, want=("img", "words")):
         scores = score(img, words, flag)
         leaves = [t for t in (img, words) if t.requires_grad]
         grads = torch.autograd.grad(scores, leaves, incoming(scores.shape), allow_unused=True)
-        results.append((scores.detach(), [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]))
+        results.append(
+            (scores.detach(), [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)])
+        )
     return results
 
 
@@ -58,13 +61,24 @@ def assert_same(results):
 
 
 @pytest.mark.parametrize("direction", xattn.DIRECTIONS)
-@pytest.mark.parametrize("norm,agg", [("clipped_l2norm", "LogSumExp"), ("softmax", "Mean"),
-                                      ("l2norm", "Max"), ("clipped_l1norm", "Sum")])
+@pytest.mark.parametrize(
+    "norm,agg",
+    [("clipped_l2norm", "LogSumExp"), ("softmax", "Mean"), ("l2norm", "Max"), ("clipped_l1norm", "Sum")],
+)
 @pytest.mark.parametrize("grad_kind", ["hardest", "dense", "zero"])
 def test_scan_sparse_backward_equals_autograd(direction, norm, agg, grad_kind):
     def score(img, words, sparse):
-        return xattn.scan_scores(img, words, LENGTHS, direction=direction, raw_feature_norm=norm, agg_func=agg,
-                                 chunk=2, sparse_grad=sparse)
+        return xattn.scan_scores(
+            img,
+            words,
+            LENGTHS,
+            direction=direction,
+            raw_feature_norm=norm,
+            agg_func=agg,
+            chunk=2,
+            sparse_grad=sparse,
+        )
+
     results = both_paths(score, grad_kind)
     assert_same(results)
     if grad_kind == "zero":
@@ -77,10 +91,12 @@ def test_bfan_sparse_backward_equals_autograd_and_counts_fallbacks_once(focal, w
     counts = []
 
     def score(img, words, sparse):
-        scores, fallbacks = xattn.bfan_scores(img, words, LENGTHS, focal_type=focal, chunk=4,
-                                              return_fallbacks=True, sparse_grad=sparse)
+        scores, fallbacks = xattn.bfan_scores(
+            img, words, LENGTHS, focal_type=focal, chunk=4, return_fallbacks=True, sparse_grad=sparse
+        )
         counts.append(int(fallbacks))
         return scores
+
     assert_same(both_paths(score, "hardest", want))
     assert counts[0] == counts[1]
 
@@ -119,13 +135,15 @@ def test_l2norm_backward_matches_autograd_including_zero_vectors(dim):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 5, 6, dtype=torch.float64, generator=g)
     assert torch.autograd.gradcheck(lambda t: xattn.l2norm(t, dim=dim), (x.clone().requires_grad_(),))
-    x[1, 2], x[2, :, 3], x[:, 1, 1] = 0, 0, 0                        # zero vectors along each dim
+    x[1, 2], x[2, :, 3], x[:, 1, 1] = 0, 0, 0  # zero vectors along each dim
     x.requires_grad_()
     upstream = torch.randn(x.shape, dtype=torch.float64, generator=g)
     got = torch.autograd.grad((xattn.l2norm(x, dim=dim) * upstream).sum(), x)[0]
     want = torch.autograd.grad((plain_l2norm(x, dim) * upstream).sum(), x)[0]
     torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
-    torch.testing.assert_close(xattn.l2norm(x.detach(), dim=dim), plain_l2norm(x.detach(), dim), atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(
+        xattn.l2norm(x.detach(), dim=dim), plain_l2norm(x.detach(), dim), atol=1e-15, rtol=1e-14
+    )
 
 
 @pytest.mark.parametrize("name", ["scan", "bfan"])
@@ -141,7 +159,9 @@ def test_sparse_backward_under_bf16_autocast_matches_dense_to_bf16_precision(nam
     for few in (False, True):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            scores = model.training_scores(model.encode_images(images), model.encode_captions(ids, lengths), few)
+            scores = model.training_scores(
+                model.encode_images(images), model.encode_captions(ids, lengths), few
+            )
             loss = retrieval_loss(scores, None, LossConfig(variant="baseline"))[0]
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -154,6 +174,7 @@ def test_several_passes_and_zero_vectors(monkeypatch):
     """More nonzero pairs than one backward pass takes, and zero region / word vectors (the
     norm-is-zero branches of the hand-written norm gradients)."""
     from accel import pairs as pair_recompute
+
     monkeypatch.setattr(pair_recompute, "PAIRS_PER_PASS", 3)
 
     def score(img, words, sparse):
@@ -161,6 +182,7 @@ def test_several_passes_and_zero_vectors(monkeypatch):
             img[1, 2] = 0
             words[3, 0] = 0
         return xattn.scan_scores(img, words, LENGTHS, direction="i2t", chunk=4, sparse_grad=sparse)
+
     assert_same(both_paths(score, "dense"))
 
 
@@ -190,6 +212,7 @@ def paired_features(seed=3, k=4, d=8):
 def paired_against_diagonal(score, want=("img", "words")):
     """Gradients of the paired scores, and of the diagonal of the all-pairs matrix scored with
     plain autograd (no sparse backward), for the same incoming gradient."""
+
     def weights(shape):
         w = torch.linspace(-1.0, 2.0, shape[0], dtype=torch.float64)
         w[2] = 0
@@ -203,23 +226,42 @@ def paired_against_diagonal(score, want=("img", "words")):
 
 
 @pytest.mark.parametrize("direction", xattn.DIRECTIONS)
-@pytest.mark.parametrize("norm,agg", [("clipped_l2norm", "LogSumExp"), ("softmax", "Mean"),
-                                      ("l2norm", "Max"), ("clipped_l1norm", "Sum")])
+@pytest.mark.parametrize(
+    "norm,agg",
+    [("clipped_l2norm", "LogSumExp"), ("softmax", "Mean"), ("l2norm", "Max"), ("clipped_l1norm", "Sum")],
+)
 def test_scan_paired_gradients_equal_the_diagonal_with_autograd(direction, norm, agg):
-    paired_against_diagonal(lambda img, words, paired: xattn.scan_scores(
-        img, words, LENGTHS, direction=direction, raw_feature_norm=norm, agg_func=agg, paired=paired, chunk=2))
+    paired_against_diagonal(
+        lambda img, words, paired: xattn.scan_scores(
+            img,
+            words,
+            LENGTHS,
+            direction=direction,
+            raw_feature_norm=norm,
+            agg_func=agg,
+            paired=paired,
+            chunk=2,
+        )
+    )
 
 
 @pytest.mark.parametrize("focal", xattn.FOCAL_TYPES)
 @pytest.mark.parametrize("want", [("img", "words"), ("img",), ("words",)])
 def test_bfan_paired_gradients_equal_the_diagonal_and_fallbacks_agree(focal, want):
-    paired_against_diagonal(lambda img, words, paired: xattn.bfan_scores(
-        img, words, LENGTHS, focal_type=focal, paired=paired, chunk=4), want)
+    paired_against_diagonal(
+        lambda img, words, paired: xattn.bfan_scores(
+            img, words, LENGTHS, focal_type=focal, paired=paired, chunk=4
+        ),
+        want,
+    )
     img, words = paired_features()
-    with torch.no_grad():   # the plain paired blocks
-        _, plain = xattn.bfan_scores(img, words, LENGTHS, focal_type=focal, paired=True, return_fallbacks=True)
-    _, recomputed = xattn.bfan_scores(img.requires_grad_(), words, LENGTHS, focal_type=focal, paired=True,
-                                      return_fallbacks=True)
+    with torch.no_grad():  # the plain paired blocks
+        _, plain = xattn.bfan_scores(
+            img, words, LENGTHS, focal_type=focal, paired=True, return_fallbacks=True
+        )
+    _, recomputed = xattn.bfan_scores(
+        img.requires_grad_(), words, LENGTHS, focal_type=focal, paired=True, return_fallbacks=True
+    )
     assert int(recomputed) == int(plain)
 
 

@@ -1,26 +1,54 @@
 """Mixed-precision training (TrainConfig.amp): config checks, and a bf16 CPU run against fp32."""
+
 import math
 
 import pytest
-import torch
 
 from pipeline_steps import train
 from pipeline_steps.training.precision import MixedPrecision
-from tests.test_train import dataset, read_log, weights  # noqa: F401  (fixture)
+from tests.test_train import read_log, weights
 
 MODEL = '{"embed_size": 16, "word_dim": 8}'
 
 
-def run(dataset, out, amp):  # noqa: F811
+def run(train_data, out, amp):
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ('{"epochs": 1, "batch_size": 32, "val_step": 100, "eval_batch_size": 64,'
-           f' "offline_size": 20, "amp": "{amp}"}}')
-    return train.main(["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]),
-                       "--model", "vsepp", "--model-config", MODEL, "--train-config", cfg,
-                       "--loss-config", '{"variant": "adapoffquin"}', "--seed", "0", "--device", "cpu",
-                       "--candidates-i2t", str(dataset["i2t"]), "--candidates-t2i", str(dataset["t2i"]),
-                       "--out-best", str(out / "best.pt"), "--out-last", str(out / "last.pt"),
-                       "--out-log", str(out / "val.csv"), "--resume-dir", str(out / "resume")])
+    cfg = (
+        '{"epochs": 1, "batch_size": 32, "val_step": 100, "eval_batch_size": 64,'
+        f' "offline_size": 20, "amp": "{amp}"}}'
+    )
+    return train.main(
+        [
+            "--data",
+            str(train_data["data"]),
+            "--prepared",
+            str(train_data["prepared"]),
+            "--model",
+            "vsepp",
+            "--model-config",
+            MODEL,
+            "--train-config",
+            cfg,
+            "--loss-config",
+            '{"variant": "adapoffquin"}',
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--candidates-i2t",
+            str(train_data["i2t"]),
+            "--candidates-t2i",
+            str(train_data["t2i"]),
+            "--out-best",
+            str(out / "best.pt"),
+            "--out-last",
+            str(out / "last.pt"),
+            "--out-log",
+            str(out / "val.csv"),
+            "--resume-dir",
+            str(out / "resume"),
+        ]
+    )
 
 
 def test_modes_are_checked():
@@ -31,16 +59,16 @@ def test_modes_are_checked():
     assert MixedPrecision("none", "cpu").should_step(float("inf"))  # fp32: no overflow skipping
 
 
-def test_bad_amp_in_train_config_is_a_clear_error(dataset, tmp_path):  # noqa: F811
+def test_bad_amp_in_train_config_is_a_clear_error(train_data, tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        run(dataset, tmp_path, "fp16")
+        run(train_data, tmp_path, "fp16")
 
 
-def test_bf16_autocast_trains_close_to_fp32(dataset, tmp_path):  # noqa: F811
+def test_bf16_autocast_trains_close_to_fp32(train_data, tmp_path):
     """bf16 has 8 bits of mantissa: the run must differ from fp32 (autocast is really on) but
     stay close, and the validation rows must be there and finite."""
-    assert run(dataset, tmp_path / "fp32", "none") == 0
-    assert run(dataset, tmp_path / "bf16", "bf16") == 0
+    assert run(train_data, tmp_path / "fp32", "none") == 0
+    assert run(train_data, tmp_path / "bf16", "bf16") == 0
     a, b = weights(tmp_path / "fp32" / "last.pt"), weights(tmp_path / "bf16" / "last.pt")
     diffs = [float((a[k] - b[k]).abs().max()) for k in a]
     assert max(diffs) > 0

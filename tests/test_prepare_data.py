@@ -1,4 +1,5 @@
 """Tests for pipeline_steps.prepare_data on small hand-built SCAN precomp folders."""
+
 import json
 
 import nltk
@@ -49,14 +50,20 @@ def _make_folder(folder, seed=0):
     for split, n in N_IMAGES.items():
         per_image[split] = rng.random((n, 36, D), dtype=np.float32)
         feats = np.repeat(per_image[split], 5, axis=0) if split == "dev" else per_image[split]
-        _write_split(folder, split, feats, [raw for raw, _ in _captions(split)],
-                     eol=b"\r\n" if split == "dev" else b"\n")
+        _write_split(
+            folder,
+            split,
+            feats,
+            [raw for raw, _ in _captions(split)],
+            eol=b"\r\n" if split == "dev" else b"\n",
+        )
     return per_image
 
 
 def _run(data, out, *extra):
-    return prepare_data.main(["--data", str(data), "--out", str(out), "--img-dim", str(D),
-                              "--vocab-threshold", "1", *extra])
+    return prepare_data.main(
+        ["--data", str(data), "--out", str(out), "--img-dim", str(D), "--vocab-threshold", "1", *extra]
+    )
 
 
 @pytest.fixture
@@ -71,8 +78,13 @@ def prepared(tmp_path):
 
 def test_outputs_and_manifest(prepared):
     _, out, _, manifest, vocab = prepared
-    assert {p.name for p in out.iterdir()} == {"vocab.json", "manifest.json", "train_ids.npz",
-                                               "dev_ids.npz", "test_ids.npz"}
+    assert {p.name for p in out.iterdir()} == {
+        "vocab.json",
+        "manifest.json",
+        "train_ids.npz",
+        "dev_ids.npz",
+        "test_ids.npz",
+    }
     assert manifest["tokenizer"] == "nltk.word_tokenize(preserve_line=True)"
     words = {t for s in ("train", "dev") for _, tokens in _captions(s) for t in tokens}
     assert "zebra" not in words and "zebra" not in vocab["word2idx"]
@@ -117,8 +129,21 @@ def test_dev_limited_to_5000_captions(tmp_path):
     _write_split(data, "train", np.zeros((1, 36, 2), np.float32), [b"a dog"] * 5)
     caps = [b"a dog"] * 5000 + [b"extra words"] * 25
     _write_split(data, "dev", np.ones((1005, 36, 2), np.float32), caps)
-    prepare_data.main(["--data", str(data), "--out", str(out), "--img-dim", "2",
-                       "--splits", "train", "dev", "--vocab-threshold", "1"])
+    prepare_data.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--img-dim",
+            "2",
+            "--splits",
+            "train",
+            "dev",
+            "--vocab-threshold",
+            "1",
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["splits"]["dev"]["n_captions"] == 5000
     assert manifest["splits"]["dev"]["n_images"] == 1000
@@ -176,17 +201,22 @@ def _set(feats):
 BAD = {  # name -> (break the folder, offending file, word about the problem)
     "missing_ims": (lambda d: (d / "test_ims.npy").unlink(), "test_ims.npy", "missing"),
     "missing_caps": (lambda d: (d / "dev_caps.txt").unlink(), "dev_caps.txt", "missing"),
-    "caps_not_multiple_of_5": (lambda d: (d / "test_caps.txt").write_bytes(b"a\n" * 9),
-                               "test_caps.txt", "multiple of 5"),
+    "caps_not_multiple_of_5": (
+        lambda d: (d / "test_caps.txt").write_bytes(b"a\n" * 9),
+        "test_caps.txt",
+        "multiple of 5",
+    ),
     "rows_match_no_layout": (lambda d: _shape(d, "train", (4, 36, D)), "train_ims.npy", "rows"),
     "wrong_width": (lambda d: _shape(d, "test", (2, 36, D + 1)), "test_ims.npy", "img_dim"),
     "float64": (lambda d: _shape(d, "train", (3, 36, D), np.float64), "train_ims.npy", "float32"),
     "35_regions": (lambda d: _shape(d, "dev", (10, 35, D)), "dev_ims.npy", "36"),
-    "dev_rows_differ": (lambda d: _shape(d, "dev", (10, 36, D), fill=_set), "dev_ims.npy",
-                        "differ"),
+    "dev_rows_differ": (lambda d: _shape(d, "dev", (10, 36, D), fill=_set), "dev_ims.npy", "differ"),
     "bad_vocab_json": (_bad_vocab, "bad_vocab.json", "JSON"),
-    "caps_not_utf8": (lambda d: (d / "test_caps.txt").write_bytes(b"ok\n" * 4 + b"\xe9\n" * 6),
-                      "test_caps.txt", "UTF-8"),
+    "caps_not_utf8": (
+        lambda d: (d / "test_caps.txt").write_bytes(b"ok\n" * 4 + b"\xe9\n" * 6),
+        "test_caps.txt",
+        "UTF-8",
+    ),
 }
 
 
@@ -241,8 +271,9 @@ def test_non_finite_features_fail_cleanly(tmp_path, split, word):
 @pytest.mark.parametrize("word", sorted(BAD_VALUES))
 def test_first_non_finite_image_is_named(tmp_path, word, rows_per_image, block_rows):
     n_images = 13  # 13 or 65 rows: the last block of 4 is partial
-    feats = np.repeat(np.random.default_rng(0).random((n_images, 36, 4), dtype=np.float32),
-                      rows_per_image, axis=0)
+    feats = np.repeat(
+        np.random.default_rng(0).random((n_images, 36, 4), dtype=np.float32), rows_per_image, axis=0
+    )
     caps = [b"a dog"] * (5 * n_images)
     _write_split(tmp_path, "train", feats, caps)
     assert validate_split(tmp_path, "train", 4, block_rows=block_rows).n_images == n_images
@@ -258,9 +289,9 @@ def test_first_non_finite_image_is_named(tmp_path, word, rows_per_image, block_r
     # Bad values in images 6 and 9: image 6 is named, and its first bad value (region 3 before
     # region 20, whatever image 9 holds); with blocks of 4 rows neither is in the first block.
     first_row = 6 * rows_per_image
-    feats[first_row:first_row + rows_per_image, 3, 1] = BAD_VALUES[word]
-    feats[first_row:first_row + rows_per_image, 20, 0] = np.nan if word != "NaN" else np.inf
-    feats[9 * rows_per_image:10 * rows_per_image, 0, 0] = np.nan
+    feats[first_row : first_row + rows_per_image, 3, 1] = BAD_VALUES[word]
+    feats[first_row : first_row + rows_per_image, 20, 0] = np.nan if word != "NaN" else np.inf
+    feats[9 * rows_per_image : 10 * rows_per_image, 0, 0] = np.nan
     _write_split(tmp_path, "train", feats, caps)
     with pytest.raises(DataError) as info:
         validate_split(tmp_path, "train", 4, block_rows=block_rows)
@@ -277,8 +308,9 @@ def _rss_file_kib():
 
 def test_finite_check_reads_every_row_without_keeping_it_resident(tmp_path, monkeypatch):
     n, dim = 700, 512  # 700 x 36 x 512 float32 = 52 MB on disk
-    feats = np.lib.format.open_memmap(tmp_path / "train_ims.npy", mode="w+", dtype=np.float32,
-                                      shape=(n, 36, dim))
+    feats = np.lib.format.open_memmap(
+        tmp_path / "train_ims.npy", mode="w+", dtype=np.float32, shape=(n, 36, dim)
+    )
     feats[:, 0, 0] = 1.0
     feats.flush()
     del feats
@@ -292,6 +324,7 @@ def test_finite_check_reads_every_row_without_keeping_it_resident(tmp_path, monk
         def after_block(array):
             release(array)
             seen.append(_rss_file_kib() - before)
+
         monkeypatch.setattr(precomp, "release_mapped_pages", after_block)
         validate_split(tmp_path, "train", dim, block_rows=50)  # blocks of 3.7 MB
         return max(seen), len(seen) - 1
@@ -299,16 +332,20 @@ def test_finite_check_reads_every_row_without_keeping_it_resident(tmp_path, monk
     growth_released, blocks = peak_growth(precomp.release_mapped_pages)
     growth_kept, _ = peak_growth(lambda array: None)
     assert blocks == n // 50
-    assert growth_kept > file_kib // 2      # the pass does read the whole file
+    assert growth_kept > file_kib // 2  # the pass does read the whole file
     assert growth_released < file_kib // 4  # and, releasing each block, does not keep it mapped
 
 
-@pytest.mark.parametrize("split, number, line, problem", [
-    ("train", 12, b"", "is an empty caption"),
-    ("train", 12, b" \t ", "is an empty caption"),
-    ("dev", 3, b"  ", "is an empty caption"),  # CRLF file: the b"\r" is not a word either
-    ("test", 7, "\u00a0".encode(), "is an empty caption (no tokens)"),  # strip() keeps U+00A0
-], ids=["empty", "whitespace", "crlf-spaces", "nbsp-no-tokens"])
+@pytest.mark.parametrize(
+    "split, number, line, problem",
+    [
+        ("train", 12, b"", "is an empty caption"),
+        ("train", 12, b" \t ", "is an empty caption"),
+        ("dev", 3, b"  ", "is an empty caption"),  # CRLF file: the b"\r" is not a word either
+        ("test", 7, "\u00a0".encode(), "is an empty caption (no tokens)"),  # strip() keeps U+00A0
+    ],
+    ids=["empty", "whitespace", "crlf-spaces", "nbsp-no-tokens"],
+)
 def test_empty_caption_fails_cleanly(tmp_path, split, number, line, problem):
     data, out = tmp_path / "data", tmp_path / "out"
     _make_folder(data)
@@ -327,14 +364,31 @@ def test_empty_caption_fails_cleanly(tmp_path, split, number, line, problem):
 
 def test_empty_caption_in_generated_demo_data_fails_cleanly(tmp_path):
     data, out = tmp_path / "demo_precomp", tmp_path / "prepared"
-    make_demo_data.main(["--out", str(data), "--seed", "0", "--n-train", "20", "--n-dev", "10",
-                         "--n-test", "10", "--n-testall-per-fold", "4", "--img-dim", "16"])
+    make_demo_data.main(
+        [
+            "--out",
+            str(data),
+            "--seed",
+            "0",
+            "--n-train",
+            "20",
+            "--n-dev",
+            "10",
+            "--n-test",
+            "10",
+            "--n-testall-per-fold",
+            "4",
+            "--img-dim",
+            "16",
+        ]
+    )
     path = data / "dev_caps.txt"
     lines = path.read_bytes().split(b"\n")
     lines[30] = b""
     path.write_bytes(b"\n".join(lines))
     with pytest.raises(SystemExit) as info:
-        prepare_data.main(["--data", str(data), "--out", str(out), "--img-dim", "16",
-                           "--splits", "train", "dev", "test"])
+        prepare_data.main(
+            ["--data", str(data), "--out", str(out), "--img-dim", "16", "--splits", "train", "dev", "test"]
+        )
     assert info.value.code == f"error: {path}: line 31 is an empty caption"
     assert not out.exists() or list(out.rglob("*")) == []

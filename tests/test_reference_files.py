@@ -1,5 +1,6 @@
 """Tests for pipeline_steps.data.reference_files on files built here the way Python 2 /
 PyTorch 0.4.1 wrote them (protocol 2, py2 `str` as BINSTRING opcodes, legacy torch format)."""
+
 import argparse
 import builtins
 import os
@@ -12,8 +13,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from pipeline_steps.data.reference_files import (ReferenceFileError, convert_vocab_pickle_to_json,
-                                                   load_reference_checkpoint, load_vocab_pickle)
+from pipeline_steps.data.reference_files import (
+    ReferenceFileError,
+    convert_vocab_pickle_to_json,
+    load_reference_checkpoint,
+    load_vocab_pickle,
+)
 from pipeline_steps.data.text import load_vocab_json
 
 WORDS = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "caf\u00e9": 5, "a": 6}
@@ -21,6 +26,7 @@ WORDS = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "caf\u00e9"
 
 class Py2Pickler(pickle._Pickler):
     """Writes bytes (and, with all_str, str) as py2 `str` opcodes, OrderedDict the py2 way."""
+
     dispatch = dict(pickle._Pickler.dispatch)
     all_str = False
 
@@ -53,13 +59,16 @@ class Py2StrPickler(Py2Pickler):
 
 
 PY2_PICKLE = types.SimpleNamespace(  # a pickle_module for torch.save
-    __name__="py2pickle", Pickler=Py2StrPickler,
-    dump=lambda obj, f, protocol=2: Py2StrPickler(f, protocol).dump(obj))
+    __name__="py2pickle",
+    Pickler=Py2StrPickler,
+    dump=lambda obj, f, protocol=2: Py2StrPickler(f, protocol).dump(obj),
+)
 
 
 def write_vocab_pickle(path, module, monkeypatch):
     class Vocabulary:
         pass
+
     Vocabulary.__module__ = module
     Vocabulary.__name__ = Vocabulary.__qualname__ = "Vocabulary"
     if module != "__main__":
@@ -115,9 +124,11 @@ class Evil:
 def payloads(marker):
     """(callable, argument, regex of the refused global's name as the pickle spells it)."""
     code = f"open({str(marker)!r}, 'w').close()"
-    return [(builtins.exec, code, r"(builtins|__builtin__)\.exec"),
-            (builtins.eval, code, r"(builtins|__builtin__)\.eval"),
-            (os.system, f"touch '{marker}'", rf"{os.system.__module__}\.system")]
+    return [
+        (builtins.exec, code, r"(builtins|__builtin__)\.exec"),
+        (builtins.eval, code, r"(builtins|__builtin__)\.eval"),
+        (os.system, f"touch '{marker}'", rf"{os.system.__module__}\.system"),
+    ]
 
 
 def test_malicious_vocab_pickle_is_refused_unexecuted(tmp_path):
@@ -135,20 +146,36 @@ def test_malicious_vocab_pickle_is_refused_unexecuted(tmp_path):
 
 
 def make_checkpoint(opt_data_name=b"f30k_precomp"):
-    img = OrderedDict([("fc.weight", torch.randn(4, 3)), ("fc.bias", torch.zeros(4)),
-                       ("bn.num_batches_tracked", torch.tensor(7))])
+    img = OrderedDict(
+        [
+            ("fc.weight", torch.randn(4, 3)),
+            ("fc.bias", torch.zeros(4)),
+            ("bn.num_batches_tracked", torch.tensor(7)),
+        ]
+    )
     img._metadata = OrderedDict([("", {"version": 1}), ("bn", {"version": 2})])
-    txt = OrderedDict([("embed.weight", torch.randn(7, 5)),
-                       ("rnn.weight_hh_l0", torch.randn(6, 2))])
-    opt = argparse.Namespace(data_name=opt_data_name, embed_size=16, margin=0.2, max_violation=True,
-                             vocab_path="./vocab/", lr_update=[15])
+    txt = OrderedDict([("embed.weight", torch.randn(7, 5)), ("rnn.weight_hh_l0", torch.randn(6, 2))])
+    opt = argparse.Namespace(
+        data_name=opt_data_name,
+        embed_size=16,
+        margin=0.2,
+        max_violation=True,
+        vocab_path="./vocab/",
+        lr_update=[15],
+    )
     return {"epoch": 3, "model": [img, txt], "best_rsum": 420.5, "opt": opt, "Eiters": 1000}
 
 
 def check_loaded(got, ckpt):
     assert (got["epoch"], got["best_rsum"], got["eiters"]) == (3, 420.5, 1000)
-    assert got["opt"] == {"data_name": "f30k_precomp", "embed_size": 16, "margin": 0.2,
-                          "max_violation": True, "vocab_path": "./vocab/", "lr_update": [15]}
+    assert got["opt"] == {
+        "data_name": "f30k_precomp",
+        "embed_size": 16,
+        "margin": 0.2,
+        "max_violation": True,
+        "vocab_path": "./vocab/",
+        "lr_update": [15],
+    }
     assert len(got["model"]) == 2
     for state, expected in zip(got["model"], ckpt["model"]):
         assert list(state) == list(expected)
@@ -164,8 +191,9 @@ def test_checkpoint_layouts_load(tmp_path, how):
     ckpt, path = make_checkpoint(), tmp_path / "model_best.pth.tar"
     encoding = "bytes" if how.endswith("bytes") else "latin1"
     if how.startswith("legacy-py2"):  # every ASCII str written as a py2 str, as Python 2 did
-        torch.save(ckpt, path, _use_new_zipfile_serialization=False, pickle_protocol=2,
-                   pickle_module=PY2_PICKLE)
+        torch.save(
+            ckpt, path, _use_new_zipfile_serialization=False, pickle_protocol=2, pickle_module=PY2_PICKLE
+        )
         assert b"U\tdata_name" in path.read_bytes() and not path.read_bytes().startswith(b"PK")
     elif how == "legacy-py3":  # bytes value pickled through _codecs.encode
         torch.save(ckpt, path, _use_new_zipfile_serialization=False, pickle_protocol=2)
@@ -206,7 +234,12 @@ def test_checkpoint_bad_files_name_the_file(tmp_path):
         load_reference_checkpoint(tmp_path / "missing.pth")
     ckpt = make_checkpoint()
     ckpt["opt"].logger_name = "runs/" + "x" * 300  # py2 BINSTRING: torch's weights-only gap
-    torch.save(ckpt, tmp_path / "long.pth", _use_new_zipfile_serialization=False,
-               pickle_protocol=2, pickle_module=PY2_PICKLE)
+    torch.save(
+        ckpt,
+        tmp_path / "long.pth",
+        _use_new_zipfile_serialization=False,
+        pickle_protocol=2,
+        pickle_module=PY2_PICKLE,
+    )
     with pytest.raises(ReferenceFileError, match=r"long\.pth: refused pickle content.*BINSTRING"):
         load_reference_checkpoint(tmp_path / "long.pth")

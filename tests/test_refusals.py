@@ -1,5 +1,6 @@
 """Every refusal a step makes is one line naming the file or option, never a traceback; steps
 remove the temporaries that killed writers of their outputs left."""
+
 import fractions
 import json
 import os
@@ -9,8 +10,15 @@ import pytest
 import torch
 
 from models import create_model
-from pipeline_steps import (evaluate, extract_embeddings, import_checkpoint, mine_candidates, prepare_data,
-                            report, train)
+from pipeline_steps import (
+    evaluate,
+    extract_embeddings,
+    import_checkpoint,
+    mine_candidates,
+    prepare_data,
+    report,
+    train,
+)
 from pipeline_steps.training.checkpoint import save_checkpoint
 from tests.helpers import make_prepared_demo
 
@@ -38,13 +46,36 @@ def refusal(main, argv):
 
 
 def evaluate_argv(s, checkpoint, device="cpu", out=None):
-    return ["--checkpoints", checkpoint, "--data", s["data"], "--prepared", s["prepared"],
-            "--evaluation", "t", "test", "full", out or s["root"] / "t.json", "--device", device]
+    return [
+        "--checkpoints",
+        checkpoint,
+        "--data",
+        s["data"],
+        "--prepared",
+        s["prepared"],
+        "--evaluation",
+        "t",
+        "test",
+        "full",
+        out or s["root"] / "t.json",
+        "--device",
+        device,
+    ]
 
 
 def extract_argv(s, checkpoint, device="cpu", out=None):
-    return ["--checkpoint", checkpoint, "--data", s["data"], "--prepared", s["prepared"],
-            "--out", out or s["root"] / "e.h5", "--device", device]
+    return [
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        s["data"],
+        "--prepared",
+        s["prepared"],
+        "--out",
+        out or s["root"] / "e.h5",
+        "--device",
+        device,
+    ]
 
 
 def run(main, argv):
@@ -68,20 +99,56 @@ def test_a_bad_device_is_refused_in_one_line(setup, step, argv, device):
 def test_mining_on_a_bad_device_is_refused_in_one_line(setup, tmp_path):
     emb = tmp_path / "e.h5"
     run(extract_embeddings.main, extract_argv(setup, setup["good"], out=emb))
-    message = refusal(mine_candidates.main, ["--embeddings", emb, "--out-i2t", tmp_path / "i.npy",
-                                             "--out-t2i", tmp_path / "t.npy", "--k-i2t", "5",
-                                             "--k-t2i", "2", "--device", "tpu"])
+    message = refusal(
+        mine_candidates.main,
+        [
+            "--embeddings",
+            emb,
+            "--out-i2t",
+            tmp_path / "i.npy",
+            "--out-t2i",
+            tmp_path / "t.npy",
+            "--k-i2t",
+            "5",
+            "--k-t2i",
+            "2",
+            "--device",
+            "tpu",
+        ],
+    )
     assert message.startswith("error: --device 'tpu': expected auto, cpu, cuda or cuda:N")
 
 
 def train_argv(s, out, offline_size=20, device="cpu"):
     train_config = json.dumps({"epochs": 1, "batch_size": 25, "val_step": 100, "offline_size": offline_size})
-    return ["--data", s["data"], "--prepared", s["prepared"], "--model", "vsepp",
-            "--model-config", '{"embed_size": 8, "word_dim": 8}', "--train-config", train_config,
-            "--loss-config", '{"variant": "offtri"}', "--candidates-i2t", s["root"] / "i2t.npy",
-            "--candidates-t2i", s["root"] / "t2i.npy", "--device", device,
-            "--out-best", out / "b.pt", "--out-last", out / "l.pt", "--out-log", out / "v.csv",
-            "--resume-dir", out / "resume"]
+    return [
+        "--data",
+        s["data"],
+        "--prepared",
+        s["prepared"],
+        "--model",
+        "vsepp",
+        "--model-config",
+        '{"embed_size": 8, "word_dim": 8}',
+        "--train-config",
+        train_config,
+        "--loss-config",
+        '{"variant": "offtri"}',
+        "--candidates-i2t",
+        s["root"] / "i2t.npy",
+        "--candidates-t2i",
+        s["root"] / "t2i.npy",
+        "--device",
+        device,
+        "--out-best",
+        out / "b.pt",
+        "--out-last",
+        out / "l.pt",
+        "--out-log",
+        out / "v.csv",
+        "--resume-dir",
+        out / "resume",
+    ]
 
 
 def test_offline_size_above_the_candidates_is_refused_in_one_line(setup, tmp_path):
@@ -100,8 +167,19 @@ def test_training_on_a_bad_device_is_refused_in_one_line(setup, tmp_path):
 
 
 def test_an_imported_checkpoints_refusal_names_its_path_once(setup, tmp_path):
-    message = refusal(import_checkpoint.main, ["--reference", setup["evil"], "--arch", "vsrn",
-                                               "--prepared", setup["prepared"], "--out", tmp_path / "x.pt"])
+    message = refusal(
+        import_checkpoint.main,
+        [
+            "--reference",
+            setup["evil"],
+            "--arch",
+            "vsrn",
+            "--prepared",
+            setup["prepared"],
+            "--out",
+            tmp_path / "x.pt",
+        ],
+    )
     assert message.count(str(setup["evil"])) == 1, message
 
 
@@ -121,9 +199,23 @@ def stale_files(*targets):
 def test_steps_remove_stale_temporaries_of_their_own_outputs(setup, tmp_path):
     s = setup
     prepared = tmp_path / "prepared"
-    stale, bystander = stale_files(prepared / "vocab.json", prepared / "train_ids.npz", prepared / "manifest.json")
-    prepare_data.main(["--data", str(s["data"]), "--out", str(prepared), "--img-dim", "16",
-                       "--splits", "train", "dev", "test"])
+    stale, bystander = stale_files(
+        prepared / "vocab.json", prepared / "train_ids.npz", prepared / "manifest.json"
+    )
+    prepare_data.main(
+        [
+            "--data",
+            str(s["data"]),
+            "--out",
+            str(prepared),
+            "--img-dim",
+            "16",
+            "--splits",
+            "train",
+            "dev",
+            "test",
+        ]
+    )
     assert not any(p.exists() for p in stale) and bystander.exists()
 
     out = tmp_path / "eval.json"
@@ -138,8 +230,20 @@ def test_steps_remove_stale_temporaries_of_their_own_outputs(setup, tmp_path):
 
     i2t, t2i = tmp_path / "c" / "i2t_demo.npy", tmp_path / "c" / "t2i_demo.npy"
     stale, _ = stale_files(i2t, t2i)
-    mine_candidates.main(["--embeddings", str(emb), "--out-i2t", str(i2t), "--out-t2i", str(t2i),
-                          "--k-i2t", "5", "--k-t2i", "2"])
+    mine_candidates.main(
+        [
+            "--embeddings",
+            str(emb),
+            "--out-i2t",
+            str(i2t),
+            "--out-t2i",
+            str(t2i),
+            "--k-i2t",
+            "5",
+            "--k-t2i",
+            "2",
+        ]
+    )
     assert not any(p.exists() for p in stale) and i2t.exists()
 
     md, csv, png = tmp_path / "r" / "report.md", tmp_path / "r" / "report.csv", tmp_path / "r" / "curves.png"

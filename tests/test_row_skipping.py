@@ -1,5 +1,6 @@
 """accel/linear.py: the linear map whose backward skips rows without a gradient, against
 plain autograd through F.linear."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ def test_only_what_needs_a_gradient_is_computed():
     x, w, b, grad = data(seed=1)
     grad.view(-1, 6)[[0, 2]] = 0
     wl = w.clone().requires_grad_()
-    out = row_skipping.linear(x, wl, b)           # features without a gradient, as region features
+    out = row_skipping.linear(x, wl, b)  # features without a gradient, as region features
     (gw,) = torch.autograd.grad(out, [wl], grad)
     torch.testing.assert_close(gw, torch.einsum("...o,...i->oi", grad, x), atol=1e-13, rtol=1e-13)
 
@@ -57,7 +58,9 @@ def test_the_skipping_path_gathers_only_active_rows(monkeypatch):
     grad[1::2] = 0
     seen = []
     original = torch.Tensor.index_select
-    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, d, i: seen.append(len(i)) or original(t, d, i))
+    monkeypatch.setattr(
+        torch.Tensor, "index_select", lambda t, d, i: seen.append(len(i)) or original(t, d, i)
+    )
     wl = w.clone().requires_grad_()
     torch.autograd.grad(row_skipping.linear(x, wl, b), [wl], grad)
     assert seen and set(seen) == {4}
@@ -89,9 +92,17 @@ def test_scan_encoders_in_float32_match_plain_autograd(precomp_enc_type, bi_gru,
     """SCAN's encoders use row skipping in float32: with images and captions that get no
     gradient, every parameter gradient equals the one with row skipping off (plain autograd)."""
     from models import create_model
+
     torch.manual_seed(0)
-    model = create_model("scan", vocab_size=30, img_dim=12, embed_size=32, word_dim=6,
-                         precomp_enc_type=precomp_enc_type, bi_gru=bi_gru)
+    model = create_model(
+        "scan",
+        vocab_size=30,
+        img_dim=12,
+        embed_size=32,
+        word_dim=6,
+        precomp_enc_type=precomp_enc_type,
+        bi_gru=bi_gru,
+    )
     g = torch.Generator().manual_seed(1)
     images = torch.randn(6, 5, 12, generator=g)
     ids = torch.randint(0, 30, (6, 7), generator=g)
@@ -105,7 +116,7 @@ def test_scan_encoders_in_float32_match_plain_autograd(precomp_enc_type, bi_gru,
         model.zero_grad()
         img = model.encode_images(images)
         words = model.encode_captions(ids, lengths).words
-        ((img * img_weights).sum() + (words * cap_weights[:, :words.shape[1]]).sum()).backward()
+        ((img * img_weights).sum() + (words * cap_weights[:, : words.shape[1]]).sum()).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     skipping = gradients()
@@ -124,8 +135,8 @@ def test_nonzero_rows_sees_tiny_negative_and_nan_entries():
 
 def test_active_rows_does_not_trust_the_first_entry_alone():
     g = torch.randn(5, 4)
-    assert row_skipping.active_rows(g) is None              # dense: every row has a gradient
-    g[:, 0] = 0                                              # first entries zero, rows still active
+    assert row_skipping.active_rows(g) is None  # dense: every row has a gradient
+    g[:, 0] = 0  # first entries zero, rows still active
     assert row_skipping.active_rows(g) is None
     g[[1, 3]] = 0
     assert row_skipping.active_rows(g).tolist() == [0, 2, 4]

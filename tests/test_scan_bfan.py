@@ -1,5 +1,6 @@
 """SCAN and BFAN models: encoders by hand, the caption representation helpers, gradient flow
 through the retrieval losses, the registry and checkpoints."""
+
 import math
 
 import pytest
@@ -40,13 +41,13 @@ def test_caption_encoder_matches_each_caption_alone(name, extra):
         assert torch.equal(got.lengths, lengths)
         for b in range(len(ids)):
             n = int(lengths[b])
-            out, _ = model.rnn(model.embed(ids[b:b + 1, :n]))       # unpadded, batch of one
+            out, _ = model.rnn(model.embed(ids[b : b + 1, :n]))  # unpadded, batch of one
             if model.bi_gru:
                 d = CFG["embed_size"]
-                out = (out[..., :d] + out[..., d:]) / 2            # average of the two directions
+                out = (out[..., :d] + out[..., d:]) / 2  # average of the two directions
             want = out[0] / (torch.sqrt((out[0] ** 2).sum(dim=1, keepdim=True)) + 1e-8)
             torch.testing.assert_close(got.words[b, :n], want, atol=1e-6, rtol=0)
-            assert (got.words[b, n:] == 0).all()                  # padded positions are zero
+            assert (got.words[b, n:] == 0).all()  # padded positions are zero
             torch.testing.assert_close(got.words[b, :n].norm(dim=1), torch.ones(n), atol=1e-5, rtol=0)
     assert model.rnn.bidirectional == extra.get("bi_gru", True)
 
@@ -58,7 +59,7 @@ def test_no_txtnorm_and_no_imgnorm_skip_normalisation():
         words = model.encode_captions(ids, lengths).words
         x = images(batch=2)
         torch.testing.assert_close(model.encode_images(x), model.img_fc(x))
-    assert not torch.allclose(words[-1, :int(lengths[-1])].norm(dim=1), torch.ones(int(lengths[-1])))
+    assert not torch.allclose(words[-1, : int(lengths[-1])].norm(dim=1), torch.ones(int(lengths[-1])))
 
 
 @pytest.mark.parametrize("enc_type", ["basic", "weight_norm"])
@@ -72,12 +73,12 @@ def test_image_encoder_by_hand(enc_type):
     else:
         g = model.img_fc.parametrizations.weight.original0
         v = model.img_fc.parametrizations.weight.original1
-        assert g.dim() == 0                                       # one scalar over the whole matrix
-        w, bias = g * v / torch.sqrt((v ** 2).sum()), model.img_fc.bias
+        assert g.dim() == 0  # one scalar over the whole matrix
+        w, bias = g * v / torch.sqrt((v**2).sum()), model.img_fc.bias
     with torch.no_grad():
         got = model.encode_images(x)
         y = torch.einsum("od,bkd->bko", w, x) + bias
-        want = y / (torch.sqrt((y ** 2).sum(dim=-1, keepdim=True)) + 1e-8)
+        want = y / (torch.sqrt((y**2).sum(dim=-1, keepdim=True)) + 1e-8)
     assert got.shape == (3, 36, CFG["embed_size"])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
@@ -94,7 +95,7 @@ def test_concat_and_slice_round_trip_with_different_lengths(name):
         start = 0
         for rep in reps:
             part = model.slice_representation(whole, start, start + 4)
-            assert part.words.shape == rep.words.shape          # trimmed back to its own longest
+            assert part.words.shape == rep.words.shape  # trimmed back to its own longest
             assert torch.equal(part.words, rep.words) and torch.equal(part.lengths, rep.lengths)
             start += 4
         img = model.encode_images(x)
@@ -107,12 +108,23 @@ def test_concat_and_slice_round_trip_with_different_lengths(name):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("scan", {}),
-    ("scan", {"cross_attn": "i2t", "agg_func": "Mean", "lambda_softmax": 4.0, "precomp_enc_type": "weight_norm"}),
-    ("bfan", {"focal_type": "equal"}),
-    ("bfan", {"focal_type": "prob"}),
-])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("scan", {}),
+        (
+            "scan",
+            {
+                "cross_attn": "i2t",
+                "agg_func": "Mean",
+                "lambda_softmax": 4.0,
+                "precomp_enc_type": "weight_norm",
+            },
+        ),
+        ("bfan", {"focal_type": "equal"}),
+        ("bfan", {"focal_type": "prob"}),
+    ],
+)
 def test_gradients_reach_every_parameter(name, extra):
     model = make(name, **extra).train()
     ids, lengths = caption_batch(batch=6)
@@ -122,7 +134,7 @@ def test_gradients_reach_every_parameter(name, extra):
     loss, _ = retrieval_loss(scores, None, LossConfig(max_violation=True))
     loss.backward()
     for pname, p in model.named_parameters():
-        if pname == "embed.weight":   # only the rows of words in the batch get gradient
+        if pname == "embed.weight":  # only the rows of words in the batch get gradient
             used = torch.unique(ids[ids > 0])
             assert torch.isfinite(p.grad).all() and (p.grad[used].abs().sum(dim=1) > 0).all(), pname
         else:
@@ -134,7 +146,10 @@ def test_paired_scores_feed_the_aoq_loss(name):
     model = make(name).train()
     ids, lengths = caption_batch(batch=5)
     img, cap = model.encode_images(images(batch=5)), model.encode_captions(ids, lengths)
-    img3, cap3 = model.encode_images(images(seed=9, batch=5)), model.encode_captions(*caption_batch(seed=4, batch=5))
+    img3, cap3 = (
+        model.encode_images(images(seed=9, batch=5)),
+        model.encode_captions(*caption_batch(seed=4, batch=5)),
+    )
     pairs = [(img, cap3), (img3, cap), (img3, cap3), (img3, cap)]
     offline = OfflineScores(*[model.score_paired(i, c) for i, c in pairs])
     with torch.no_grad():
@@ -145,14 +160,34 @@ def test_paired_scores_feed_the_aoq_loss(name):
 
 
 def test_model_scores_equal_the_kernels():
-    scan = make("scan", cross_attn="i2t", raw_feature_norm="softmax", agg_func="Max", lambda_lse=5.0,
-                lambda_softmax=4.0, chunk=2).eval()
+    scan = make(
+        "scan",
+        cross_attn="i2t",
+        raw_feature_norm="softmax",
+        agg_func="Max",
+        lambda_lse=5.0,
+        lambda_softmax=4.0,
+        chunk=2,
+    ).eval()
     bfan = make("bfan", focal_type="prob", lambda_softmax=10.0, chunk=3).eval()
     ids, lengths = caption_batch(batch=4)
     with torch.no_grad():
-        for model, kernel in ((scan, lambda v, c: xa.scan_scores(
-                v, c.words, c.lengths, direction="i2t", raw_feature_norm="softmax", agg_func="Max",
-                lambda_lse=5.0, lambda_softmax=4.0)), (bfan, lambda v, c: xa.bfan_scores(v, c.words, c.lengths, "prob", 10.0))):
+        for model, kernel in (
+            (
+                scan,
+                lambda v, c: xa.scan_scores(
+                    v,
+                    c.words,
+                    c.lengths,
+                    direction="i2t",
+                    raw_feature_norm="softmax",
+                    agg_func="Max",
+                    lambda_lse=5.0,
+                    lambda_softmax=4.0,
+                ),
+            ),
+            (bfan, lambda v, c: xa.bfan_scores(v, c.words, c.lengths, "prob", 10.0)),
+        ):
             img, cap = model.encode_images(images(batch=4)), model.encode_captions(ids, lengths)
             torch.testing.assert_close(model.score_all(img, cap), kernel(img, cap), atol=1e-6, rtol=0)
     assert bfan.focal_fallbacks.dim() == 0 and int(bfan.focal_fallbacks) >= 0
@@ -173,12 +208,20 @@ def test_registry_and_config_validation():
     assert isinstance(scan, SCAN) and isinstance(bfan, BFAN)
     assert not scan.single_vector and not bfan.single_vector
     assert scan.config == SCANConfig(**CFG) and bfan.config == BFANConfig(**CFG)
-    assert (scan.config.raw_feature_norm, scan.config.agg_func, scan.config.lambda_lse,
-            scan.config.lambda_softmax, bfan.config.lambda_softmax) == ("clipped_l2norm", "LogSumExp", 6.0,
-                                                                       9.0, 20.0)
-    for name, bad in (("scan", {"cross_attn": "x"}), ("scan", {"agg_func": "mean"}),
-                      ("scan", {"raw_feature_norm": "l3"}), ("bfan", {"focal_type": "x"}),
-                      ("bfan", {"precomp_enc_type": "x"})):
+    assert (
+        scan.config.raw_feature_norm,
+        scan.config.agg_func,
+        scan.config.lambda_lse,
+        scan.config.lambda_softmax,
+        bfan.config.lambda_softmax,
+    ) == ("clipped_l2norm", "LogSumExp", 6.0, 9.0, 20.0)
+    for name, bad in (
+        ("scan", {"cross_attn": "x"}),
+        ("scan", {"agg_func": "mean"}),
+        ("scan", {"raw_feature_norm": "l3"}),
+        ("bfan", {"focal_type": "x"}),
+        ("bfan", {"precomp_enc_type": "x"}),
+    ):
         with pytest.raises(ValueError):
             make(name, **bad)
 

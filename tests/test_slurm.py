@@ -8,13 +8,13 @@ the local run's. A failing rule must fail the run, promptly.
 
     .venv/bin/python -m pytest -q -m slurm -rs tests/test_slurm.py
 """
+
 import collections
 import json
 import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,13 +29,25 @@ PROFILE = REPO / "workflow" / "profiles" / "slurm"
 # Test-only settings on top of the profile: this cluster has no job accounting, so job states come
 # from squeue (slurm_local.sh keeps finished jobs visible for 10 minutes); a first status check
 # after 1 s instead of 40 keeps the DAG quick; no account to guess; SLURM logs kept to inspect.
-TEST_FLAGS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-              "--slurm-no-account", "--slurm-keep-successful-logs"]
+TEST_FLAGS = [
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--slurm-no-account",
+    "--slurm-keep-successful-logs",
+]
 # Both runs give each job the same threads (the node has 2 CPUs), hence the same numbers.
 THREADS = ["--max-threads", "2"]
-RULE_CLASS = {"make_demo_data": "light", "prepare_data": "data", "train": "train",
-              "extract_embeddings": "extract", "mine_candidates": "mine", "evaluate": "evaluate",
-              "report": "light"}
+RULE_CLASS = {
+    "make_demo_data": "light",
+    "prepare_data": "data",
+    "train": "train",
+    "extract_embeddings": "extract",
+    "mine_candidates": "mine",
+    "evaluate": "evaluate",
+    "report": "light",
+}
 
 
 def run(*args, timeout):
@@ -49,12 +61,18 @@ def run(*args, timeout):
 def slurm_jobs(result):
     """{job id: fields} of the SLURM jobs this Snakemake run submitted (named by its run ID)."""
     run_id = re.search(r"SLURM run ID: (\S+)", result.stdout + result.stderr).group(1)
-    listing = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["scontrol", "show", "job", "-o"], capture_output=True, text=True, check=True
+    ).stdout
     jobs = {}
     for line in listing.splitlines():
-        fields = dict(re.findall(r"(?:^| )(JobId|JobName|JobState|ExitCode|NumCPUs|MinMemoryNode|"
-                                 r"TimeLimit|Comment)=(\S*)", line))
+        fields = dict(
+            re.findall(
+                r"(?:^| )(JobId|JobName|JobState|ExitCode|NumCPUs|MinMemoryNode|"
+                r"TimeLimit|Comment)=(\S*)",
+                line,
+            )
+        )
         if fields.get("JobName") == run_id:
             fields["rule"] = fields["Comment"].removeprefix("rule_").split("_wildcards_")[0]
             jobs[fields["JobId"]] = fields
@@ -69,8 +87,10 @@ def cluster():
         start = time.monotonic()
         up = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900)
         if up.returncode != 0:
-            pytest.skip("SLURM test skipped: the local cluster could not be started: "
-                        + (up.stdout + up.stderr).strip()[-1500:])
+            pytest.skip(
+                "SLURM test skipped: the local cluster could not be started: "
+                + (up.stdout + up.stderr).strip()[-1500:]
+            )
         print(f"\n{up.stdout.strip()} ({time.monotonic() - start:.0f} s)")
         yield
     finally:
@@ -82,12 +102,32 @@ def runs(cluster, tmp_path_factory):
     """The tiny DAG locally and through SLURM: (local workdir, SLURM workdir, SLURM result)."""
     config = tiny_config()
     local, remote = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("slurm")
-    done, local_s = run("-s", SNAKEFILE, "--directory", local, "--configfile",
-                        write_config(local, config), "--cores", "2", *THREADS, timeout=900)
+    done, local_s = run(
+        "-s",
+        SNAKEFILE,
+        "--directory",
+        local,
+        "--configfile",
+        write_config(local, config),
+        "--cores",
+        "2",
+        *THREADS,
+        timeout=900,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    done, slurm_s = run("-s", SNAKEFILE, "--directory", remote, "--configfile",
-                        write_config(remote, config), "--profile", PROFILE, *THREADS, *TEST_FLAGS,
-                        timeout=900)
+    done, slurm_s = run(
+        "-s",
+        SNAKEFILE,
+        "--directory",
+        remote,
+        "--configfile",
+        write_config(remote, config),
+        "--profile",
+        PROFILE,
+        *THREADS,
+        *TEST_FLAGS,
+        timeout=900,
+    )
     print(f"\nlocal run {local_s:.0f} s, SLURM run {slurm_s:.0f} s")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return local, remote, done
@@ -130,6 +170,7 @@ def test_results_equal_the_local_run(runs):
             assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), name
         elif name.suffix == ".h5":  # HDF5 stamps creation times: compare datasets and attributes
             import h5py
+
             with h5py.File(a) as fa, h5py.File(b) as fb:
                 assert dict(fa.attrs) == dict(fb.attrs), name
                 assert fa.keys() == fb.keys(), name
@@ -178,8 +219,9 @@ rule second:
 def test_a_failing_rule_fails_the_run_without_hanging(cluster, tmp_path):
     snakefile = tmp_path / "Snakefile"
     snakefile.write_text(FAILING_WORKFLOW)
-    done, seconds = run("-s", snakefile, "--directory", tmp_path, "--profile", PROFILE, *TEST_FLAGS,
-                        timeout=300)
+    done, seconds = run(
+        "-s", snakefile, "--directory", tmp_path, "--profile", PROFILE, *TEST_FLAGS, timeout=300
+    )
     print(f"\nfailing run ended after {seconds:.0f} s")
     assert done.returncode not in (0, 124, 137), (done.stdout + done.stderr)[-3000:]  # not timed out
     assert seconds < 180

@@ -1,4 +1,5 @@
 """Every step is a module with main(argv) and --help, runnable without Snakemake."""
+
 import importlib
 import pkgutil
 import subprocess
@@ -9,8 +10,15 @@ import pytest
 import pipeline_steps
 
 STEPS = sorted(m.name for m in pkgutil.iter_modules(pipeline_steps.__path__) if not m.ispkg)
-RULE_STEPS = {"make_demo_data", "prepare_data", "train", "extract_embeddings", "mine_candidates",
-              "evaluate", "report"}
+RULE_STEPS = {
+    "make_demo_data",
+    "prepare_data",
+    "train",
+    "extract_embeddings",
+    "mine_candidates",
+    "evaluate",
+    "report",
+}
 
 
 def test_every_rule_has_its_step_module():
@@ -28,6 +36,10 @@ def test_help_exits_cleanly_and_module_has_a_docstring(step, capsys):
 
 
 def test_python_dash_m_runs_a_step():
-    result = subprocess.run([sys.executable, "-m", "pipeline_steps.evaluate", "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline_steps.evaluate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "--evaluation" in result.stdout

@@ -3,6 +3,7 @@
 Expected outputs are worked out by hand from the reference rule (strip the raw bytes, lower-case
 ASCII letters only, decode UTF-8, nltk word_tokenize), not recomputed with the code under test.
 """
+
 import json
 
 import nltk
@@ -11,8 +12,15 @@ import pytest
 
 from pipeline_steps.data import text
 from pipeline_steps.data.precomp import count_lines
-from pipeline_steps.data.text import (CaptionIds, build_vocab, encode, load_vocab_json,
-                                        make_tokenizer, read_caption_lines, vocab_json_text)
+from pipeline_steps.data.text import (
+    CaptionIds,
+    build_vocab,
+    encode,
+    load_vocab_json,
+    make_tokenizer,
+    read_caption_lines,
+    vocab_json_text,
+)
 
 SPECIALS = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3}
 
@@ -24,16 +32,19 @@ def no_punkt(monkeypatch, tmp_path):
     assert not text.punkt_available()
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (b"A dog, running fast!", ["a", "dog", ",", "running", "fast", "!"]),
-    (b"He doesn't ride.", ["he", "does", "n't", "ride", "."]),
-    (b"Two dogs (brown) play; ok?", ["two", "dogs", "(", "brown", ")", "play", ";", "ok", "?"]),
-    (b"A man. He rides", ["a", "man.", "he", "rides"]),           # no sentence split: "man." kept
-    ("\u00c9T\u00e9 A Caf\u00e9".encode(), ["\u00c9t\u00e9", "a", "caf\u00e9"]),  # 'É' keeps case
-    ("CAF\u00c9".encode(), ["caf\u00c9"]),
-    (b"  a b  c\r\n", ["a", "b", "c"]),                              # CRLF and blanks stripped
-    (b"\t\r", []),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b"A dog, running fast!", ["a", "dog", ",", "running", "fast", "!"]),
+        (b"He doesn't ride.", ["he", "does", "n't", "ride", "."]),
+        (b"Two dogs (brown) play; ok?", ["two", "dogs", "(", "brown", ")", "play", ";", "ok", "?"]),
+        (b"A man. He rides", ["a", "man.", "he", "rides"]),  # no sentence split: "man." kept
+        ("\u00c9T\u00e9 A Caf\u00e9".encode(), ["\u00c9t\u00e9", "a", "caf\u00e9"]),  # 'É' keeps case
+        ("CAF\u00c9".encode(), ["caf\u00c9"]),
+        (b"  a b  c\r\n", ["a", "b", "c"]),  # CRLF and blanks stripped
+        (b"\t\r", []),
+    ],
+)
 def test_fallback_tokenizer_outputs(no_punkt, raw, expected):
     tokenize, name = make_tokenizer("auto")
     assert name == text.TOKENIZER_PRESERVE_LINE == "nltk.word_tokenize(preserve_line=True)"
@@ -74,16 +85,25 @@ def test_read_caption_lines_lone_cr_stays_in_caption(tmp_path):
 
 
 # Hand counts: the 6, a 5, dog 4, cat 4, runs 3, red 1.
-TOKENS = [["the", "a", "dog", "cat", "runs"], ["the", "a", "dog", "cat", "runs", "red"],
-          ["the", "a", "dog", "cat", "runs"], ["the", "a", "dog", "cat"], ["the", "a"], ["the"]]
+TOKENS = [
+    ["the", "a", "dog", "cat", "runs"],
+    ["the", "a", "dog", "cat", "runs", "red"],
+    ["the", "a", "dog", "cat", "runs"],
+    ["the", "a", "dog", "cat"],
+    ["the", "a"],
+    ["the"],
+]
 
 
-@pytest.mark.parametrize("threshold, kept", [
-    (4, ["the", "a", "cat", "dog"]),                 # runs (3) excluded, dog/cat (4) included
-    (3, ["the", "a", "cat", "dog", "runs"]),
-    (1, ["the", "a", "cat", "dog", "runs", "red"]),
-    (7, []),
-])
+@pytest.mark.parametrize(
+    "threshold, kept",
+    [
+        (4, ["the", "a", "cat", "dog"]),  # runs (3) excluded, dog/cat (4) included
+        (3, ["the", "a", "cat", "dog", "runs"]),
+        (1, ["the", "a", "cat", "dog", "runs", "red"]),
+        (7, []),
+    ],
+)
 def test_build_vocab_threshold_and_order(threshold, kept):
     vocab = build_vocab(TOKENS, threshold)
     expected = dict(SPECIALS, **{w: 4 + i for i, w in enumerate(kept)})
@@ -115,18 +135,21 @@ def _good():
     return {"word2idx": dict(SPECIALS, dog=4, cat=5), "idx": 6}
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "JSON"),
-    ("[1, 2, 3]", "object"),
-    (json.dumps({"idx2word": {"0": "<pad>"}, "idx": 1}), "word2idx"),
-    (json.dumps({"word2idx": ["<pad>"]}), "word2idx"),
-    (json.dumps({"word2idx": dict(SPECIALS, dog=4, cat=6)}), "0..5"),       # gap at 5
-    (json.dumps({"word2idx": dict(SPECIALS, dog=4, cat=4)}), "0..5"),       # duplicate id
-    (json.dumps({"word2idx": dict(SPECIALS, dog=4, cat="5")}), "0..5"),     # not an integer
-    (json.dumps({"word2idx": dict(SPECIALS, **{"<pad>": 1, "<start>": 0})}), "<pad>"),
-    (json.dumps({"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "dog": 3}}), "<unk>"),
-    (json.dumps(dict(_good(), idx=7)), "idx"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "JSON"),
+        ("[1, 2, 3]", "object"),
+        (json.dumps({"idx2word": {"0": "<pad>"}, "idx": 1}), "word2idx"),
+        (json.dumps({"word2idx": ["<pad>"]}), "word2idx"),
+        (json.dumps({"word2idx": dict(SPECIALS, dog=4, cat=6)}), "0..5"),  # gap at 5
+        (json.dumps({"word2idx": dict(SPECIALS, dog=4, cat=4)}), "0..5"),  # duplicate id
+        (json.dumps({"word2idx": dict(SPECIALS, dog=4, cat="5")}), "0..5"),  # not an integer
+        (json.dumps({"word2idx": dict(SPECIALS, **{"<pad>": 1, "<start>": 0})}), "<pad>"),
+        (json.dumps({"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "dog": 3}}), "<unk>"),
+        (json.dumps(dict(_good(), idx=7)), "idx"),
+    ],
+)
 def test_load_vocab_json_errors_name_the_file(tmp_path, content, problem):
     path = tmp_path / "my_vocab.json"
     path.write_text(content, encoding="utf-8")

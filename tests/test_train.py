@@ -1,26 +1,13 @@
 """The training step on tiny generated data: outputs, seeding, and exact resume after a kill."""
+
 import csv
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline_steps import train
-from tests.helpers import make_prepared_demo
 
 TRAIN = '{"epochs": 2, "batch_size": 32, "val_step": 4, "eval_batch_size": 64, "offline_size": 20}'
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    data, prepared = make_prepared_demo(root, 3, 30, 10, 10, ["train", "dev"])
-    rng = np.random.default_rng(0)
-    n_img = 30
-    i2t, t2i = root / "i2t_demo.npy", root / "t2i_demo.npy"
-    np.save(i2t, rng.integers(0, 5 * n_img, size=(n_img, 25)).astype(np.int32))
-    np.save(t2i, rng.integers(0, n_img, size=(5 * n_img, 5)).astype(np.int32))
-    return {"data": data, "prepared": prepared, "i2t": i2t, "t2i": t2i}
 
 
 MODEL_CONFIGS = {
@@ -29,15 +16,36 @@ MODEL_CONFIGS = {
 }
 
 
-def run_train(dataset, out, variant="baseline", seed=0, extra=(), model="vsepp"):
+def run_train(train_data, out, variant="baseline", seed=0, extra=(), model="vsepp"):
     out.mkdir(parents=True, exist_ok=True)
-    args = ["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]), "--model", model,
-            "--model-config", MODEL_CONFIGS[model], "--train-config", TRAIN,
-            "--loss-config", f'{{"variant": "{variant}"}}', "--seed", str(seed), "--device", "cpu",
-            "--out-best", str(out / "best.pt"), "--out-last", str(out / "last.pt"),
-            "--out-log", str(out / "val.csv"), "--resume-dir", str(out / "resume")]
+    args = [
+        "--data",
+        str(train_data["data"]),
+        "--prepared",
+        str(train_data["prepared"]),
+        "--model",
+        model,
+        "--model-config",
+        MODEL_CONFIGS[model],
+        "--train-config",
+        TRAIN,
+        "--loss-config",
+        f'{{"variant": "{variant}"}}',
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "--out-best",
+        str(out / "best.pt"),
+        "--out-last",
+        str(out / "last.pt"),
+        "--out-log",
+        str(out / "val.csv"),
+        "--resume-dir",
+        str(out / "resume"),
+    ]
     if variant != "baseline":
-        args += ["--candidates-i2t", str(dataset["i2t"]), "--candidates-t2i", str(dataset["t2i"])]
+        args += ["--candidates-i2t", str(train_data["i2t"]), "--candidates-t2i", str(train_data["t2i"])]
     return train.main(args + list(extra))
 
 
@@ -55,10 +63,11 @@ def read_log(path):
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("model,variant", [("vsepp", "baseline"), ("vsepp", "adapoffquin"),
-                                           ("vsrn", "adapoffquin")])
-def test_outputs_and_validation_rows(dataset, tmp_path, model, variant):
-    run_train(dataset, tmp_path, variant, model=model)
+@pytest.mark.parametrize(
+    "model,variant", [("vsepp", "baseline"), ("vsepp", "adapoffquin"), ("vsrn", "adapoffquin")]
+)
+def test_outputs_and_validation_rows(train_data, tmp_path, model, variant):
+    run_train(train_data, tmp_path, variant, model=model)
     rows = read_log(tmp_path / "val.csv")
     # 150 captions / 32 = 5 batches an epoch: validations at iteration 4 and each epoch end,
     # plus iteration 8 in epoch 1.
@@ -71,10 +80,10 @@ def test_outputs_and_validation_rows(dataset, tmp_path, model, variant):
     assert not (tmp_path / "resume").exists()  # finished runs leave no resume state
 
 
-def test_same_seed_same_numbers_other_seed_differs(dataset, tmp_path):
-    run_train(dataset, tmp_path / "a", seed=1)
-    run_train(dataset, tmp_path / "b", seed=1)
-    run_train(dataset, tmp_path / "c", seed=2)
+def test_same_seed_same_numbers_other_seed_differs(train_data, tmp_path):
+    run_train(train_data, tmp_path / "a", seed=1)
+    run_train(train_data, tmp_path / "b", seed=1)
+    run_train(train_data, tmp_path / "c", seed=2)
     assert same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
     assert read_log(tmp_path / "a" / "val.csv") == read_log(tmp_path / "b" / "val.csv")
     assert not same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
@@ -84,11 +93,14 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("model,variant,kill_after_saves", [
-    ("vsepp", "baseline", 1), ("vsepp", "adapoffquin", 2), ("vsrn", "adapoffquin", 1)])
-def test_resume_after_kill_matches_uninterrupted_run(dataset, tmp_path, monkeypatch, model, variant,
-                                                     kill_after_saves):
-    run_train(dataset, tmp_path / "full", variant, model=model)
+@pytest.mark.parametrize(
+    "model,variant,kill_after_saves",
+    [("vsepp", "baseline", 1), ("vsepp", "adapoffquin", 2), ("vsrn", "adapoffquin", 1)],
+)
+def test_resume_after_kill_matches_uninterrupted_run(
+    train_data, tmp_path, monkeypatch, model, variant, kill_after_saves
+):
+    run_train(train_data, tmp_path / "full", variant, model=model)
     original, calls = train.Run.save_state, []
 
     def save_then_die(self):
@@ -99,17 +111,17 @@ def test_resume_after_kill_matches_uninterrupted_run(dataset, tmp_path, monkeypa
 
     monkeypatch.setattr(train.Run, "save_state", save_then_die)
     with pytest.raises(Killed):
-        run_train(dataset, tmp_path / "killed", variant, model=model)
+        run_train(train_data, tmp_path / "killed", variant, model=model)
     assert not (tmp_path / "killed" / "last.pt").exists()
     assert (tmp_path / "killed" / "resume" / "state.pt").exists()
     monkeypatch.setattr(train.Run, "save_state", original)
-    run_train(dataset, tmp_path / "killed", variant, model=model)
+    run_train(train_data, tmp_path / "killed", variant, model=model)
     for name in ("best.pt", "last.pt"):
         assert same_weights(tmp_path / "full" / name, tmp_path / "killed" / name)
     assert read_log(tmp_path / "full" / "val.csv") == read_log(tmp_path / "killed" / "val.csv")
 
 
-def test_resume_state_of_another_config_is_ignored(dataset, tmp_path, monkeypatch):
+def test_resume_state_of_another_config_is_ignored(train_data, tmp_path, monkeypatch):
     original = train.Run.save_state
 
     def save_then_die(self):
@@ -118,30 +130,49 @@ def test_resume_state_of_another_config_is_ignored(dataset, tmp_path, monkeypatc
 
     monkeypatch.setattr(train.Run, "save_state", save_then_die)
     with pytest.raises(Killed):
-        run_train(dataset, tmp_path / "x", seed=5)
+        run_train(train_data, tmp_path / "x", seed=5)
     monkeypatch.setattr(train.Run, "save_state", original)
-    run_train(dataset, tmp_path / "x", seed=6)  # same folder, other seed: must start over
-    run_train(dataset, tmp_path / "y", seed=6)
+    run_train(train_data, tmp_path / "x", seed=6)  # same folder, other seed: must start over
+    run_train(train_data, tmp_path / "y", seed=6)
     assert same_weights(tmp_path / "x" / "last.pt", tmp_path / "y" / "last.pt")
     assert read_log(tmp_path / "x" / "val.csv") == read_log(tmp_path / "y" / "val.csv")
 
 
-def test_aoq_variant_without_candidates_is_refused(dataset, tmp_path):
+def test_aoq_variant_without_candidates_is_refused(train_data, tmp_path):
     with pytest.raises(SystemExit, match="needs --candidates"):
-        train.main(["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]),
-                    "--model", "vsepp", "--loss-config", '{"variant": "offtri"}', "--out-best", "b",
-                    "--out-last", "l", "--out-log", "v", "--resume-dir", str(tmp_path / "r")])
+        train.main(
+            [
+                "--data",
+                str(train_data["data"]),
+                "--prepared",
+                str(train_data["prepared"]),
+                "--model",
+                "vsepp",
+                "--loss-config",
+                '{"variant": "offtri"}',
+                "--out-best",
+                "b",
+                "--out-last",
+                "l",
+                "--out-log",
+                "v",
+                "--resume-dir",
+                str(tmp_path / "r"),
+            ]
+        )
 
 
-def test_unknown_config_field_is_a_clear_error(dataset, tmp_path):
+def test_unknown_config_field_is_a_clear_error(train_data, tmp_path):
     with pytest.raises(SystemExit, match="bad --train-config.*known fields"):
-        run_train(dataset, tmp_path, extra=["--train-config", '{"epochz": 3}'])
+        run_train(train_data, tmp_path, extra=["--train-config", '{"epochz": 3}'])
 
 
-@pytest.mark.parametrize("variant,warm_variant", [("baseline", "baseline"), ("offtri", "offtri"),
-                                                  ("adapoffquin", "offquin")])
+@pytest.mark.parametrize(
+    "variant,warm_variant", [("baseline", "baseline"), ("offtri", "offtri"), ("adapoffquin", "offquin")]
+)
 def test_warmup_epochs_use_all_negatives_without_adaptive_weights(variant, warm_variant):
     from models.losses import LossConfig
+
     loss = LossConfig(variant=variant, alpha=0.4)
     cfg = train.TrainConfig(max_violation_warmup_epochs=2)
     for epoch in (0, 1):
@@ -151,7 +182,11 @@ def test_warmup_epochs_use_all_negatives_without_adaptive_weights(variant, warm_
     assert train.loss_config_at_epoch(loss, train.TrainConfig(), 0) == loss  # reference default
 
 
-def test_warmup_changes_training(dataset, tmp_path):
-    run_train(dataset, tmp_path / "ref")
-    run_train(dataset, tmp_path / "warm", extra=["--train-config", TRAIN[:-1] + ', "max_violation_warmup_epochs": 1}'])
+def test_warmup_changes_training(train_data, tmp_path):
+    run_train(train_data, tmp_path / "ref")
+    run_train(
+        train_data,
+        tmp_path / "warm",
+        extra=["--train-config", TRAIN[:-1] + ', "max_violation_warmup_epochs": 1}'],
+    )
     assert not same_weights(tmp_path / "ref" / "last.pt", tmp_path / "warm" / "last.pt")

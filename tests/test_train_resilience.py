@@ -1,5 +1,6 @@
 """Training survives what happens to long jobs: a NaN, a second trainer on the same resume
 folder, a half-written or half-deleted resume state, stale temporary files, reruns."""
+
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from pipeline_steps import train
 from pipeline_steps.data.batches import epoch_batches
 from tests.helpers import REPO
-from tests.test_train import TRAIN, dataset, run_train, same_weights  # noqa: F401 (fixture)
+from tests.test_train import TRAIN, run_train, same_weights
 
 # TRAIN: 150 captions in batches of 32 = 5 iterations an epoch, a validation at iteration 4.
 POISONED_CAPTION = int(epoch_batches(150, 32, 0, 0)[4][0])  # in the 5th batch of epoch 0
@@ -42,16 +43,18 @@ def poison(monkeypatch, where):
 
 
 @pytest.mark.parametrize("where,what", [("loss", "loss"), ("gradient", "gradient norm")])
-def test_non_finite_stops_at_once_naming_the_step_and_keeps_the_last_state(dataset, tmp_path,
-                                                                            monkeypatch, where, what):
+def test_non_finite_stops_at_once_naming_the_step_and_keeps_the_last_state(
+    train_data, tmp_path, monkeypatch, where, what
+):
     poison(monkeypatch, where)
-    for attempt in range(2):  # the rerun replays from the kept state and stops the same way
+    for _ in range(2):  # the rerun replays from the kept state and stops the same way
         with pytest.raises(SystemExit) as stop:
-            run_train(dataset, tmp_path)
+            run_train(train_data, tmp_path)
         message = str(stop.value)
         assert "\n" not in message
-        assert message.startswith(f"error: non-finite {what} (nan) at model=vsepp variant=baseline "
-                                  "seed=0 epoch=0 iteration=5;"), message
+        assert message.startswith(
+            f"error: non-finite {what} (nan) at model=vsepp variant=baseline seed=0 epoch=0 iteration=5;"
+        ), message
         assert "resume state of iteration 4 is kept" in message
         state = torch.load(tmp_path / "resume" / "state.pt", weights_only=True)
         assert state["iteration"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -60,43 +63,79 @@ def test_non_finite_stops_at_once_naming_the_step_and_keeps_the_last_state(datas
 
 def hold_lock(folder):
     """A process that takes the folder's lock and sleeps (a trainer that still runs)."""
-    code = ("import sys, time; from pipeline_steps.training.resume import ResumeFolder; "
-            "ResumeFolder(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
+    code = (
+        "import sys, time; from pipeline_steps.training.resume import ResumeFolder; "
+        "ResumeFolder(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
-def test_a_second_trainer_is_refused_naming_the_first(dataset, tmp_path):
+def test_a_second_trainer_is_refused_naming_the_first(train_data, tmp_path):
     holder = hold_lock(tmp_path / "resume")
     try:
         with pytest.raises(SystemExit) as stop:
-            run_train(dataset, tmp_path)
+            run_train(train_data, tmp_path)
         message = str(stop.value)
-        assert message.startswith(f"error: {tmp_path / 'resume'} is in use by another trainer (pid {holder.pid} ")
+        assert message.startswith(
+            f"error: {tmp_path / 'resume'} is in use by another trainer (pid {holder.pid} "
+        )
         assert "\n" not in message and not (tmp_path / "best.pt").exists()
     finally:
         holder.kill()
         holder.wait()
-    run_train(dataset, tmp_path)  # the lock died with its process
+    run_train(train_data, tmp_path)  # the lock died with its process
     assert (tmp_path / "best.pt").exists() and not (tmp_path / "resume").exists()
 
 
-def test_an_orphan_trainer_then_a_rerun(dataset, tmp_path):
+def test_an_orphan_trainer_then_a_rerun(train_data, tmp_path):
     """The audit's repro: a trainer runs on (an orphan of a killed Snakemake) while a rerun
     starts. The rerun is refused; once the orphan is killed, a rerun resumes from its state and
     ends as an uninterrupted run."""
     long_train = TRAIN.replace('"epochs": 2', '"epochs": 40')
-    run_train(dataset, tmp_path / "full", extra=["--train-config", long_train])
+    run_train(train_data, tmp_path / "full", extra=["--train-config", long_train])
     out = tmp_path / "killed"
-    argv = ["--data", str(dataset["data"]), "--prepared", str(dataset["prepared"]), "--model", "vsepp",
-            "--model-config", '{"embed_size": 16, "word_dim": 8}', "--train-config", long_train,
-            "--loss-config", '{"variant": "baseline"}', "--seed", "0", "--device", "cpu",
-            "--threads", "1", "--out-best", str(out / "best.pt"), "--out-last", str(out / "last.pt"),
-            "--out-log", str(out / "val.csv"), "--resume-dir", str(out / "resume")]
-    orphan = subprocess.Popen([sys.executable, "-m", "pipeline_steps.train", *argv], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        "--data",
+        str(train_data["data"]),
+        "--prepared",
+        str(train_data["prepared"]),
+        "--model",
+        "vsepp",
+        "--model-config",
+        '{"embed_size": 16, "word_dim": 8}',
+        "--train-config",
+        long_train,
+        "--loss-config",
+        '{"variant": "baseline"}',
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out-best",
+        str(out / "best.pt"),
+        "--out-last",
+        str(out / "last.pt"),
+        "--out-log",
+        str(out / "val.csv"),
+        "--resume-dir",
+        str(out / "resume"),
+    ]
+    orphan = subprocess.Popen(
+        [sys.executable, "-m", "pipeline_steps.train", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "resume" / "state.pt").exists():
@@ -114,7 +153,7 @@ def test_an_orphan_trainer_then_a_rerun(dataset, tmp_path):
     assert (tmp_path / "full" / "val.csv").read_text() == (out / "val.csv").read_text()
 
 
-def interrupted_run(dataset, out, monkeypatch, saves=2):
+def interrupted_run(train_data, out, monkeypatch, saves=2):
     """A run killed right after its `saves`-th resume state."""
     original, calls = train.Run.save_state, []
 
@@ -126,17 +165,26 @@ def interrupted_run(dataset, out, monkeypatch, saves=2):
 
     monkeypatch.setattr(train.Run, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_train(dataset, out)
+        run_train(train_data, out)
     monkeypatch.setattr(train.Run, "save_state", original)
     return out / "resume"
 
 
-@pytest.mark.parametrize("damage", ["best file missing", "best file of another iteration",
-                                    "state truncated", "state without best file", "only best files"])
-def test_an_incomplete_state_is_discarded_and_training_restarts(dataset, tmp_path, monkeypatch, caplog,
-                                                                damage):
-    run_train(dataset, tmp_path / "fresh")
-    resume = interrupted_run(dataset, tmp_path / "run", monkeypatch)
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "best file missing",
+        "best file of another iteration",
+        "state truncated",
+        "state without best file",
+        "only best files",
+    ],
+)
+def test_an_incomplete_state_is_discarded_and_training_restarts(
+    train_data, tmp_path, monkeypatch, caplog, damage
+):
+    run_train(train_data, tmp_path / "fresh")
+    resume = interrupted_run(train_data, tmp_path / "run", monkeypatch)
     best = next(resume.glob("best-*.pt"))
     if damage == "best file missing":
         best.unlink()
@@ -144,46 +192,55 @@ def test_an_incomplete_state_is_discarded_and_training_restarts(dataset, tmp_pat
         torch.save(dict(torch.load(best, weights_only=True), iteration=999), best)
     elif damage == "state truncated":
         data = (resume / "state.pt").read_bytes()
-        (resume / "state.pt").write_bytes(data[:len(data) // 2])
+        (resume / "state.pt").write_bytes(data[: len(data) // 2])
     elif damage == "state without best file":
         state = torch.load(resume / "state.pt", weights_only=True)
         del state["best_file"]
         torch.save(state, resume / "state.pt")
     else:  # a kill between the removal of state.pt and the rest at the end of a run
         (resume / "state.pt").unlink()
-    run_train(dataset, tmp_path / "run")
+    run_train(train_data, tmp_path / "run")
     if damage != "only best files":
         assert "is not usable" in caplog.text and "training starts over" in caplog.text
     assert same_weights(tmp_path / "fresh" / "last.pt", tmp_path / "run" / "last.pt")
     assert not resume.exists()
 
 
-def test_stale_temporaries_of_outputs_and_state_are_removed(dataset, tmp_path, monkeypatch):
-    resume = interrupted_run(dataset, tmp_path, monkeypatch, saves=1)
-    stale = [tmp_path / ".best.tmp-99999.pt", tmp_path / ".last.tmp-1.pt", tmp_path / ".val.tmp-7.csv",
-             resume / ".state.tmp-4242.pt", resume / ".best-000000004.tmp-4242.pt"]
+def test_stale_temporaries_of_outputs_and_state_are_removed(train_data, tmp_path, monkeypatch):
+    resume = interrupted_run(train_data, tmp_path, monkeypatch, saves=1)
+    stale = [
+        tmp_path / ".best.tmp-99999.pt",
+        tmp_path / ".last.tmp-1.pt",
+        tmp_path / ".val.tmp-7.csv",
+        resume / ".state.tmp-4242.pt",
+        resume / ".best-000000004.tmp-4242.pt",
+    ]
     for path in stale:
         path.write_bytes(b"x" * 100)
     unrelated = tmp_path / ".best.tmp-99999.pt.keep"
     unrelated.write_bytes(b"mine")
-    run_train(dataset, tmp_path)
+    run_train(train_data, tmp_path)
     assert not any(path.exists() for path in stale) and unrelated.exists()
 
 
-def test_checkpoints_are_byte_identical_whatever_the_writers_pid(dataset, tmp_path, monkeypatch):
-    run_train(dataset, tmp_path / "a")
+def test_checkpoints_are_byte_identical_whatever_the_writers_pid(train_data, tmp_path, monkeypatch):
+    run_train(train_data, tmp_path / "a")
     monkeypatch.setattr(os, "getpid", lambda: 4242)
-    run_train(dataset, tmp_path / "b")
+    run_train(train_data, tmp_path / "b")
     for name in ("best.pt", "last.pt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_finished_runs_leave_no_empty_folders_under_the_resume_root(dataset, tmp_path):
+def test_finished_runs_leave_no_empty_folders_under_the_resume_root(train_data, tmp_path):
     root = tmp_path / "results" / ".resume"
     (root / "other_dataset").mkdir(parents=True)  # another run's folder stays
     for seed in (0, 1):
-        run_train(dataset, tmp_path / f"out{seed}", seed=seed,
-                  extra=["--resume-dir", str(root / "demo" / "vsepp" / "baseline" / f"seed{seed}")])
+        run_train(
+            train_data,
+            tmp_path / f"out{seed}",
+            seed=seed,
+            extra=["--resume-dir", str(root / "demo" / "vsepp" / "baseline" / f"seed{seed}")],
+        )
     assert sorted(p.name for p in root.iterdir()) == ["other_dataset"]
 
 

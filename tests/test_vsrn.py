@@ -1,11 +1,12 @@
 """Tests for VSRN (models/vsrn.py, models/caption_branch.py) against slow hand-written references."""
+
 import numpy as np
 import pytest
 import torch
 
 import models
-from models.losses import LossConfig, retrieval_loss
 from models.caption_branch import masked_caption_nll
+from models.losses import LossConfig, retrieval_loss
 from models.vsrn import RsGCN, caption_targets
 from pipeline_steps.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -39,7 +40,7 @@ def captions(token_lists=TOKENS):
     lengths = torch.tensor([len(s) for s in seqs])
     ids = torch.zeros(len(seqs), int(lengths.max()) + 2, dtype=torch.int64)
     for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s)
+        ids[b, : len(s)] = torch.tensor(s)
     return ids, lengths
 
 
@@ -53,8 +54,8 @@ def gru_cell(x, h, rnn):
     gi = rnn.weight_ih_l0 @ x + rnn.bias_ih_l0
     gh = rnn.weight_hh_l0 @ h + rnn.bias_hh_l0
     H = h.numel()
-    r, z = torch.sigmoid(gi[:H] + gh[:H]), torch.sigmoid(gi[H:2 * H] + gh[H:2 * H])
-    n = torch.tanh(gi[2 * H:] + r * gh[2 * H:])
+    r, z = torch.sigmoid(gi[:H] + gh[:H]), torch.sigmoid(gi[H : 2 * H] + gh[H : 2 * H])
+    n = torch.tanh(gi[2 * H :] + r * gh[2 * H :])
     return (1 - z) * n + z * h
 
 
@@ -64,8 +65,9 @@ def gcn_w(layer, x):
     lin = lambda conv, v: conv.weight[:, :, 0] @ v + conv.bias
     N = x.shape[0]
     g, th, ph = ([lin(c, x[i]) for i in range(N)] for c in (layer.g, layer.theta, layer.phi))
-    return torch.stack([lin(layer.W[0], sum(float(th[i] @ ph[k]) / N * g[k] for k in range(N)))
-                        for i in range(N)])
+    return torch.stack(
+        [lin(layer.W[0], sum(float(th[i] @ ph[k]) / N * g[k] for k in range(N))) for i in range(N)]
+    )
 
 
 def bn_eval(bn, w):
@@ -144,19 +146,19 @@ def test_image_path_by_hand(f30k):
         v, G = model.encode_image_regions(x)
         h_all = []
         for b in range(3):
-            feats = x[b] @ enc.fc.weight.T + enc.fc.bias                     # (36, D)
+            feats = x[b] @ enc.fc.weight.T + enc.fc.bias  # (36, D)
             if not f30k:
-                feats = feats / torch.sqrt((feats ** 2).sum(dim=0, keepdim=True))
+                feats = feats / torch.sqrt((feats**2).sum(dim=0, keepdim=True))
             for k in range(1, 5):
                 feats = gcn_loop(getattr(enc, f"Rs_GCN_{k}"), feats)
-            feats = feats / torch.sqrt((feats ** 2).sum(dim=0, keepdim=True))
+            feats = feats / torch.sqrt((feats**2).sum(dim=0, keepdim=True))
             torch.testing.assert_close(G[b], feats, atol=1e-5, rtol=1e-5)
             h = torch.zeros(CFG["embed_size"])
             for r in range(36):
                 h = gru_cell(feats[r], h, enc.img_rnn)
             if f30k:
                 h = bn_eval(enc.bn, h)
-            h_all.append(h / torch.sqrt((h ** 2).sum()))
+            h_all.append(h / torch.sqrt((h**2).sum()))
         torch.testing.assert_close(v, torch.stack(h_all), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.encode_images(x), v)
 
@@ -193,12 +195,12 @@ def test_caption_targets_by_hand():
     assert labels.tolist() == [1, 7, 8, 9, 2, 0, 0, 0, 0, 0, 0]
     assert mask.tolist() == [1] * 6 + [0] * 5
     assert caption_targets([7, 8, 9], 10, extra_pad=False)[1].tolist() == [1] * 5 + [0] * 6
-    labels, mask = caption_targets(range(4, 16), 10)         # 14 entries -> cut to 10, last = <end>
+    labels, mask = caption_targets(range(4, 16), 10)  # 14 entries -> cut to 10, last = <end>
     assert labels.tolist() == [1, 4, 5, 6, 7, 8, 9, 10, 11, 2, 0] and mask.tolist() == [1] * 11
-    labels, mask = caption_targets(range(4, 12), 10)         # exactly max_len entries: unchanged
+    labels, mask = caption_targets(range(4, 12), 10)  # exactly max_len entries: unchanged
     assert labels.tolist() == [1, 4, 5, 6, 7, 8, 9, 10, 11, 2, 0] and mask.tolist() == [1] * 11
     assert caption_targets(range(4, 12), 10, extra_pad=False)[1].tolist() == [1] * 10 + [0]
-    labels, mask = caption_targets([40, 41, 42], 60)         # "a dog runs"
+    labels, mask = caption_targets([40, 41, 42], 60)  # "a dog runs"
     assert labels.shape == (61,) and labels[:6].tolist() == [1, 40, 41, 42, 2, 0] and mask.sum() == 6
 
 
@@ -215,8 +217,12 @@ def slow_caption_loss(model, G, labels, masks):
         E = torch.stack(outs)
         for t in range(CFG["max_len"] - 1):
             a = dec.attention
-            e = torch.stack([a.linear2.weight[0] @ torch.tanh(a.linear1.weight @ torch.cat([E[r], h])
-                                                               + a.linear1.bias) for r in range(36)])
+            e = torch.stack(
+                [
+                    a.linear2.weight[0] @ torch.tanh(a.linear1.weight @ torch.cat([E[r], h]) + a.linear1.bias)
+                    for r in range(36)
+                ]
+            )
             context = (torch.softmax(e, dim=0)[:, None] * E).sum(dim=0)
             h = gru_cell(torch.cat([dec.embedding.weight[labels[b, t]], context]), h, dec.rnn)
             logp = torch.log_softmax(dec.out.weight @ h + dec.out.bias, dim=0)
@@ -273,8 +279,9 @@ def test_trimmed_decoder_equals_full_length_in_training(extra_pad):
         torch.manual_seed(7)
         loss = model.caption_loss(model.encode_image_regions(x)[1], labels, masks, truncate=truncate)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                        if p.grad is not None}))
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
     (trimmed, g_trimmed), (full, g_full) = results
     torch.testing.assert_close(trimmed, full, atol=1e-6, rtol=1e-6)
     assert g_trimmed.keys() == g_full.keys() and len(g_full) > 10
@@ -282,8 +289,9 @@ def test_trimmed_decoder_equals_full_length_in_training(extra_pad):
         torch.testing.assert_close(g_trimmed[name], g_full[name], atol=1e-6, rtol=1e-5, msg=name)
     torch.manual_seed(7)
     regions = model.encode_image_regions(x)[1]
-    short = masked_caption_nll(model.caption_model(regions, labels, steps - 1), labels,
-                               model.caption_weights(labels, masks))
+    short = masked_caption_nll(
+        model.caption_model(regions, labels, steps - 1), labels, model.caption_weights(labels, masks)
+    )
     assert not torch.allclose(short, full, atol=1e-4)
 
 
@@ -291,18 +299,33 @@ def test_reference_state_round_trip_and_key_checks():
     source, target = make(seed=1), make(seed=2)
     states = source.reference_state()
     assert len(states) == 3
-    img_keys = {"fc.weight", "fc.bias", "img_rnn.weight_ih_l0", "img_rnn.weight_hh_l0",
-                "img_rnn.bias_ih_l0", "img_rnn.bias_hh_l0"}
+    img_keys = {
+        "fc.weight",
+        "fc.bias",
+        "img_rnn.weight_ih_l0",
+        "img_rnn.weight_hh_l0",
+        "img_rnn.bias_ih_l0",
+        "img_rnn.bias_hh_l0",
+    }
     for k in range(1, 5):
         img_keys |= {f"Rs_GCN_{k}.{c}.{p}" for c in ("g", "theta", "phi", "W.0") for p in ("weight", "bias")}
-        img_keys |= {f"Rs_GCN_{k}.W.1.{p}" for p in ("weight", "bias", "running_mean", "running_var",
-                                                    "num_batches_tracked")}
+        img_keys |= {
+            f"Rs_GCN_{k}.W.1.{p}"
+            for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        }
     assert set(states[0]) == img_keys
-    assert set(states[1]) == {"embed.weight"} | {f"rnn.{p}" for p in
-                                                 ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")}
-    assert {"encoder.vid2hid.weight", "encoder.rnn.weight_hh_l0", "decoder.embedding.weight",
-            "decoder.attention.linear1.weight", "decoder.attention.linear2.weight",
-            "decoder.rnn.weight_ih_l0", "decoder.out.bias"} <= set(states[2])
+    assert set(states[1]) == {"embed.weight"} | {
+        f"rnn.{p}" for p in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    }
+    assert {
+        "encoder.vid2hid.weight",
+        "encoder.rnn.weight_hh_l0",
+        "decoder.embedding.weight",
+        "decoder.attention.linear1.weight",
+        "decoder.attention.linear2.weight",
+        "decoder.rnn.weight_ih_l0",
+        "decoder.out.bias",
+    } <= set(states[2])
     assert "decoder.attention.linear2.bias" not in states[2]
     assert states[2]["decoder.rnn.weight_ih_l0"].shape == (3 * 8, 5 + 8)
     for s in states:  # num_batches_tracked may be absent (older PyTorch)

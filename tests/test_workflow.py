@@ -1,4 +1,5 @@
 """The Snakemake workflow end to end on a tiny config: full run, no-op rerun, selective reruns, lint."""
+
 import copy
 import json
 import os
@@ -70,8 +71,14 @@ def test_baseline_change_reruns_mining_too(finished_run):
 
 
 def test_lint_is_clean():
-    result = subprocess.run(SNAKEMAKE + ["-s", str(SNAKEFILE), "--lint"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env=ENV)
+    result = subprocess.run(
+        SNAKEMAKE + ["-s", str(SNAKEFILE), "--lint"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert "good condition" in result.stdout + result.stderr, result.stdout[-3000:]
 
 
@@ -84,8 +91,14 @@ def test_bad_config_is_rejected_by_the_schema(tmp_path):
 
 
 def test_readme_dag_picture_matches_the_rulegraph():
-    result = subprocess.run(SNAKEMAKE + ["-s", str(SNAKEFILE), "--rulegraph"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env=ENV)
+    result = subprocess.run(
+        SNAKEMAKE + ["-s", str(SNAKEFILE), "--rulegraph"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     labels = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', result.stdout, re.M))
     graph = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", result.stdout, re.M)}
     readme = (REPO / "README.md").read_text().split("```mermaid", 1)[1].split("```", 1)[0]
@@ -96,10 +109,15 @@ def test_readme_dag_picture_matches_the_rulegraph():
 def test_download_rule_is_planned_for_real_data(tmp_path):
     config = tiny_config()
     config["demo"]["enabled"] = False
-    config["dataset"].update(name="f30k_precomp", path="resources/data/f30k_precomp",
-                             splits=["train", "dev", "test"])
-    config["download"] = {"enabled": True, "urls": ["http://127.0.0.1:9/data.zip"],
-                          "archive": "resources/scan_data.zip", "extract": "data/f30k_precomp"}
+    config["dataset"].update(
+        name="f30k_precomp", path="resources/data/f30k_precomp", splits=["train", "dev", "test"]
+    )
+    config["download"] = {
+        "enabled": True,
+        "urls": ["http://127.0.0.1:9/data.zip"],
+        "archive": "resources/scan_data.zip",
+        "extract": "data/f30k_precomp",
+    }
     config["evaluation"] = [{"name": "f30k_1k", "split": "test", "protocol": "full"}]
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -109,8 +127,9 @@ def test_download_rule_is_planned_for_real_data(tmp_path):
 
 def test_released_checkpoints_evaluate_as_an_ensemble(finished_run):
     import torch
-    from tests.test_import_checkpoint import write_reference
+
     from models import create_model
+    from tests.test_import_checkpoint import write_reference
 
     workdir, config = finished_run
     prepared = workdir / "results" / "demo_precomp" / "prepared"
@@ -119,14 +138,23 @@ def test_released_checkpoints_evaluate_as_an_ensemble(finished_run):
     released["released"] = {"checkpoints": {}, "ensembles": {"aoq_vsrn": ["run1", "run2"]}}
     for seed, name in enumerate(("run1", "run2")):
         torch.manual_seed(seed)
-        model = create_model("vsrn", vocab_size=vocab, img_dim=16, embed_size=12, word_dim=8,
-                             dim_hidden=8, dim_word=6, max_len=14)
+        model = create_model(
+            "vsrn",
+            vocab_size=vocab,
+            img_dim=16,
+            embed_size=12,
+            word_dim=8,
+            dim_hidden=8,
+            dim_word=6,
+            max_len=14,
+        )
         write_reference(workdir / f"{name}.pth.tar", model, "coco_precomp")
         released["released"]["checkpoints"][name] = {"path": str(workdir / f"{name}.pth.tar"), "arch": "vsrn"}
     result = snakemake(workdir, released, "released")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    metrics = json.loads((workdir / "results" / "demo_precomp" / "eval" / "aoq_vsrn" / "released"
-                          / "coco_5k.json").read_text())
+    metrics = json.loads(
+        (workdir / "results" / "demo_precomp" / "eval" / "aoq_vsrn" / "released" / "coco_5k.json").read_text()
+    )
     assert len(metrics["models"]) == 2 and metrics["label"] == "released:aoq_vsrn"
     assert {m["variant"] for m in metrics["models"]} == {"released"}
 
@@ -151,9 +179,25 @@ def test_whole_dag_on_a_scan_layout_folder_with_a_vocab_json(tmp_path):
     from pipeline_steps.data.text import build_vocab, make_tokenizer, read_caption_lines, vocab_json_text
 
     folder = tmp_path / "data" / "scanlike_precomp"
-    make_demo_data.main(["--out", str(folder), "--seed", "5", "--n-train", "40", "--n-dev", "10",
-                         "--n-test", "10", "--n-testall-per-fold", "4", "--img-dim", "16",
-                         "--dev-rows-per-caption"])
+    make_demo_data.main(
+        [
+            "--out",
+            str(folder),
+            "--seed",
+            "5",
+            "--n-train",
+            "40",
+            "--n-dev",
+            "10",
+            "--n-test",
+            "10",
+            "--n-testall-per-fold",
+            "4",
+            "--img-dim",
+            "16",
+            "--dev-rows-per-caption",
+        ]
+    )
     (folder / "demo_meta.json").unlink()
     for split in ("train", "dev", "test"):  # SCAN's release also ships ids files
         (folder / f"{split}_ids.txt").write_text("".join(f"{i}\n" for i in range(100)))
@@ -163,8 +207,9 @@ def test_whole_dag_on_a_scan_layout_folder_with_a_vocab_json(tmp_path):
     vocab.write_text(vocab_json_text(words))
     config = tiny_config()
     config["demo"]["enabled"] = False
-    config["dataset"].update(name="scanlike_precomp", path=str(folder), splits=["train", "dev", "test"],
-                             vocab_json=str(vocab))
+    config["dataset"].update(
+        name="scanlike_precomp", path=str(folder), splits=["train", "dev", "test"], vocab_json=str(vocab)
+    )
     config["aoq"]["variants"] = ["adapoffquin"]
     config["evaluation"] = [{"name": "f30k_1k", "split": "test", "protocol": "full"}]
     result = snakemake(tmp_path, config)
@@ -191,8 +236,9 @@ def planned_commands(result):
 def test_gpu_settings_reach_the_jobs(tmp_path):
     cpu = planned_commands(snakemake(tmp_path, tiny_config(), "-n", "-p"))
     assert cpu["train"][0][1].startswith("python -m pipeline_steps.train --data ")
-    assert all("gpu=0" in res and "gpu_slot" not in cmd for rule in ("train", "evaluate")
-               for res, cmd in cpu[rule])
+    assert all(
+        "gpu=0" in res and "gpu_slot" not in cmd for rule in ("train", "evaluate") for res, cmd in cpu[rule]
+    )
     config = tiny_config()
     config["resources"]["gpus_per_job"] = 1
     config["resources"]["train"]["gpus"] = 2
@@ -200,12 +246,19 @@ def test_gpu_settings_reach_the_jobs(tmp_path):
     slot = "python -m pipeline_steps.gpu_slot --gpus {} -- python -m "
     for res, cmd in gpu["train"]:
         assert "gpu=2" in res and "mem_mb=500" in res and "runtime=7" in res
-        assert cmd.startswith(slot.format(2) + "torch.distributed.run --standalone --nproc_per_node 2 "
-                              "-m pipeline_steps.train --data ")
-    for rule, step in (("extract_embeddings", "extract_embeddings"), ("mine_candidates", "mine_candidates"),
-                       ("evaluate", "evaluate")):
-        assert all("gpu=1" in res and cmd.startswith(slot.format(1) + f"pipeline_steps.{step} ")
-                   for res, cmd in gpu[rule]), gpu[rule]
+        assert cmd.startswith(
+            slot.format(2) + "torch.distributed.run --standalone --nproc_per_node 2 "
+            "-m pipeline_steps.train --data "
+        )
+    for rule, step in (
+        ("extract_embeddings", "extract_embeddings"),
+        ("mine_candidates", "mine_candidates"),
+        ("evaluate", "evaluate"),
+    ):
+        assert all(
+            "gpu=1" in res and cmd.startswith(slot.format(1) + f"pipeline_steps.{step} ")
+            for res, cmd in gpu[rule]
+        ), gpu[rule]
     assert gpu["prepare_data"] == cpu["prepare_data"]  # CPU-only rules are untouched
 
 
@@ -234,8 +287,16 @@ def test_a_killed_retrain_is_resumed_and_no_result_describes_old_settings(tmp_pa
     assert snakemake(tmp_path, config).returncode == 0
     changed = copy.deepcopy(config)
     changed["aoq"]["loss"]["alpha"] = 0.5
-    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
-                       str(write_config(tmp_path, changed)), "--cores", "2"]
+    cmd = SNAKEMAKE + [
+        "-s",
+        str(SNAKEFILE),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(write_config(tmp_path, changed)),
+        "--cores",
+        "2",
+    ]
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     killed, deadline = None, time.time() + 300
     while killed is None and time.time() < deadline and run.poll() is None:
@@ -258,8 +319,12 @@ def test_a_killed_retrain_is_resumed_and_no_result_describes_old_settings(tmp_pa
     report = pd.read_csv(results / "report" / "report.csv")
     for variant in config["aoq"]["variants"]:
         for evaluation in config["evaluation"]:
-            metrics = json.loads((results / "eval" / "vsepp" / variant / f"{evaluation['name']}.json").read_text())
+            metrics = json.loads(
+                (results / "eval" / "vsepp" / variant / f"{evaluation['name']}.json").read_text()
+            )
             assert [m["loss_config"]["alpha"] for m in metrics["models"]] == [0.5]
             row = report[(report.evaluation == evaluation["name"]) & (report.variant == variant)]
             assert row.rsum.item() == pytest.approx(metrics["rsum"], abs=1e-4)
-    assert not (tmp_path / "results" / ".resume").exists() or not any((tmp_path / "results" / ".resume").iterdir())
+    assert not (tmp_path / "results" / ".resume").exists() or not any(
+        (tmp_path / "results" / ".resume").iterdir()
+    )

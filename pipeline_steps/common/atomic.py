@@ -4,6 +4,7 @@ A failing step therefore never leaves a half-written artifact under its final na
 (SIGKILL, a node lost) can leave its temporary file, which at COCO scale is several GB: a step
 removes the stale temporaries of its own outputs when it starts (`remove_stale_temporaries`).
 """
+
 import contextlib
 import logging
 import os

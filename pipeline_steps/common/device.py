@@ -1,4 +1,5 @@
 """The torch device a step runs on, from its `--device` option."""
+
 import re
 
 import torch

@@ -5,6 +5,7 @@ raising an `InputError` whose message names the file or option and the problem. 
 wraps a step's `main` so that such a refusal ends the process with `error: <message>` on stderr
 and exit status 1; any other exception is a bug and keeps its traceback.
 """
+
 import functools
 
 

@@ -7,6 +7,7 @@ run every process builds the same batches and keeps its contiguous shard of each
 offline negatives are drawn for the whole batch before slicing, so every anchor gets the negatives
 the single-process run would have drawn.
 """
+
 import numpy as np
 import torch
 
@@ -16,7 +17,7 @@ from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE, DataError
 def epoch_batches(n_items, batch_size, seed, epoch):
     """The epoch's shuffled items cut into batches (the last one may be smaller; drop_last=False)."""
     order = np.random.default_rng([seed, epoch]).permutation(n_items)
-    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
 
 
 def shard_bounds(n_items, rank, world_size):
@@ -30,7 +31,7 @@ def pad_captions(id_lists):
     lengths = torch.tensor([len(x) for x in id_lists], dtype=torch.int64)
     ids = torch.zeros(len(id_lists), int(lengths.max()), dtype=torch.int64)
     for row, seq in enumerate(id_lists):
-        ids[row, :len(seq)] = torch.from_numpy(seq)
+        ids[row, : len(seq)] = torch.from_numpy(seq)
     return ids, lengths
 
 
@@ -47,14 +48,20 @@ class OfflineCandidates:
         self.t2i = np.load(t2i_path, mmap_mode="r")
         self.offline_size = offline_size
         n_caps = n_images * CAPTIONS_PER_IMAGE
-        for path, arr, rows, need in ((i2t_path, self.i2t, n_images, offline_size),
-                                      (t2i_path, self.t2i, n_caps, -(-offline_size // 5))):
+        for path, arr, rows, need in (
+            (i2t_path, self.i2t, n_images, offline_size),
+            (t2i_path, self.t2i, n_caps, -(-offline_size // 5)),
+        ):
             if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.int32:
-                raise DataError(f"{path}: expected an int32 array of {rows} rows (one per training "
-                                f"{'image' if rows == n_images else 'caption'}), found {arr.dtype} {arr.shape}")
+                raise DataError(
+                    f"{path}: expected an int32 array of {rows} rows (one per training "
+                    f"{'image' if rows == n_images else 'caption'}), found {arr.dtype} {arr.shape}"
+                )
             if arr.shape[1] < need:
-                raise DataError(f"{path}: offline_size {offline_size} draws from the first {need} "
-                                f"candidates of each row, but the file holds {arr.shape[1]}")
+                raise DataError(
+                    f"{path}: offline_size {offline_size} draws from the first {need} "
+                    f"candidates of each row, but the file holds {arr.shape[1]}"
+                )
 
     def __getstate__(self):
         return {"paths": self.paths, "offline_size": self.offline_size}
@@ -84,8 +91,18 @@ class TrainBatches(torch.utils.data.Dataset):
     """Dataset whose item b is batch b of one epoch (one memmap read per batch), or with
     shard=(rank, world_size) that process's rows of it (`shard_bounds`)."""
 
-    def __init__(self, features, captions, batches, seed, epoch, candidates=None, first_batch=0,
-                 caption_targets=None, shard=(0, 1)):
+    def __init__(
+        self,
+        features,
+        captions,
+        batches,
+        seed,
+        epoch,
+        candidates=None,
+        first_batch=0,
+        caption_targets=None,
+        shard=(0, 1),
+    ):
         self.features, self.captions, self.candidates = features, captions, candidates
         self.batches, self.seed, self.epoch, self.first_batch = batches, seed, epoch, first_batch
         # word ids -> (labels, mask) of a captioning branch (VSRN); built for anchors only.
@@ -104,9 +121,12 @@ class TrainBatches(torch.utils.data.Dataset):
         start, stop = shard_bounds(len(whole), *self.shard)
         items = whole[start:stop]
         ids, lengths = self._caption_batch(items)
-        batch = {"index": torch.from_numpy(items.astype(np.int64)),
-                 "images": torch.from_numpy(self.features.rows(items // CAPTIONS_PER_IMAGE)),
-                 "ids": ids, "lengths": lengths}
+        batch = {
+            "index": torch.from_numpy(items.astype(np.int64)),
+            "images": torch.from_numpy(self.features.rows(items // CAPTIONS_PER_IMAGE)),
+            "ids": ids,
+            "lengths": lengths,
+        }
         if self.caption_targets is not None:
             labels, masks = zip(*(self.caption_targets(self.captions.tokens(c)) for c in items))
             batch["cap_labels"] = torch.from_numpy(np.stack(labels))  # (B, max_len + 1)
@@ -115,8 +135,8 @@ class TrainBatches(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, number])
             # drawn for the whole batch, then sliced: the same draws whatever the shard
             t3, i3, t4, i4 = (a[start:stop] for a in self.candidates.sample(whole, rng))
-            batch["neg_images"] = torch.from_numpy(self.features.rows(i3))      # I3
-            batch["neg_ids"], batch["neg_lengths"] = self._caption_batch(t3)   # T3
-            batch["pos2_images"] = torch.from_numpy(self.features.rows(i4))    # I4
+            batch["neg_images"] = torch.from_numpy(self.features.rows(i3))  # I3
+            batch["neg_ids"], batch["neg_lengths"] = self._caption_batch(t3)  # T3
+            batch["pos2_images"] = torch.from_numpy(self.features.rows(i4))  # I4
             batch["pos2_ids"], batch["pos2_lengths"] = self._caption_batch(t4)  # T4
         return batch

@@ -4,6 +4,7 @@ A split is `{split}_ims.npy` float32 (rows, 36, D) plus `{split}_caps.txt` (5 ca
 Two image-row layouts exist (spec §1.1): one row per image, or one row per caption (Flickr30K
 dev). Both are presented as one row per image without copying: image k reads row k * rows_per_image.
 """
+
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,9 @@ class DataError(InputError):
 @dataclass(frozen=True)
 class SplitInfo:
     split: str
-    n_images: int           # images used (after the dev limit)
-    n_captions: int         # captions used = 5 * n_images
-    rows_per_image: int     # 1 (one row per image) or 5 (one row per caption)
+    n_images: int  # images used (after the dev limit)
+    n_captions: int  # captions used = 5 * n_images
+    rows_per_image: int  # 1 (one row per image) or 5 (one row per caption)
     img_dim: int
 
     def as_dict(self):
@@ -70,8 +71,7 @@ def open_features(path):
         raise DataError(f"{path}: not a readable .npy array ({err})") from None
 
 
-def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, dataset=None,
-                   block_rows=None):
+def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, dataset=None, block_rows=None):
     """Check one split and return its SplitInfo; raise DataError naming the file on problems.
 
     `dataset` (e.g. "coco_precomp") additionally checks the caption count of a known release.
@@ -91,20 +91,26 @@ def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, d
         raise DataError(f"{ims_path}: feature width is {features.shape[2]}, config says img_dim={img_dim}")
     n_caps = count_lines(caps_path)
     if n_caps == 0 or n_caps % CAPTIONS_PER_IMAGE:
-        raise DataError(f"{caps_path}: {n_caps} caption lines, expected a positive multiple of "
-                        f"{CAPTIONS_PER_IMAGE} (5 consecutive captions per image)")
+        raise DataError(
+            f"{caps_path}: {n_caps} caption lines, expected a positive multiple of "
+            f"{CAPTIONS_PER_IMAGE} (5 consecutive captions per image)"
+        )
     expected = KNOWN_CAPTION_COUNTS.get(dataset, {}).get(split)
     if expected is not None and n_caps != expected:
-        raise DataError(f"{caps_path}: {n_caps} captions, but {dataset} {split} has {expected} "
-                        "in SCAN's release (truncated or mixed-up files?)")
+        raise DataError(
+            f"{caps_path}: {n_caps} captions, but {dataset} {split} has {expected} "
+            "in SCAN's release (truncated or mixed-up files?)"
+        )
     rows = features.shape[0]
     if rows == n_caps:
         rows_per_image = CAPTIONS_PER_IMAGE
     elif rows * CAPTIONS_PER_IMAGE == n_caps:
         rows_per_image = 1
     else:
-        raise DataError(f"{ims_path}: {rows} image rows do not match {n_caps} captions in "
-                        f"{caps_path.name} (expected {n_caps // CAPTIONS_PER_IMAGE} or {n_caps} rows)")
+        raise DataError(
+            f"{ims_path}: {rows} image rows do not match {n_caps} captions in "
+            f"{caps_path.name} (expected {n_caps // CAPTIONS_PER_IMAGE} or {n_caps} rows)"
+        )
     # Before the repeated-rows check: NaN != NaN, so a NaN there would read as "rows differ".
     _check_finite(features, ims_path, rows_per_image, block_rows)
     if rows_per_image == CAPTIONS_PER_IMAGE:
@@ -125,7 +131,7 @@ def _check_finite(features, path, rows_per_image, block_rows=None):
     row_bytes = features.itemsize * int(np.prod(features.shape[1:]))
     block_rows = block_rows or max(1, BLOCK_BYTES // max(row_bytes, 1))
     for start in range(0, features.shape[0], block_rows):
-        block = np.asarray(features[start:start + block_rows])
+        block = np.asarray(features[start : start + block_rows])
         if not np.isfinite(block).all():  # the common case costs one reduction per block
             _raise_first_non_finite(block, start, path, rows_per_image)
         release_mapped_pages(features)
@@ -145,7 +151,7 @@ def _check_repeated_rows(features, path, samples):
     """In the one-row-per-caption layout, the 5 rows of an image must be identical."""
     n_images = features.shape[0] // CAPTIONS_PER_IMAGE
     for k in np.linspace(0, n_images - 1, num=min(samples, n_images)).astype(int):
-        block = np.asarray(features[k * CAPTIONS_PER_IMAGE:(k + 1) * CAPTIONS_PER_IMAGE])
+        block = np.asarray(features[k * CAPTIONS_PER_IMAGE : (k + 1) * CAPTIONS_PER_IMAGE])
         if not (block == block[0]).all():
             raise DataError(f"{path}: one row per caption, but the 5 rows of image {k} differ")
 

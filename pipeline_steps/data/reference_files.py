@@ -11,6 +11,7 @@
 Nothing else is ever reconstructed: a pickle naming any other global raises ReferenceFileError
 naming the file and the refused global, before anything it names is called.
 """
+
 import argparse
 import io
 import pickle
@@ -94,8 +95,16 @@ def load_vocab_pickle(path):
     try:
         with open(path, "rb") as handle:
             obj = _VocabUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError,
-            AttributeError, IndexError, KeyError) as err:
+    except (
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+    ) as err:
         raise ReferenceFileError(f"{path}: not a safe vocabulary pickle ({err})") from None
     fields = getattr(obj, "fields", None)
     if not isinstance(obj, _VocabularyStub) or not isinstance(fields, dict):
@@ -108,13 +117,13 @@ def load_vocab_pickle(path):
         raise ReferenceFileError(f"{path}: word2idx words must be distinct strings")
     check_word2idx(word2idx, path, ReferenceFileError)
     idx2word = fields.get("idx2word")
-    if idx2word is not None and (not isinstance(idx2word, dict)
-                                 or {i: _text(w) for i, w in idx2word.items()}
-                                 != {i: w for w, i in word2idx.items()}):
+    if idx2word is not None and (
+        not isinstance(idx2word, dict)
+        or {i: _text(w) for i, w in idx2word.items()} != {i: w for w, i in word2idx.items()}
+    ):
         raise ReferenceFileError(f"{path}: idx2word does not match word2idx")
     if fields.get("idx", len(word2idx)) != len(word2idx):
-        raise ReferenceFileError(
-            f"{path}: idx is {fields['idx']} but word2idx has {len(word2idx)} words")
+        raise ReferenceFileError(f"{path}: idx is {fields['idx']} but word2idx has {len(word2idx)} words")
     return word2idx
 
 
@@ -130,8 +139,7 @@ def convert_vocab_pickle_to_json(pkl_path, json_path):
 
 # ------------------------------------------------------------------------------- checkpoints
 def _refused_global(message):
-    match = re.search(r"GLOBAL ([\w.]+)|unrecognized function (\S+)|got <class '([\w.]+)'>",
-                      message)
+    match = re.search(r"GLOBAL ([\w.]+)|unrecognized function (\S+)|got <class '([\w.]+)'>", message)
     name = next((g for g in match.groups() if g), None) if match else None
     return name if name is None or "." in name else f"builtins.{name}"  # torch drops 'builtins.'
 
@@ -168,11 +176,9 @@ def load_reference_checkpoint(path, encoding="latin1"):
     model = []
     for n, state in enumerate(models):
         if not isinstance(state, dict):
-            raise ReferenceFileError(f"{path}: model[{n}] is a {type(state).__name__}, "
-                                     "not a state dict")
+            raise ReferenceFileError(f"{path}: model[{n}] is a {type(state).__name__}, not a state dict")
         clean = OrderedDict((_text(k), v) for k, v in state.items())
-        bad = [k for k, v in clean.items()
-               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        bad = [k for k, v in clean.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
             raise ReferenceFileError(f"{path}: model[{n}] entry {bad[0]!r} is not a named tensor")
         extra = {_text(k): v for k, v in getattr(state, "__dict__", {}).items()}  # bytes keys too
@@ -184,6 +190,10 @@ def load_reference_checkpoint(path, encoding="latin1"):
         opt = vars(opt)
     if opt is not None and not isinstance(opt, dict):
         raise ReferenceFileError(f"{path}: 'opt' is a {type(opt).__name__}, not a Namespace")
-    return {"epoch": raw.get("epoch"), "best_rsum": raw.get("best_rsum"),
-            "eiters": raw.get("Eiters"), "opt": None if opt is None else dict(_plain(opt)),
-            "model": model}
+    return {
+        "epoch": raw.get("epoch"),
+        "best_rsum": raw.get("best_rsum"),
+        "eiters": raw.get("Eiters"),
+        "opt": None if opt is None else dict(_plain(opt)),
+        "model": model,
+    }

@@ -6,6 +6,7 @@ nltk's punkt data; where it is not installed we use `word_tokenize(text, preserv
 (no sentence splitting), which differs only on multi-sentence captions ("a man. he" keeps
 "man."). Which one made the ids is recorded with them. nltk data is never downloaded here.
 """
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ TOKENIZER_PRESERVE_LINE = "nltk.word_tokenize(preserve_line=True)"
 
 def punkt_available():
     import nltk
+
     for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
         try:
             nltk.data.find(resource)
@@ -32,6 +34,7 @@ def punkt_available():
 def make_tokenizer(kind="auto"):
     """Return (tokenize(bytes_line) -> list[str], name). kind: auto | punkt | preserve_line."""
     from nltk.tokenize import word_tokenize
+
     if kind == "auto":
         kind = "punkt" if punkt_available() else "preserve_line"
     if kind == "punkt":
@@ -70,16 +73,19 @@ def build_vocab(token_lists, threshold=4):
     we use decreasing count, then alphabetical, so a rebuild is deterministic.
     """
     counts = Counter(token for tokens in token_lists for token in tokens)
-    kept = sorted((w for w, c in counts.items() if c >= threshold and w not in SPECIAL_TOKENS),
-                  key=lambda w: (-counts[w], w))
+    kept = sorted(
+        (w for w, c in counts.items() if c >= threshold and w not in SPECIAL_TOKENS),
+        key=lambda w: (-counts[w], w),
+    )
     return {word: i for i, word in enumerate(SPECIAL_TOKENS + kept)}
 
 
 def vocab_json_text(word2idx):
     """SCAN json layout: word2idx, idx2word (string keys), idx."""
     idx2word = {str(i): w for w, i in word2idx.items()}
-    return json.dumps({"word2idx": word2idx, "idx2word": idx2word, "idx": len(word2idx)},
-                      ensure_ascii=False, indent=0)
+    return json.dumps(
+        {"word2idx": word2idx, "idx2word": idx2word, "idx": len(word2idx)}, ensure_ascii=False, indent=0
+    )
 
 
 def check_word2idx(word2idx, path, error=ValueError):
@@ -113,8 +119,11 @@ def encode(token_lists, word2idx):
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((word2idx.get(tok, UNK) for tokens in token_lists for tok in tokens),
-                      dtype=np.int32, count=int(offsets[-1]))
+    ids = np.fromiter(
+        (word2idx.get(tok, UNK) for tokens in token_lists for tok in tokens),
+        dtype=np.int32,
+        count=int(offsets[-1]),
+    )
     return ids, offsets
 
 
@@ -131,7 +140,7 @@ class CaptionIds:
 
     def tokens(self, index):
         """Word ids of caption `index` (no <start>/<end>)."""
-        return self.ids[self.offsets[index]:self.offsets[index + 1]]
+        return self.ids[self.offsets[index] : self.offsets[index + 1]]
 
     def with_boundaries(self, index):
         """[<start>] + ids + [<end>], the retrieval encoder's input (no truncation, spec §1.4)."""

@@ -5,6 +5,7 @@ change the results (BatchNorm uses running statistics in eval mode). Representat
 the model produces: embeddings for single-vector models, region / word features for
 cross-attention models; scorers.py's `representation_scorer` scores them block by block.
 """
+
 import numpy as np
 import torch
 
@@ -37,7 +38,9 @@ def encode_split(model, features, captions, n_captions, batch_size, device):
     `iter_*_representations` into HDF5 instead.
     """
     images = model.concat_representations(
-        [r for _, r in iter_image_representations(model, features, batch_size, device)])
+        [r for _, r in iter_image_representations(model, features, batch_size, device)]
+    )
     caps = model.concat_representations(
-        [r for _, r in iter_caption_representations(model, captions, n_captions, batch_size, device)])
+        [r for _, r in iter_caption_representations(model, captions, n_captions, batch_size, device)]
+    )
     return images, caps

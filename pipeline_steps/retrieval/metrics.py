@@ -6,6 +6,7 @@ and cross-attention models (which cannot produce one vector per item) are evalua
 code. The full n_img x 5 n_img matrix is never materialised: a block holds at most about
 `max_block_elems` scores.
 """
+
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,7 @@ from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 RECALL_KS = (1, 5, 10)
 # The six recalls and their sum, in the order tables print them.
 RECALL_COLUMNS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_KS] + ["rsum"]
-DEFAULT_MAX_BLOCK_ELEMS = 2 ** 24  # 64 MiB of float32 scores per block
+DEFAULT_MAX_BLOCK_ELEMS = 2**24  # 64 MiB of float32 scores per block
 POSITIVE_BLOCK_IMAGES = 64  # images per diagonal block when reading the positives first
 
 
@@ -27,8 +28,10 @@ def _checked_block(score_block, i0, i1, c0, c1):
     if not isinstance(block, torch.Tensor):
         block = torch.as_tensor(np.asarray(block))
     if tuple(block.shape) != (i1 - i0, c1 - c0):
-        raise ValueError(f"scorer returned shape {tuple(block.shape)} for images [{i0},{i1}) x "
-                         f"captions [{c0},{c1}); expected {(i1 - i0, c1 - c0)}")
+        raise ValueError(
+            f"scorer returned shape {tuple(block.shape)} for images [{i0},{i1}) x "
+            f"captions [{c0},{c1}); expected {(i1 - i0, c1 - c0)}"
+        )
     # NaN compares False with everything and would silently give rank 0. A sum is a cheap first
     # test (NaN propagates); only a suspicious block is searched (inf - inf is NaN too).
     if torch.isnan(block.sum()) and torch.isnan(block).any():
@@ -51,8 +54,9 @@ def _positive_scores(score_block, n_img, block_size, max_block_elems):
     for a in range(0, n_img, g):
         b = min(a + g, n_img)
         s = _checked_block(score_block, a, b, CAPTIONS_PER_IMAGE * a, CAPTIONS_PER_IMAGE * b)  # (g, 5g)
-        own = (CAPTIONS_PER_IMAGE * torch.arange(b - a, device=s.device)[:, None]
-               + torch.arange(CAPTIONS_PER_IMAGE, device=s.device))  # (g, 5)
+        own = CAPTIONS_PER_IMAGE * torch.arange(b - a, device=s.device)[:, None] + torch.arange(
+            CAPTIONS_PER_IMAGE, device=s.device
+        )  # (g, 5)
         parts.append(s.gather(1, own).reshape(-1))
     return torch.cat(parts)
 
@@ -66,9 +70,21 @@ def _count_native(lib, s, best_gt, row_from, pos, col_below, pool, threads):
     rows = np.zeros(tile.shape[0], dtype=np.int64)
     edges = np.linspace(0, tile.shape[0], threads + 1).round().astype(int)
     cols = [np.zeros(tile.shape[1], dtype=np.int32) for _ in range(threads)]
-    jobs = [pool.submit(topk.count_ranks, lib, tile[lo:hi], row_thr[lo:hi], row_from[lo:hi],
-                        col_thr, col_below[lo:hi], rows[lo:hi], cols[t])
-            for t, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if hi > lo]
+    jobs = [
+        pool.submit(
+            topk.count_ranks,
+            lib,
+            tile[lo:hi],
+            row_thr[lo:hi],
+            row_from[lo:hi],
+            col_thr,
+            col_below[lo:hi],
+            rows[lo:hi],
+            cols[t],
+        )
+        for t, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))
+        if hi > lo
+    ]
     for job in jobs:
         job.result()
     return torch.from_numpy(rows), torch.from_numpy(np.sum(cols, axis=0, dtype=np.int64))
@@ -128,20 +144,27 @@ def retrieval_ranks(scorer, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_E
             best_gt = own.max(dim=1).values  # (B,)
             # The last of the 5 with the best score ranks first among them; captions after it
             # that tie with it rank above it.
-            last_best = (CAPTIONS_PER_IMAGE - 1) - (own == best_gt[:, None]).flip(1).to(torch.uint8).argmax(dim=1)
+            last_best = (CAPTIONS_PER_IMAGE - 1) - (own == best_gt[:, None]).flip(1).to(torch.uint8).argmax(
+                dim=1
+            )
             row_from = gt_cols[:, 0] + last_best + 1  # (B,)
             col_below = gt_cols[:, 0]  # (B,) captions of earlier images: this image ties above them
             if lib is not None and s.device.type == "cpu":
-                row_counts, col_counts = _count_native(lib, s, best_gt, row_from, pos, col_below,
-                                                       pool, threads)
+                row_counts, col_counts = _count_native(
+                    lib, s, best_gt, row_from, pos, col_below, pool, threads
+                )
             else:
                 row_counts, col_counts = _count_torch(s, best_gt, row_from, pos, col_below)
             i2t[a:b] = row_counts.cpu().numpy()
             # Never count an image against its own caption (its score here may differ from the
             # diagonal block's by rounding).
-            own_above = (own > pos[CAPTIONS_PER_IMAGE * a:CAPTIONS_PER_IMAGE * b].view(b - a, CAPTIONS_PER_IMAGE))
+            own_above = own > pos[CAPTIONS_PER_IMAGE * a : CAPTIONS_PER_IMAGE * b].view(
+                b - a, CAPTIONS_PER_IMAGE
+            )
             col_counts = col_counts.to(s.device)
-            col_counts[CAPTIONS_PER_IMAGE * a:CAPTIONS_PER_IMAGE * b] -= own_above.reshape(-1).to(col_counts.dtype)
+            col_counts[CAPTIONS_PER_IMAGE * a : CAPTIONS_PER_IMAGE * b] -= own_above.reshape(-1).to(
+                col_counts.dtype
+            )
             t2i = col_counts if t2i is None else t2i + col_counts
     return i2t, t2i.cpu().numpy().astype(np.int64)
 

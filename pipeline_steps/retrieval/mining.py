@@ -15,6 +15,7 @@ Scores are dot products (higher = more similar); positives are never selected. T
 kernel returns exactly the first k of a stable descending sort (equal scores: lower id first);
 the torch paths leave the order among exactly tied scores unspecified.
 """
+
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,7 @@ from accel import topk
 from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_BLOCK_ELEMS = 2 ** 26  # 256 MiB of float32 scores per block
+DEFAULT_MAX_BLOCK_ELEMS = 2**26  # 256 MiB of float32 scores per block
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
@@ -36,15 +37,18 @@ def _check_inputs(img, cap, k, out, n_queries, n_candidates, what):
     if n_img < 1:
         raise ValueError("no images to mine from")
     if cap.shape[0] != CAPTIONS_PER_IMAGE * n_img:
-        raise ValueError(f"expected {CAPTIONS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
-                         f"for {n_img} images")
+        raise ValueError(
+            f"expected {CAPTIONS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
+            f"for {n_img} images"
+        )
     if cap.shape[1] != d:
         raise ValueError(f"embedding dims differ: images d={d}, captions d={cap.shape[1]}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an integer, got {k!r}")
     if not 1 <= k <= n_candidates:
-        raise ValueError(f"{what}: k must be in [1, {n_candidates}] (candidates left after excluding "
-                         f"positives), got {k}")
+        raise ValueError(
+            f"{what}: k must be in [1, {n_candidates}] (candidates left after excluding positives), got {k}"
+        )
     if tuple(out.shape) != (n_queries, k):
         raise ValueError(f"{what}: out must have shape {(n_queries, int(k))}, got {tuple(out.shape)}")
     if np.dtype(out.dtype) != np.int32:
@@ -75,9 +79,9 @@ def _load_rows(source, start, stop, device, dtype):
 
 
 ENGINES = ("auto", "native", "torch")
-NATIVE_TILE_COLS = 2048      # captions per tile: a 512 x 2048 float32 tile (4 MiB) stays in cache
-NATIVE_BLOCK_ROWS = 512      # images per block (the i2t queues live for one block)
-FINAL_ROWS = 65536           # t2i rows finalised and written per step
+NATIVE_TILE_COLS = 2048  # captions per tile: a 512 x 2048 float32 tile (4 MiB) stays in cache
+NATIVE_BLOCK_ROWS = 512  # images per block (the i2t queues live for one block)
+FINAL_ROWS = 65536  # t2i rows finalised and written per step
 
 
 def queue_capacity(k):
@@ -103,8 +107,10 @@ def _resolve_engine(engine, device):
     lib = topk.load_kernel()
     if lib is None:
         if engine == "native":
-            raise ValueError("engine 'native' requested but the C kernel could not be built "
-                             "(see the log); use engine 'torch'")
+            raise ValueError(
+                "engine 'native' requested but the C kernel could not be built "
+                "(see the log); use engine 'torch'"
+            )
         return "torch", None
     return "native", lib
 
@@ -173,18 +179,29 @@ class _Worker:
         for c0 in range(self.cols[0], self.cols[1], self.tile_cols):
             c1 = min(c0 + self.tile_cols, self.cols[1])
             # One reused buffer: a fresh 4 MiB tensor per tile would cost page faults.
-            out = self.tile[:n * (c1 - c0)].view(n, c1 - c0)
+            out = self.tile[: n * (c1 - c0)].view(n, c1 - c0)
             torch.matmul(q, self.cap_t[c0:c1].T, out=out)
             tile = out.numpy()  # (R, W), C-contiguous float32
             in_group = self.group[0] <= c0 < self.group[1]
-            topk.scan_tile(self.lib, tile, a, c0, CAPTIONS_PER_IMAGE, self.images, (0, n),
-                                  self.caps if in_group else None, (0, c1 - c0), self.group[0])
+            topk.scan_tile(
+                self.lib,
+                tile,
+                a,
+                c0,
+                CAPTIONS_PER_IMAGE,
+                self.images,
+                (0, n),
+                self.caps if in_group else None,
+                (0, c1 - c0),
+                self.group[0],
+            )
         if self.images is not None:
             topk.finalize(self.lib, self.images, 0, n, self.top_ids[:n], self.top_scores[:n])
 
 
-def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols,
-                      threads, max_queue_bytes, progress):
+def _mine_both_native(
+    lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_rows, tile_cols, threads, max_queue_bytes, progress
+):
     """The first pass feeds the i2t queues (one image block at a time) and the t2i queues of the
     first caption group; when the t2i queues of all captions do not fit in max_queue_bytes, each
     further group costs one more pass over its columns of the score matrix. Each pass splits its
@@ -192,8 +209,13 @@ def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_row
     n_img, n_cap = img.shape[0], cap_t.shape[0]
     groups = caption_groups(n_cap, k_t2i, tile_cols, max_queue_bytes)
     if len(groups) > 1:
-        log.info("t2i queues for %d captions exceed %.0f MiB: %d caption groups, %d extra passes",
-                 n_cap, max_queue_bytes / 2**20, len(groups), len(groups) - 1)
+        log.info(
+            "t2i queues for %d captions exceed %.0f MiB: %d caption groups, %d extra passes",
+            n_cap,
+            max_queue_bytes / 2**20,
+            len(groups),
+            len(groups) - 1,
+        )
     block_rows = min(block_rows, n_img)
     caps = _queues(groups[0][1] - groups[0][0], k_t2i)
     torch_threads = torch.get_num_threads()
@@ -203,10 +225,15 @@ def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_row
             for g, (g0, g1) in enumerate(groups):
                 caps.reset()
                 with_i2t = g == 0
-                ranges = worker_ranges(0, n_cap, threads, tile_cols, k_i2t + CAPTIONS_PER_IMAGE) if with_i2t \
+                ranges = (
+                    worker_ranges(0, n_cap, threads, tile_cols, k_i2t + CAPTIONS_PER_IMAGE)
+                    if with_i2t
                     else worker_ranges(g0, g1, threads, tile_cols, 1)
-                workers = [_Worker(lib, cap_t, cols, k_i2t if with_i2t else 0, block_rows, tile_cols,
-                                   caps, (g0, g1)) for cols in ranges]
+                )
+                workers = [
+                    _Worker(lib, cap_t, cols, k_i2t if with_i2t else 0, block_rows, tile_cols, caps, (g0, g1))
+                    for cols in ranges
+                ]
                 for a in range(0, n_img, block_rows):
                     b = min(a + block_rows, n_img)
                     q = _load_rows(img, a, b, "cpu", torch.float32)  # (R, d)
@@ -218,8 +245,14 @@ def _mine_both_native(lib, img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, block_row
                 for f0 in range(g0, g1, FINAL_ROWS):
                     f1 = min(f0 + FINAL_ROWS, g1)
                     top = np.empty((f1 - f0, k_t2i), dtype=np.int32)
-                    _run_jobs(pool, _finalize_rows, [(lib, caps, f0 - g0 + lo, f0 - g0 + hi, top, f0 - g0)
-                                                     for lo, hi in _split(f1 - f0, threads)])
+                    _run_jobs(
+                        pool,
+                        _finalize_rows,
+                        [
+                            (lib, caps, f0 - g0 + lo, f0 - g0 + hi, top, f0 - g0)
+                            for lo, hi in _split(f1 - f0, threads)
+                        ],
+                    )
                     out_t2i[f0:f1] = top
     finally:
         torch.set_num_threads(torch_threads)
@@ -231,8 +264,11 @@ def _merge_worker_lists(lib, pool, workers, n, k, threads):
     scores = np.ascontiguousarray(np.stack([w.top_scores[:n] for w in workers], axis=1))  # (n, W, k)
     ids = np.ascontiguousarray(np.stack([w.top_ids[:n] for w in workers], axis=1))
     top = np.empty((n, k), dtype=np.int32)
-    _run_jobs(pool, topk.merge_sorted,
-              [(lib, scores, ids, lo, hi, top[lo:hi]) for lo, hi in _split(n, threads) if hi > lo])
+    _run_jobs(
+        pool,
+        topk.merge_sorted,
+        [(lib, scores, ids, lo, hi, top[lo:hi]) for lo, hi in _split(n, threads) if hi > lo],
+    )
     return top
 
 
@@ -241,7 +277,7 @@ def _queues(n, k):
 
 
 def _finalize_rows(lib, queues, q_lo, q_hi, top, offset=0):
-    topk.finalize(lib, queues, q_lo, q_hi, top[q_lo - offset:q_hi - offset])
+    topk.finalize(lib, queues, q_lo, q_hi, top[q_lo - offset : q_hi - offset])
 
 
 def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, dtype, progress):
@@ -254,7 +290,11 @@ def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, d
         q = _load_rows(img, a, b, device, dtype)
         scores = q @ cap_t.T  # (R, n_cap)
         # An image's own captions are exactly the (image, caption) positives of both directions.
-        own = CAPTIONS_PER_IMAGE * torch.arange(b - a, device=device)[:, None] + offsets + CAPTIONS_PER_IMAGE * a
+        own = (
+            CAPTIONS_PER_IMAGE * torch.arange(b - a, device=device)[:, None]
+            + offsets
+            + CAPTIONS_PER_IMAGE * a
+        )
         scores.scatter_(1, own, float("-inf"))
         top = torch.topk(scores, k_i2t, dim=1, largest=True, sorted=True).indices
         out_i2t[a:b] = top.to(device="cpu", dtype=torch.int32).numpy()
@@ -270,9 +310,22 @@ def _mine_both_torch(img, cap_t, k_i2t, k_t2i, out_i2t, out_t2i, rows, device, d
         out_t2i[c0:c1] = best_i[:, c0:c1].T.to(device="cpu", dtype=torch.int32).numpy()
 
 
-def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torch.float32,
-              max_block_elems=DEFAULT_MAX_BLOCK_ELEMS, block_rows=None, engine="auto",
-              threads=None, max_queue_bytes=None, progress=None):
+def mine_both(
+    img,
+    cap,
+    k_i2t,
+    k_t2i,
+    out_i2t,
+    out_t2i,
+    device="cpu",
+    dtype=torch.float32,
+    max_block_elems=DEFAULT_MAX_BLOCK_ELEMS,
+    block_rows=None,
+    engine="auto",
+    threads=None,
+    max_queue_bytes=None,
+    progress=None,
+):
     """i2t and t2i candidates from one pass over the image x caption scores.
 
     img (N, d), cap (5N, d): numpy arrays or h5py datasets (images read in row blocks, captions
@@ -284,7 +337,8 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
     t2i_queue_bytes(5N, k_t2i) (5N x (2 k_t2i + 16) x 8 bytes: 3.7 GB for COCO, k_t2i = 400),
     or max_queue_bytes (default: half the available memory) with extra passes over caption
     groups when that is less. Exact: ties are broken by lower id. engine 'torch' (CPU or CUDA):
-    image blocks of at most max_block_elems scores; the t2i running lists take k_t2i x 5N x 12 bytes on the device.
+    image blocks of at most max_block_elems scores; the t2i running lists take k_t2i x 5N x 12
+    bytes on the device.
     'auto': native on CPU when the kernel builds, else torch. threads: CPU threads of the native
     engine (default torch.get_num_threads()). dtype: float32, or float16/bfloat16 on CUDA.
     progress: callable receiving the number of images finished by each block.
@@ -305,12 +359,25 @@ def mine_both(img, cap, k_i2t, k_t2i, out_i2t, out_t2i, device="cpu", dtype=torc
             if max_queue_bytes is None:
                 free = available_memory_bytes()
                 max_queue_bytes = free // 2 if free else 8 * 2**30
-            _mine_both_native(lib, img, cap_t, int(k_i2t), int(k_t2i), out_i2t, out_t2i, rows,
-                              NATIVE_TILE_COLS, threads, int(max_queue_bytes), progress)
+            _mine_both_native(
+                lib,
+                img,
+                cap_t,
+                int(k_i2t),
+                int(k_t2i),
+                out_i2t,
+                out_t2i,
+                rows,
+                NATIVE_TILE_COLS,
+                threads,
+                int(max_queue_bytes),
+                progress,
+            )
         else:
             rows = max(1, max_block_elems // n_cap)
             if block_rows is not None:
                 rows = min(rows, int(block_rows))
-            _mine_both_torch(img, cap_t, int(k_i2t), int(k_t2i), out_i2t, out_t2i, rows, device,
-                             dtype, progress)
+            _mine_both_torch(
+                img, cap_t, int(k_i2t), int(k_t2i), out_i2t, out_t2i, rows, device, dtype, progress
+            )
     return out_i2t, out_t2i

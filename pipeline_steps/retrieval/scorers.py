@@ -6,6 +6,7 @@ cap_stop - cap_start), higher = more similar. The metrics (metrics.py) ask for b
 hold the whole matrix. Scorers exist for embeddings (dot products), for an ensemble (the mean of
 its members' blocks) and for any model's representations (its `score_all`).
 """
+
 import numpy as np
 import torch
 
@@ -25,8 +26,12 @@ class Scorer:
     def fold(self, img_offset, n_img):
         """The scorer of images [img_offset, img_offset + n_img) and their captions alone."""
         cap_offset = CAPTIONS_PER_IMAGE * img_offset
-        return Scorer(n_img, lambda i0, i1, c0, c1: self.score_block(img_offset + i0, img_offset + i1,
-                                                                     cap_offset + c0, cap_offset + c1))
+        return Scorer(
+            n_img,
+            lambda i0, i1, c0, c1: self.score_block(
+                img_offset + i0, img_offset + i1, cap_offset + c0, cap_offset + c1
+            ),
+        )
 
 
 def _to_float_tensor(x, device):
@@ -48,7 +53,7 @@ class _Reused:
     def block(self, rows, cols):
         if self.flat is None or self.flat.numel() < rows * cols:
             self.flat = torch.empty(rows * cols, dtype=torch.float32, device=self.device)
-        return self.flat[:rows * cols].view(rows, cols)
+        return self.flat[: rows * cols].view(rows, cols)
 
 
 def embedding_scorer(img_emb, cap_emb, device="cpu"):
@@ -67,8 +72,10 @@ def embedding_scorer(img_emb, cap_emb, device="cpu"):
     if img.shape[1] != cap.shape[1]:
         raise ValueError(f"embedding dims differ: images d={img.shape[1]}, captions d={cap.shape[1]}")
     if cap.shape[0] != CAPTIONS_PER_IMAGE * img.shape[0]:
-        raise ValueError(f"expected {CAPTIONS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
-                         f"for {img.shape[0]} images")
+        raise ValueError(
+            f"expected {CAPTIONS_PER_IMAGE} captions per image: got {cap.shape[0]} captions "
+            f"for {img.shape[0]} images"
+        )
     buffer = _Reused(img.device)
 
     def score_block(img_start, img_stop, cap_start, cap_stop):

@@ -5,6 +5,7 @@ whatever the training step adds (epoch, iteration, scores, configs). `torch.load
 `weights_only=True`. The bytes of a saved file depend only on what it holds (the same run gives
 the same file), not on the temporary name it was written under.
 """
+
 import pickle
 
 import torch
@@ -33,16 +34,26 @@ def load_torch(path, error=CheckpointError, **kwargs):
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
         detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise error(f"{path}: refused: holds objects other than tensors and plain values "
-                    f"(weights-only load: {detail})") from None
+        raise error(
+            f"{path}: refused: holds objects other than tensors and plain values "
+            f"(weights-only load: {detail})"
+        ) from None
     except (OSError, RuntimeError, EOFError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise error(f"{path}: not a readable checkpoint ({first})") from None
 
 
 def save_checkpoint(path, model, **extra):
-    save_torch(path, {"format": FORMAT, "model_name": model.name, "model_config": model.config_dict,
-                      "state_dict": model.state_dict(), **extra})
+    save_torch(
+        path,
+        {
+            "format": FORMAT,
+            "model_name": model.name,
+            "model_config": model.config_dict,
+            "state_dict": model.state_dict(),
+            **extra,
+        },
+    )
 
 
 def load_checkpoint(path, device="cpu"):

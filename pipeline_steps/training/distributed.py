@@ -49,6 +49,7 @@ What is not identical
   run. Each process's stream is saved in the resume state and restored when the run resumes with
   the same number of processes.
 """
+
 import datetime
 import logging
 import os
@@ -64,7 +65,7 @@ from pipeline_steps.common.device import pick_device
 
 log = logging.getLogger(__name__)
 TIMEOUT = datetime.timedelta(hours=4)  # other ranks wait at a barrier while rank 0 validates
-FIRST_SPECIAL_STEP_ID = 0xFFFFFF00     # Slurm's batch, extern and interactive steps sit above this
+FIRST_SPECIAL_STEP_ID = 0xFFFFFF00  # Slurm's batch, extern and interactive steps sit above this
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,14 @@ class Launch:
 def first_slurm_host(nodelist):
     """First host of a Slurm node list such as 'gpu[03-04]', via `scontrol show hostnames`."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as err:
-        raise SystemExit(f"error: cannot expand the SLURM node list {nodelist!r} ({err}); "
-                         "set MASTER_ADDR to the host of rank 0") from None
+        raise SystemExit(
+            f"error: cannot expand the SLURM node list {nodelist!r} ({err}); "
+            "set MASTER_ADDR to the host of rank 0"
+        ) from None
     return out.split()[0]
 
 
@@ -102,8 +106,10 @@ def launch_from_env(environ=None, first_host=first_slurm_host):
     world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
     addr = env.get("MASTER_ADDR")
     if addr is None and world > 1:
-        nodelist = next((env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST")
-                         if env.get(k)), None)
+        nodelist = next(
+            (env[k] for k in ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST") if env.get(k)),
+            None,
+        )
         if not nodelist:
             raise SystemExit("error: SLURM gives no node list; set MASTER_ADDR to the host of rank 0")
         addr = first_host(nodelist)
@@ -156,9 +162,11 @@ class Context:
         """Every process needs at least one item of every batch (the last one included)."""
         last = n_items % batch_size or batch_size
         if min(batch_size, last) < self.world_size:
-            raise SystemExit(f"error: {self.world_size} processes need at least as many items in every "
-                             f"batch, but {n_items} items in batches of {batch_size} leave {last} for "
-                             "the last one; change the batch size or the number of processes")
+            raise SystemExit(
+                f"error: {self.world_size} processes need at least as many items in every "
+                f"batch, but {n_items} items in batches of {batch_size} leave {last} for "
+                "the last one; change the batch size or the number of processes"
+            )
 
     def prepare_model(self, model, seed):
         """Before the optimiser is built: whole-batch BatchNorm statistics, and a dropout stream
@@ -181,8 +189,10 @@ class Context:
         padded[tuple(slice(0, n) for n in local.shape)] = local
         pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(pieces, padded)
-        return [piece[tuple(slice(0, n) for n in s.tolist())].to(tensor.device)
-                for piece, s in zip(pieces, shapes)]
+        return [
+            piece[tuple(slice(0, n) for n in s.tolist())].to(tensor.device)
+            for piece, s in zip(pieces, shapes)
+        ]
 
     def whole_batch(self, rep, concat=torch.cat):
         """The whole batch's representation from the shards: the other processes' rows without
@@ -251,8 +261,10 @@ class Context:
         """Stop with an error unless every process holds the same `value`."""
         values = self.gather_objects(value)
         if any(v != values[0] for v in values):
-            raise SystemExit(f"error: the processes disagree about {what}: {values} (is the resume "
-                             "folder on a filesystem that every node sees?)")
+            raise SystemExit(
+                f"error: the processes disagree about {what}: {values} (is the resume "
+                "folder on a filesystem that every node sees?)"
+            )
 
     def broadcast_from_main(self, tensors):
         """Overwrite `tensors` (on this process's device) in place with rank 0's values."""
@@ -332,10 +344,10 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))
-        n = sums[-1]                                                  # rows in the whole batch
-        mean = sums[:-1] / n                                          # (C,)
+        n = sums[-1]  # rows in the whole batch
+        mean = sums[:-1] / n  # (C,)
         centered = x - mean.view(shape)
-        var = _AllReduceSum.apply(centered.pow(2).sum(dims)) / n      # (C,) biased
+        var = _AllReduceSum.apply(centered.pow(2).sum(dims)) / n  # (C,) biased
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -353,8 +365,9 @@ def sync_batchnorm(module):
     dict keys unchanged). Call before the optimiser is built: the parameters are new objects."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncedBatchNorm):
-            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats)
+            synced = SyncedBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             tensors = list(child.parameters()) + list(child.buffers())
             if tensors:
                 synced.to(tensors[0].device)

@@ -6,6 +6,7 @@ coef**2, and Adam updates them twice per iteration with the same gradient. Moder
 reproduce that reliably from a duplicated list, so the parity mode does it explicitly: a second
 Adam over the captioning parameters, stepped twice. Without parity every parameter is listed once.
 """
+
 import math
 
 import torch
@@ -15,8 +16,11 @@ def adam(params, lr):
     """torch's Adam with its fused kernel (one pass per parameter instead of a dozen ops; the
     same update up to float rounding): 43 ms against 9 ms for SCAN's 13M parameters on 2 cores."""
     params = list(params)
-    fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                and p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(
+        p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
@@ -29,7 +33,9 @@ class Optimizers:
         repeated = {name: n for name, n in model.adam_steps().items() if n > 1 and groups.get(name)}
         if repeated:
             single = [p for name, ps in groups.items() if name not in repeated for p in ps]
-            self.parts = [(adam(single, lr), 1)] + [(adam(groups[name], lr), n) for name, n in repeated.items()]
+            self.parts = [(adam(single, lr), 1)] + [
+                (adam(groups[name], lr), n) for name, n in repeated.items()
+            ]
         else:
             self.parts = [(adam(model.parameters(), lr), 1)]
 
@@ -44,8 +50,11 @@ class Optimizers:
 
     def clip(self, max_norm):
         """Total-norm clipping as the reference: parameters count as often as they are listed."""
-        listed = [(group["params"], repeats) for optimizer, repeats in self.parts
-                  for group in optimizer.param_groups]
+        listed = [
+            (group["params"], repeats)
+            for optimizer, repeats in self.parts
+            for group in optimizer.param_groups
+        ]
         return clip_grad_norm_listed(listed, max_norm)
 
     def step(self):
@@ -70,13 +79,14 @@ def clip_grad_norm_listed(listed, max_norm):
     total = sqrt(sum times * ||g||^2); coef = max_norm / (total + 1e-6); if coef < 1 every
     gradient is multiplied by coef once per listing (coef**times). Returns the total norm.
     """
-    squares = [times * float(p.grad.pow(2).sum()) for params, times in listed
-               for p in params if p.grad is not None]
+    squares = [
+        times * float(p.grad.pow(2).sum()) for params, times in listed for p in params if p.grad is not None
+    ]
     total = math.sqrt(sum(squares))
     coef = max_norm / (total + 1e-6)
     if coef < 1:
         for params, times in listed:
             for p in params:
                 if p.grad is not None:
-                    p.grad.mul_(coef ** times)
+                    p.grad.mul_(coef**times)
     return total

@@ -9,6 +9,7 @@ The scaler is driven by hand rather than by `scaler.step`: the parity mode steps
 Adam twice per iteration (Q-DUP), which `scaler.step` refuses, and clipping must see unscaled
 gradients.
 """
+
 import contextlib
 import math
 

@@ -17,6 +17,7 @@ Three rules make it survive any kill and any second trainer:
   then state.pt (atomically), and only then are older best files removed; when the run finishes,
   state.pt goes first, then the rest, then the folder and its empty parents up to `.resume`.
 """
+
 import errno
 import fcntl
 import logging
@@ -60,8 +61,10 @@ class ResumeFolder:
                 os.close(fd)
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise FolderInUse(f"{self.path} is in use by another trainer ({holder}); wait for "
-                                  "it to finish or stop it, then rerun") from None
+                raise FolderInUse(
+                    f"{self.path} is in use by another trainer ({holder}); wait for "
+                    "it to finish or stop it, then rerun"
+                ) from None
             try:  # the holder may have removed the folder between our open and our lock
                 same = os.fstat(fd).st_ino == os.stat(self.path / LOCK).st_ino
             except FileNotFoundError:
@@ -70,8 +73,12 @@ class ResumeFolder:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
         self._lock_fd = fd
         # Nobody else writes here now: temporaries are leftovers of a killed writer.
         for entry in self.path.iterdir():

@@ -21,14 +21,16 @@ PREPARED = f"{R}/prepared"
 DS_PREFIX = DATASET.split("_")[0]
 # Model instances: name -> {arch: registered model, train / variants / seeds: overrides, ...config};
 # run.models selects some of them (presets define many).
-MODELS = {name: entry for name, entry in config["models"].items()
-          if name in config["run"].get("models", config["models"])}
+MODELS = {
+    name: entry
+    for name, entry in config["models"].items()
+    if name in config["run"].get("models", config["models"])
+}
 # What evaluation scores: every model alone (the ensemble of its seeds) and the configured
 # ensembles of several models (each with all its seeds), e.g. SCAN t-i AVG + i-t LSE; an ensemble
 # with an unselected member is left out.
 ENSEMBLES = {name: [name] for name in MODELS} | {
-    name: members for name, members in config["ensembles"].items()
-    if set(members) <= set(MODELS)
+    name: members for name, members in config["ensembles"].items() if set(members) <= set(MODELS)
 }
 # Keys of a model entry that are the pipeline's, not the architecture's config.
 MODEL_KEYS = ("arch", "train", "baseline", "aoq", "variants", "seeds")
@@ -188,8 +190,10 @@ def candidate_flags(wildcards, input):
 
 def evaluation_flags(outputs):
     """--evaluation NAME SPLIT PROTOCOL OUT for every configured evaluation."""
-    return " ".join(f"--evaluation {e['name']} {e['split']} {e['protocol']} {out}"
-                    for e, out in zip(config["evaluation"], outputs))
+    return " ".join(
+        f"--evaluation {e['name']} {e['split']} {e['protocol']} {out}"
+        for e, out in zip(config["evaluation"], outputs)
+    )
 
 
 # Provenance. A rule's params hold a digest of every setting its output depends on, its own and
@@ -209,14 +213,24 @@ def candidate_settings():
     m = config["mining"]
     if m["candidate_files"]:
         return {"files": m["candidate_files"]}
-    return {"miner": run_settings(m["model"], "baseline", m["seed"]), "k_i2t": m["k_i2t"],
-            "k_t2i": m["k_t2i"], "dtype": m["dtype"]}
+    return {
+        "miner": run_settings(m["model"], "baseline", m["seed"]),
+        "k_i2t": m["k_i2t"],
+        "k_t2i": m["k_t2i"],
+        "dtype": m["dtype"],
+    }
 
 
 def run_settings(model, variant, seed):
     """Everything a trained checkpoint depends on."""
-    settings = {"data": data_settings(), "arch": MODELS[model]["arch"], "model": model_config(model),
-                "train": train_section(model, variant), "loss": loss_section(variant), "seed": int(seed)}
+    settings = {
+        "data": data_settings(),
+        "arch": MODELS[model]["arch"],
+        "model": model_config(model),
+        "train": train_section(model, variant),
+        "loss": loss_section(variant),
+        "seed": int(seed),
+    }
     if variant != "baseline":
         settings["candidates"] = candidate_settings()
     return settings
@@ -239,8 +253,10 @@ def evaluated_checkpoints(name, method):
 
 
 def report_settings():
-    return {"evaluations": [evaluation_settings(n, v) for n in ENSEMBLES for v in ensemble_variants(n)],
-            "title": config["report"]["title"]}
+    return {
+        "evaluations": [evaluation_settings(n, v) for n in ENSEMBLES for v in ensemble_variants(n)],
+        "title": config["report"]["title"],
+    }
 
 
 def trained_runs():
@@ -249,8 +265,12 @@ def trained_runs():
 
 
 def evaluation_outputs():
-    return [f"{R}/eval/{name}/{variant}/{e['name']}.json" for name in ENSEMBLES
-            for variant in ensemble_variants(name) for e in config["evaluation"]]
+    return [
+        f"{R}/eval/{name}/{variant}/{e['name']}.json"
+        for name in ENSEMBLES
+        for variant in ensemble_variants(name)
+        for e in config["evaluation"]
+    ]
 
 
 def report_outputs():

@@ -5,17 +5,17 @@ if config["demo"]["enabled"]:
             ims=expand(f"{DATA}/{{split}}_ims.npy", split=["train", "dev", "test", "testall"]),
             caps=expand(f"{DATA}/{{split}}_caps.txt", split=["train", "dev", "test", "testall"]),
             meta=f"{DATA}/demo_meta.json",
+        log:
+            "logs/make_demo_data.log",
+        conda:
+            "../../envs/aoq.yaml"
+        resources:
+            **job_resources("light"),
         params:
             data=lambda w, output: os.path.dirname(output.meta),
             demo=config["demo"],
             img_dim=config["dataset"]["img_dim"],
             dev_layout=lambda w: "--dev-rows-per-caption" if config["demo"]["dev_rows_per_caption"] else "",
-        resources:
-            **job_resources("light"),
-        conda:
-            "../../envs/aoq.yaml"
-        log:
-            "logs/make_demo_data.log",
         shell:
             "python -m pipeline_steps.make_demo_data --out {params.data} --seed {params.demo[seed]}"
             " --n-train {params.demo[n_train]} --n-dev {params.demo[n_dev]} --n-test {params.demo[n_test]}"
@@ -30,16 +30,16 @@ if config["download"]["enabled"]:
             ims=expand(f"{DATA}/{{split}}_ims.npy", split=config["dataset"]["splits"]),
             caps=expand(f"{DATA}/{{split}}_caps.txt", split=config["dataset"]["splits"]),
             stamp=f"{DATA}.download.json",
+        log:
+            f"logs/{DATASET}/download_data.log",
+        conda:
+            "../../envs/aoq.yaml"
+        resources:
+            **job_resources("data"),
         params:
             source=download_source_flags,
             sha=lambda w: f"--sha256 {config['download']['sha256']}" if config["download"]["sha256"] else "",
             dest=lambda w, output: os.path.dirname(output.stamp),
-        resources:
-            **job_resources("data"),
-        conda:
-            "../../envs/aoq.yaml"
-        log:
-            f"logs/{DATASET}/download_data.log",
         shell:
             "python -m pipeline_steps.download_data {params.source} {params.sha} --dest {params.dest}"
             " --stamp {output.stamp} > {log} 2>&1"
@@ -53,6 +53,12 @@ rule prepare_data:
         vocab=f"{PREPARED}/vocab.json",
         manifest=f"{PREPARED}/manifest.json",
         ids=expand(f"{PREPARED}/{{split}}_ids.npz", split=config["dataset"]["splits"]),
+    log:
+        f"logs/{DATASET}/prepare_data.log",
+    conda:
+        "../../envs/aoq.yaml"
+    resources:
+        **job_resources("data"),
     params:
         data=lambda w, input: os.path.dirname(input.ims[0]),
         prepared=lambda w, output: os.path.dirname(output.manifest),
@@ -62,12 +68,6 @@ rule prepare_data:
         threshold=config["dataset"]["vocab_threshold"],
         tokenizer=config["dataset"]["tokenizer"],
         name=DATASET,
-    resources:
-        **job_resources("data"),
-    conda:
-        "../../envs/aoq.yaml"
-    log:
-        f"logs/{DATASET}/prepare_data.log",
     shell:
         "python -m pipeline_steps.prepare_data --data {params.data} --out {params.prepared} --img-dim {params.img_dim}"
         " --splits {params.splits} {params.vocab} --vocab-threshold {params.threshold}"

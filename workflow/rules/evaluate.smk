@@ -8,9 +8,18 @@ rule evaluate:
         checkpoints=lambda w: evaluated_checkpoints(w.name, w.method),
     output:
         metrics=[f"{R}/eval/{{name}}/{{method}}/{e['name']}.json" for e in config["evaluation"]],
+    log:
+        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.log",
+    benchmark:
+        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.benchmark.tsv"
     wildcard_constraints:
         name="|".join(list(ENSEMBLES) + list(RELEASED_ENSEMBLES)),
         method="|".join(LOSS_VARIANTS + ["released"]),
+    conda:
+        "../../envs/aoq.yaml"
+    threads: 4
+    resources:
+        **job_resources("evaluate"),
     params:
         step=step_command("evaluate", "pipeline_steps.evaluate"),
         data=data_dir,
@@ -19,15 +28,6 @@ rule evaluate:
         label=lambda w: f"released:{w.name}" if w.method == "released" else w.name,
         device=config["run"]["device"],
         settings=lambda w: digest(evaluation_settings(w.name, w.method)),
-    threads: 4
-    resources:
-        **job_resources("evaluate"),
-    conda:
-        "../../envs/aoq.yaml"
-    log:
-        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.log",
-    benchmark:
-        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.benchmark.tsv"
     shell:
         "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
         " --prepared {params.prepared} --label {params.label} {params.evaluations} --device {params.device}"

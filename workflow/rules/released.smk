@@ -8,15 +8,15 @@ rule import_released:
         manifest=f"{PREPARED}/manifest.json",
     output:
         f"{R}/released/{{ckpt}}/model_best.pt",
+    log:
+        f"logs/{DATASET}/import_released/{{ckpt}}.log",
+    conda:
+        "../../envs/aoq.yaml"
+    resources:
+        **job_resources("light"),
     params:
         arch=lambda w: RELEASED[w.ckpt]["arch"],
         prepared=prepared_dir,
-    resources:
-        **job_resources("light"),
-    conda:
-        "../../envs/aoq.yaml"
-    log:
-        f"logs/{DATASET}/import_released/{{ckpt}}.log",
     shell:
         "python -m pipeline_steps.import_checkpoint --reference {input.reference} --arch {params.arch}"
         " --prepared {params.prepared} --out {output} > {log} 2>&1"
@@ -24,4 +24,8 @@ rule import_released:
 
 rule released:
     input:
-        [f"{R}/eval/{ens}/released/{e['name']}.json" for ens in RELEASED_ENSEMBLES for e in config["evaluation"]],
+        [
+            f"{R}/eval/{ens}/released/{e['name']}.json"
+            for ens in RELEASED_ENSEMBLES
+            for e in config["evaluation"]
+        ],

@@ -6,15 +6,15 @@ rule report:
         md=f"{R}/report/report.md",
         csv=f"{R}/report/report.csv",
         png=f"{R}/report/curves.png",
+    log:
+        f"logs/{DATASET}/report.log",
+    conda:
+        "../../envs/aoq.yaml"
+    resources:
+        **job_resources("light"),
     params:
         title=config["report"]["title"],
         settings=digest(report_settings()),
-    resources:
-        **job_resources("light"),
-    conda:
-        "../../envs/aoq.yaml"
-    log:
-        f"logs/{DATASET}/report.log",
     shell:
         "python -m pipeline_steps.report --metrics {input.metrics} --val-logs {input.val_logs}"
         " --title {params.title:q} --out-md {output.md} --out-csv {output.csv} --out-png {output.png}"

@@ -5,6 +5,15 @@ rule train:
         best=f"{train_dir()}/model_best.pt",
         last=f"{train_dir()}/model_last.pt",
         val_log=f"{train_dir()}/val_log.csv",
+    log:
+        f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.log",
+    benchmark:
+        f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
+    conda:
+        "../../envs/aoq.yaml"
+    threads: 4
+    resources:
+        **job_resources("train"),
     params:
         step=step_command("train", "pipeline_steps.train"),
         data=data_dir,
@@ -18,15 +27,6 @@ rule train:
         # Resume state survives a failed job because it is not a declared output.
         resume=lambda w: f"results/.resume/{DATASET}/{w.model}/{w.variant}/seed{w.seed}",
         settings=lambda w: digest(run_settings(w.model, w.variant, w.seed)),
-    threads: 4
-    resources:
-        **job_resources("train"),
-    conda:
-        "../../envs/aoq.yaml"
-    log:
-        f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.log",
-    benchmark:
-        f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
     shell:
         "{params.step} --data {params.data} --prepared {params.prepared} --model {params.arch}"
         " --model-config {params.model_config:q} --train-config {params.train_config:q}"

@@ -74,8 +74,13 @@ def _training_images():
 def check_variants():
     aoq = [v for v in LOSS_VARIANTS if v != "baseline"]
     lists = {"aoq.variants": config["aoq"]["variants"]}
-    lists.update({f"models.{name}.variants": entry["variants"] for name, entry in config["models"].items()
-                  if "variants" in entry})
+    lists.update(
+        {
+            f"models.{name}.variants": entry["variants"]
+            for name, entry in config["models"].items()
+            if "variants" in entry
+        }
+    )
     for key, variants in lists.items():
         for variant in variants:
             if variant not in aoq:
@@ -89,17 +94,25 @@ def check_models():
             refuse("run.models", f"{name!r} is not an entry of `models:` ({', '.join(models)})")
     for name, members in config["ensembles"].items():
         if name in models or not set(members) <= set(models):
-            refuse(f"ensembles.{name}", "an ensemble must not reuse a model name and may only list "
-                   f"entries of `models:` (got {members})")
+            refuse(
+                f"ensembles.{name}",
+                "an ensemble must not reuse a model name and may only list "
+                f"entries of `models:` (got {members})",
+            )
     released = config["released"]
     for name, members in released["ensembles"].items():
         if not set(members) <= set(released["checkpoints"]):
-            refuse(f"released.ensembles.{name}", f"may only list entries of released.checkpoints (got {members})")
+            refuse(
+                f"released.ensembles.{name}", f"may only list entries of released.checkpoints (got {members})"
+            )
     taken = set(models) | set(config["ensembles"])
     for name in set(released["checkpoints"]) | set(released["ensembles"]):
         if name in taken:
-            refuse(f"released: {name}", "a released checkpoint or ensemble must not reuse the name of a model "
-                   "or ensemble (their metrics share results/<dataset>/eval/<name>/)")
+            refuse(
+                f"released: {name}",
+                "a released checkpoint or ensemble must not reuse the name of a model "
+                "or ensemble (their metrics share results/<dataset>/eval/<name>/)",
+            )
 
 
 def check_mining():
@@ -115,29 +128,47 @@ def check_mining():
     if miner not in selected:
         refuse("mining.model", f"{miner!r} mines the candidates, so it must be among run.models")
     if models[miner]["arch"] not in EMBEDDING_ARCHS:
-        refuse("mining.model", f"{miner!r} is a {models[miner]['arch']} model; mining needs one "
-               f"vector per item ({' or '.join(EMBEDDING_ARCHS)})")
+        refuse(
+            "mining.model",
+            f"{miner!r} is a {models[miner]['arch']} model; mining needs one "
+            f"vector per item ({' or '.join(EMBEDDING_ARCHS)})",
+        )
     if mining["seed"] not in _seeds(models[miner]):
         refuse("mining.seed", f"{mining['seed']} is not a seed of {miner!r} ({_seeds(models[miner])})")
     for name in aoq:
-        train = config["aoq"]["train"] | models[name].get("train", {}) \
+        train = (
+            config["aoq"]["train"]
+            | models[name].get("train", {})
             | models[name].get("aoq", {}).get("train", {})
+        )
         size = train["offline_size"]
         key = "aoq.train.offline_size"
         if size > mining["k_i2t"]:
-            refuse(key, f"{size} (model {name}) draws from the top {size} i2t candidates, but "
-                   f"mining.k_i2t keeps {mining['k_i2t']}")
+            refuse(
+                key,
+                f"{size} (model {name}) draws from the top {size} i2t candidates, but "
+                f"mining.k_i2t keeps {mining['k_i2t']}",
+            )
         if math.ceil(size / 5) > mining["k_t2i"]:
-            refuse(key, f"{size} (model {name}) draws from the top {math.ceil(size / 5)} t2i "
-                   f"candidates, but mining.k_t2i keeps {mining['k_t2i']}")
+            refuse(
+                key,
+                f"{size} (model {name}) draws from the top {math.ceil(size / 5)} t2i "
+                f"candidates, but mining.k_t2i keeps {mining['k_t2i']}",
+            )
     n_train = _training_images()
     if n_train is not None:
         if mining["k_i2t"] > 5 * (n_train - 1):
-            refuse("mining.k_i2t", f"{mining['k_i2t']}, but an image of the {n_train}-image "
-                   f"training split has only {5 * (n_train - 1)} captions besides its own")
+            refuse(
+                "mining.k_i2t",
+                f"{mining['k_i2t']}, but an image of the {n_train}-image "
+                f"training split has only {5 * (n_train - 1)} captions besides its own",
+            )
         if mining["k_t2i"] > n_train - 1:
-            refuse("mining.k_t2i", f"{mining['k_t2i']}, but a caption of the {n_train}-image "
-                   f"training split has only {n_train - 1} other images")
+            refuse(
+                "mining.k_t2i",
+                f"{mining['k_t2i']}, but a caption of the {n_train}-image "
+                f"training split has only {n_train - 1} other images",
+            )
 
 
 def check_download():
@@ -147,7 +178,9 @@ def check_download():
         refuse("download.enabled", "demo.enabled and download.enabled exclude each other")
     extract, path = config["download"]["extract"], config["dataset"]["path"]
     if Path(extract.rstrip("/")).name != Path(path).name:
-        refuse("download.extract", f"must end in the dataset folder of dataset.path ({extract!r} vs {path!r})")
+        refuse(
+            "download.extract", f"must end in the dataset folder of dataset.path ({extract!r} vs {path!r})"
+        )
 
 
 check_variants()

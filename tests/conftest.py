@@ -1,0 +1,19 @@
+"""Fixtures shared by several test files."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import make_prepared_demo
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """A tiny prepared dataset (30 training images, 10 dev) and random offline candidate files."""
+    root = tmp_path_factory.mktemp("data")
+    data, prepared = make_prepared_demo(root, 3, 30, 10, 10, ["train", "dev"])
+    rng = np.random.default_rng(0)
+    n_img = 30
+    i2t, t2i = root / "i2t_demo.npy", root / "t2i_demo.npy"
+    np.save(i2t, rng.integers(0, 5 * n_img, size=(n_img, 25)).astype(np.int32))
+    np.save(t2i, rng.integers(0, n_img, size=(5 * n_img, 5)).astype(np.int32))
+    return {"data": data, "prepared": prepared, "i2t": i2t, "t2i": t2i}
