@@ -42,7 +42,7 @@ class BFAN(RegionWordModel):
     def __init__(self, config):
         super().__init__(config, bi_gru=True)
         # Rows (pair, real query) whose focal mask was all zero and kept the pre-assigned attention
-        # (spec B.2 guard); a 0-dim tensor so counting never forces a device sync.
+        # (the guard of docs/models.md); a 0-dim tensor so counting never forces a device sync.
         self.focal_fallbacks = torch.zeros((), dtype=torch.long)
 
     def _scores(self, img, cap, paired, sparse_grad=False):

@@ -1,5 +1,5 @@
 """VSRN's captioning branch: an S2VT-style GRU encoder over the image regions and a GRU decoder
-with additive attention, trained with full teacher forcing (spec vsrn_aoq.md §2.6).
+with additive attention, trained with full teacher forcing (docs/models.md).
 
 Attribute names follow the reference's state-dict keys (`encoder.vid2hid`, `encoder.rnn`,
 `decoder.embedding`, `decoder.attention.linear1`, `decoder.attention.linear2`, `decoder.rnn`,

@@ -1,7 +1,7 @@
 """VSE++ (Faghri et al.) over bottom-up region features.
 
 VSE++'s precomp encoder takes one global vector per image; SCAN's features are 36 regions, so we
-pool them by their mean first (spec scan_bfan_vsepp_data.md §C.1). Image: mean of regions ->
+pool them by their mean first (docs/models.md). Image: mean of regions ->
 Linear -> l2norm. Text: Embedding -> 1-layer GRU -> output at the last real token (<end>) -> l2norm.
 """
 

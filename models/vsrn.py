@@ -1,12 +1,12 @@
 """VSRN (Li et al., ICCV 2019): region features -> fc -> 4 Rs_GCN reasoning layers -> GRU over the
 regions -> image vector; words -> GRU -> caption vector; plus a captioning branch on the GCN
-output whose loss is added to the retrieval loss (spec vsrn_aoq.md §2).
+output whose loss is added to the retrieval loss (docs/models.md).
 
 Submodules and parameter names match the reference's three state dicts (`img_enc`, `txt_enc`,
-`caption_model`; spec §2.10). The reference's quirks are config options whose defaults reproduce
-it (spec §6): Q-L2AX `l2norm_over_regions`, Q-F30K `f30k_layout`, Q-BNINIT `bn_weight_init`,
-Q-MASK `caption_mask_extra_pad`, Q-DUP `caption_double_step` (applied by the trainer to the
-"caption" parameter group), Q-BN3 `offline_bn_updates`.
+`caption_model`; docs/data.md). The reference's quirks are config options whose defaults
+reproduce it (docs/reference_behaviours.md): Q-L2AX `l2norm_over_regions`, Q-F30K `f30k_layout`,
+Q-BNINIT `bn_weight_init`, Q-MASK `caption_mask_extra_pad`, Q-DUP `caption_double_step` (two Adam
+steps per iteration for the "caption" parameter group, `adam_steps`), Q-BN3 `offline_bn_updates`.
 """
 
 import contextlib
@@ -52,7 +52,7 @@ class VSRNConfig:
 
 
 def caption_targets(token_ids, max_len, extra_pad=True):
-    """Captioning labels and mask of one caption (spec §1.5).
+    """Captioning labels and mask of one caption (docs/models.md).
 
     token_ids: word ids without <start>/<end>. seq = [<start>] + words + [<end>]; a sequence longer
     than max_len is cut to max_len entries whose last one becomes <end>. L = len(seq).
@@ -77,7 +77,7 @@ def region_l2norm(x, over_regions=True):
 
 
 class RsGCN(nn.Module):
-    """Region relation reasoning layer (spec §2.3), on features laid out (B, N, C).
+    """Region relation reasoning layer (docs/models.md), on features laid out (B, N, C).
 
     A = theta(V)^T phi(V) / N (no softmax), Y = g(V) A^T, out = BN(W(Y)) + V. The 1x1 convolutions
     keep Conv1d parameters (reference keys g.*, theta.*, phi.*, W.0.*, W.1.*) but run as matrix
@@ -214,7 +214,7 @@ class VSRN(MatchingModel):
         return int(used.max()) + 1 if len(used) else 1
 
     def caption_loss(self, regions, labels, masks, truncate=True):
-        """L_cap (spec §2.6): teacher forcing over t = 0 .. max_len - 2, masked NLL of
+        """L_cap (docs/models.md): teacher forcing over t = 0 .. max_len - 2, masked NLL of
         labels[:, t + 1] summed over tokens and averaged over the batch (not weighted).
 
         With truncate, only the steps up to the last masked target run (the later ones have zero

@@ -2,7 +2,7 @@
 
 Input:  one or more checkpoints (several = an ensemble scored with the mean of their similarity
         matrices), the precomp and prepared folders.
-Output: per evaluation, a flat metrics JSON (spec README): i2t_r1 ... t2i_meanr, rsum, plus
+Output: per evaluation, a flat metrics JSON (docs/evaluation.md): i2t_r1 ... t2i_meanr, rsum, plus
         `evaluation`, `protocol`, `split`, `models` and, for 5-fold, `folds` (the per-fold rows).
         Several evaluations in one call share the encoding of their split.
 Protocols: `full` = every image against every caption of the split (Flickr30K 1K on `test`,
@@ -23,7 +23,7 @@ import sys
 
 import accel
 from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
-from pipeline_steps.common.device import pick_device
+from pipeline_steps.common.device import pick_device, set_tf32
 from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.data.splits import open_split
 from pipeline_steps.retrieval.encode import encode_split
@@ -92,6 +92,7 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    set_tf32(False)  # full fp32, as the reference
     log.info("accelerated paths: %s", accel.summary())
     for split in dict.fromkeys(e[1] for e in args.evaluation):
         scorer, n_images, models = score_split(

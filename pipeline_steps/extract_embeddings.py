@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
-from pipeline_steps.common.device import pick_device
+from pipeline_steps.common.device import pick_device, set_tf32
 from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.data.splits import open_split
 from pipeline_steps.retrieval.encode import iter_caption_representations, iter_image_representations
@@ -53,6 +53,7 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    set_tf32(False)  # full fp32, as the reference
     log.info("accelerated paths: %s", accel.summary())
     model, checkpoint = load_checkpoint(args.checkpoint, device)
     if not model.single_vector:

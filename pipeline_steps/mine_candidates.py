@@ -7,8 +7,8 @@ Output: `i2t_<ds>.npy` int32 (N, K_i2t): caption ids per image, own 5 captions e
         one pass over the score matrix (each tile of scores feeds both selections; see
         pipeline_steps/retrieval/mining.py), results are written into memory-mapped files, so
         memory stays bounded. Scores are fp32 by default (the reference used fp16 on GPU; its
-        tie order cannot be reproduced anyway, spec §4.1); on CPU, equal scores are ordered by
-        lower id.
+        tie order cannot be reproduced anyway; docs/reference_behaviours.md); on CPU, equal
+        scores are ordered by lower id.
 
 Example:
     python -m pipeline_steps.mine_candidates --embeddings results/embeddings/vsepp/seed0/train.h5 \
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
-from pipeline_steps.common.device import pick_device
+from pipeline_steps.common.device import pick_device, set_tf32
 from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.retrieval.mining import ENGINES, mine_both, t2i_queue_bytes
 
@@ -68,6 +68,7 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    set_tf32(False)  # full fp32, as the reference
     log.info("accelerated paths: %s", accel.summary())
     max_block_elems = args.block_mb * 2**20 // 4
     with h5py.File(args.embeddings, "r") as h5:

@@ -111,17 +111,18 @@ def main(argv=None):
         raise SystemExit(f"error: {err}") from None
 
     captions = {}
-    for split, info in infos.items():  # the cheap check of every split before any tokenizing
+    for split in infos:  # the cheap check of every split before any tokenizing
         path = Path(args.data) / f"{split}_caps.txt"
-        captions[split] = (path, read_caption_lines(path)[: info.n_captions])
+        captions[split] = (path, read_caption_lines(path))
         _refuse_blank_lines(*captions[split])
     tokenize, tokenizer_name = make_tokenizer(args.tokenizer)
-    tokens = {}
+    tokens = {}  # every line of the file; the ids keep the lines a split uses (dev: the first 5,000)
     for split, (path, lines) in captions.items():
         tokens[split] = _tokenize_captions(path, lines, tokenize)
         log.info("tokenized %s: %d captions", split, len(lines))
     if word2idx is None:
-        # Reference rule: counts over train + dev (all dev captions the loader uses).
+        # The reference's rule (docs/data.md): counts over all of train_caps.txt and dev_caps.txt,
+        # also the dev captions past the 5,000 that validation uses (Flickr30K has 5,070).
         counted = tokens["train"] + tokens.get("dev", [])
         word2idx = build_vocab(counted, args.vocab_threshold)
         vocab_source = f"built: count >= {args.vocab_threshold} over train+dev"
@@ -137,7 +138,7 @@ def main(argv=None):
         "splits": {},
     }
     for split, token_lists in tokens.items():
-        ids, offsets = encode(token_lists, word2idx)
+        ids, offsets = encode(token_lists[: infos[split].n_captions], word2idx)
         with atomic_path(out / f"{split}_ids.npz") as tmp:
             np.savez(tmp, ids=ids, offsets=offsets)
         unk_rate = float((ids == 3).mean()) if len(ids) else 0.0

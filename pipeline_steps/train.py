@@ -39,6 +39,7 @@ import accel
 from models import create_model
 from models.losses import LossConfig, OfflineScores, retrieval_loss
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from pipeline_steps.common.device import set_tf32
 from pipeline_steps.common.errors import InputError, one_line_errors
 from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
 from pipeline_steps.data.splits import open_split, read_manifest
@@ -143,7 +144,7 @@ def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
     """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order.
 
     The order matters for models with BatchNorm: each train-mode pass updates the running
-    statistics, anchor first (spec §4.3). In a multi-process run `batch` is this process's shard:
+    statistics, anchor first (docs/method.md). In a multi-process run `batch` is this process's shard:
     `ctx` completes the representations and offline scores with the other shards' (without their
     gradients) and the auxiliary loss, a per-sample mean, with theirs, so the loss is the whole
     batch's.
@@ -358,8 +359,7 @@ def build(args, cfg, loss_cfg, ctx):
         candidates = OfflineCandidates(
             args.candidates_i2t, args.candidates_t2i, info.n_images, cfg.offline_size
         )
-    torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
-    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    set_tf32(cfg.allow_tf32)
     try:
         precision = MixedPrecision(cfg.amp, ctx.device)
     except ValueError as err:

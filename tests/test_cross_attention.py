@@ -1,5 +1,5 @@
 """Batched SCAN / BFAN kernels against a slow per-pair loop that follows the reference step by step
-(spec scan_bfan_vsepp_data.md §A.4, A.5, B.2, B.3): each caption is sliced to its true length and
+(docs/models.md): each caption is sliced to its true length and
 every pair is scored with plain 2-D tensor operations, so no masking is involved."""
 
 import math

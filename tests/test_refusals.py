@@ -257,3 +257,16 @@ def test_a_bad_model_config_is_refused_in_one_line(setup, tmp_path):
     argv[argv.index("--model-config") + 1] = '{"embed_size": 8, "focal_type": "prob"}'
     message = refusal(train.main, argv)
     assert message.startswith("error: --model vsepp --model-config: ") and "focal_type" in message
+
+
+def test_evaluation_and_extraction_run_in_full_fp32(setup, tmp_path):
+    """torch allows TF32 in cuDNN by default; the reference ran in full fp32 (Q-TF32)."""
+    for step, argv in (
+        (evaluate, evaluate_argv(setup, setup["good"], out=tmp_path / "m.json")),
+        (extract_embeddings, extract_argv(setup, setup["good"], out=tmp_path / "e.h5")),
+    ):
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        run(step.main, argv)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32, step
+    torch.backends.cudnn.allow_tf32 = True  # torch's default, for the tests after this one
+    torch.backends.cuda.matmul.allow_tf32 = False

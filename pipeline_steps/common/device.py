@@ -24,3 +24,14 @@ def pick_device(name):
         if index >= visible:
             raise InputError(f"--device {name!r}: this process sees {visible} CUDA device(s)")
     return name
+
+
+def set_tf32(allowed):
+    """Allow TF32 tensor-core arithmetic in matrix products and cuDNN (GRUs, convolutions), or not.
+
+    torch allows it in cuDNN by default, so without this an evaluation on an Ampere or Hopper GPU
+    would encode with 10-bit mantissas where the reference ran in full fp32 (Q-TF32,
+    docs/reference_behaviours.md). Training sets it from `allow_tf32`; the other steps turn it off.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed

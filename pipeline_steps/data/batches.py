@@ -1,6 +1,6 @@
 """Training batches: caption items, memory-mapped image rows, cached ids, offline AOQ negatives.
 
-Items are captions (spec §1.1): caption c pairs with image c // 5. An epoch's order and every
+Items are captions (docs/data.md): caption c pairs with image c // 5. An epoch's order and every
 random draw derive from (seed, epoch, batch number), so a run is reproducible and a resumed run
 sees exactly the batches it would have seen (DataLoader workers included). In a multi-process
 run every process builds the same batches and keeps its contiguous shard of each (`shard_bounds`);
@@ -71,7 +71,7 @@ class OfflineCandidates:
         self.i2t, self.t2i = (np.load(path, mmap_mode="r") for path in self.paths)
 
     def sample(self, captions, rng):
-        """Offline negatives of anchor captions, spec §4.2: returns (T3, I3, T4, I4) id arrays.
+        """Offline negatives of anchor captions (docs/method.md): returns (T3, I3, T4, I4) id arrays.
 
         One draw n serves both directions: T3 is the n-th i2t candidate of the anchor image and
         I3 the (n // 5)-th t2i candidate of the anchor caption; T4 is a random caption of I3

@@ -1,7 +1,7 @@
 """SCAN precomp folders: validation and memory-mapped access to region features.
 
 A split is `{split}_ims.npy` float32 (rows, 36, D) plus `{split}_caps.txt` (5 captions per image).
-Two image-row layouts exist (spec §1.1): one row per image, or one row per caption (Flickr30K
+Two image-row layouts exist (docs/data.md): one row per image, or one row per caption (Flickr30K
 dev). Both are presented as one row per image without copying: image k reads row k * rows_per_image.
 """
 
@@ -21,7 +21,7 @@ DEV_CAPTION_LIMIT = 5000
 BLOCK_BYTES = 64 << 20
 
 
-# Caption lines of SCAN's release per (dataset, split) (Karpathy splits; spec tables). A folder
+# Caption lines of SCAN's release per (dataset, split) (Karpathy splits; docs/data.md). A folder
 # named like a known dataset is held to them, so a truncated or mixed-up download fails early.
 KNOWN_CAPTION_COUNTS = {
     "coco_precomp": {"train": 566_435, "dev": 25_000, "test": 5_000, "testall": 25_000},

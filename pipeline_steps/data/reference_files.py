@@ -1,4 +1,4 @@
-"""Safe loaders for the authors' released files (spec vsrn_aoq.md §1.3 and §2.10).
+"""Safe loaders for the authors' released files (docs/data.md).
 
 * `{coco,f30k}_precomp_vocab.pkl`: Python-2 pickles of a `Vocabulary` object (module `vocab`, or
   `__main__` in VSE++). Read by a restricted unpickler that maps that class to a stub and refuses

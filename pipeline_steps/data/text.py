@@ -1,6 +1,6 @@
 """Tokenisation, vocabulary and the cached caption-id store.
 
-Tokenisation follows the reference (spec vsrn_aoq.md §1.2): strip the raw bytes, lower-case ASCII
+Tokenisation follows the reference (docs/data.md): strip the raw bytes, lower-case ASCII
 letters only (`bytes.lower`), decode UTF-8, then `nltk.word_tokenize`. The full tokenizer needs
 nltk's punkt data; where it is not installed we use `word_tokenize(text, preserve_line=True)`
 (no sentence splitting), which differs only on multi-sentence captions ("a man. he" keeps
@@ -143,5 +143,5 @@ class CaptionIds:
         return self.ids[self.offsets[index] : self.offsets[index + 1]]
 
     def with_boundaries(self, index):
-        """[<start>] + ids + [<end>], the retrieval encoder's input (no truncation, spec §1.4)."""
+        """[<start>] + ids + [<end>], the retrieval encoder's input (no truncation; docs/data.md)."""
         return np.concatenate(([START], self.tokens(index), [END])).astype(np.int64)
