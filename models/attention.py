@@ -56,7 +56,10 @@ def l2norm(x, dim=-1, eps=EPS):
     gradient is finite (the reference divides by eps; docs/reference_behaviours.md)."""
     if fast_l2norm.applies(x):
         return fast_l2norm.l2norm(x, dim, eps)  # the same, with a 4-pass backward
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    if dim in (-1, x.dim() - 1):
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    else:  # vector_norm over an inner dimension is several times slower than this on the CPU
+        norm = (x * x).sum(dim=dim, keepdim=True).sqrt()
     return x / (torch.where(norm > 0, norm, torch.ones_like(norm)) + eps)
 
 
