@@ -35,17 +35,8 @@ EPS = 1e-8
 LEAKY_SLOPE = 0.1  # SCAN's "clipped" is a LeakyReLU with slope 0.1, not a ReLU
 # clipped_leaky_l2norm is an alias of clipped_l2norm; relu_l2norm, l1norm and clipped_l1norm are
 # extensions (the reference's l1 variants crash; docs/reference_behaviours.md).
-RAW_FEATURE_NORMS = (
-    "softmax",
-    "l2norm",
-    "clipped_l2norm",
-    "clipped_leaky_l2norm",
-    "relu_l2norm",
-    "clipped",
-    "no_norm",
-    "l1norm",
-    "clipped_l1norm",
-)
+RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "clipped_leaky_l2norm", "relu_l2norm")
+RAW_FEATURE_NORMS += ("clipped", "no_norm", "l1norm", "clipped_l1norm")
 AGG_FUNCS = ("LogSumExp", "Mean", "Max", "Sum")
 FOCAL_TYPES = ("equal", "prob")
 DIRECTIONS = ("t2i", "i2t")
@@ -266,15 +257,8 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
     region_norms = torch.linalg.vector_norm(img, dim=-1)  # (B_i, k)
     if paired:
         _check_paired(img, words)
-        yield Block(
-            words @ img.transpose(1, 2),
-            mask,
-            torch.linalg.vector_norm(words, dim=-1),
-            region_norms,
-            img,
-            words,
-            gram=False,
-        )
+        word_norms = torch.linalg.vector_norm(words, dim=-1)  # (B, L)
+        yield Block(words @ img.transpose(1, 2), mask, word_norms, region_norms, img, words, gram=False)
         return
     img_gram = img @ img.transpose(1, 2)  # (B_i, k, k)
     n_img, k, d = img.shape
@@ -285,15 +269,8 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
         c, n = w.shape[:2]
         # S[i, j, q, r] = <word q of caption j, region r of image i>, made contiguous: (B_i, c, L, k)
         s = (w.reshape(c * n, d) @ flat_img.t()).view(c, n, n_img, k).permute(2, 0, 1, 3).contiguous()
-        yield Block(
-            s,
-            m.unsqueeze(0),
-            torch.linalg.vector_norm(w, dim=-1).unsqueeze(0),
-            region_norms.unsqueeze(1),
-            img_gram,
-            (w @ w.transpose(1, 2)).unsqueeze(0),
-            gram=True,
-        )
+        word_norms, cap_gram = torch.linalg.vector_norm(w, dim=-1), w @ w.transpose(1, 2)  # (c, L), (c, L, L)
+        yield Block(s, m[None], word_norms[None], region_norms[:, None], img_gram, cap_gram[None], gram=True)
 
 
 def _caption_order(lengths):
