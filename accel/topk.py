@@ -37,31 +37,9 @@ def _bind(lib):
     # Raw pointers: scan_tile runs once per tile, and ndpointer's checks would cost more than a
     # small tile's scan; scan_tile checks the tile itself and Queues owns its arrays.
     _ptr = ctypes.c_void_p
-    lib.aoq_scan_tile.argtypes = [
-        _ptr,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-    ]
+    tile = [_ptr] + [_i64] * 6  # tile, n_rows, n_cols, row0, col0, cq0, caps_per_image
+    queues = [_ptr] * 4 + [_i64] * 4  # values, ids, fill, threshold, cap, k, lo, hi
+    lib.aoq_scan_tile.argtypes = tile + queues + queues  # the rows' (i2t), then the columns' (t2i)
     lib.aoq_finalize.restype = ctypes.c_int
     lib.aoq_finalize.argtypes = [_f32p, _i32p, _i32p, _i64, _i64, _i64, _i64, _i32p, ctypes.c_void_p]
     lib.aoq_merge_sorted.restype = None

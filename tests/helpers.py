@@ -110,3 +110,36 @@ def random_caption_batch(vocab_size, seed=1, batch=6, max_len=9, extra_pad=2):
 def random_images(img_dim, seed=2, batch=6):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 36, img_dim, generator=g)
+
+
+def train_argv(
+    train_data,
+    out,
+    model="vsepp",
+    model_config='{"embed_size": 16, "word_dim": 8}',
+    train_config="{}",
+    variant="baseline",
+    seed=0,
+    **extra,
+):
+    """argv of `pipeline_steps.train` on the `train_data` fixture (conftest.py), outputs in `out`;
+    `extra` adds options (threads=1 -> --threads 1). AOQ variants get the fixture's candidates."""
+    options = {
+        "data": train_data["data"],
+        "prepared": train_data["prepared"],
+        "model": model,
+        "model_config": model_config,
+        "train_config": train_config,
+        "loss_config": f'{{"variant": "{variant}"}}',
+        "seed": seed,
+        "device": "cpu",
+        "out_best": out / "best.pt",
+        "out_last": out / "last.pt",
+        "out_log": out / "val.csv",
+        "resume_dir": out / "resume",
+    }
+    if variant != "baseline":
+        options.update(candidates_i2t=train_data["i2t"], candidates_t2i=train_data["t2i"])
+    return [
+        arg for key, value in (options | extra).items() for arg in (f"--{key.replace('_', '-')}", str(value))
+    ]

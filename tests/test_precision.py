@@ -6,6 +6,7 @@ import pytest
 
 from pipeline_steps import train
 from pipeline_steps.training.precision import MixedPrecision
+from tests.helpers import train_argv
 from tests.test_train import read_log, weights
 
 MODEL = '{"embed_size": 16, "word_dim": 8}'
@@ -18,36 +19,7 @@ def run(train_data, out, amp):
         f' "offline_size": 20, "amp": "{amp}"}}'
     )
     return train.main(
-        [
-            "--data",
-            str(train_data["data"]),
-            "--prepared",
-            str(train_data["prepared"]),
-            "--model",
-            "vsepp",
-            "--model-config",
-            MODEL,
-            "--train-config",
-            cfg,
-            "--loss-config",
-            '{"variant": "adapoffquin"}',
-            "--seed",
-            "0",
-            "--device",
-            "cpu",
-            "--candidates-i2t",
-            str(train_data["i2t"]),
-            "--candidates-t2i",
-            str(train_data["t2i"]),
-            "--out-best",
-            str(out / "best.pt"),
-            "--out-last",
-            str(out / "last.pt"),
-            "--out-log",
-            str(out / "val.csv"),
-            "--resume-dir",
-            str(out / "resume"),
-        ]
+        train_argv(train_data, out, model_config=MODEL, train_config=cfg, variant="adapoffquin")
     )
 
 

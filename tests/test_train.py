@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline_steps import train
+from tests.helpers import train_argv
 
 TRAIN = '{"epochs": 2, "batch_size": 32, "val_step": 4, "eval_batch_size": 64, "offline_size": 20}'
 
@@ -18,35 +19,8 @@ MODEL_CONFIGS = {
 
 def run_train(train_data, out, variant="baseline", seed=0, extra=(), model="vsepp"):
     out.mkdir(parents=True, exist_ok=True)
-    args = [
-        "--data",
-        str(train_data["data"]),
-        "--prepared",
-        str(train_data["prepared"]),
-        "--model",
-        model,
-        "--model-config",
-        MODEL_CONFIGS[model],
-        "--train-config",
-        TRAIN,
-        "--loss-config",
-        f'{{"variant": "{variant}"}}',
-        "--seed",
-        str(seed),
-        "--device",
-        "cpu",
-        "--out-best",
-        str(out / "best.pt"),
-        "--out-last",
-        str(out / "last.pt"),
-        "--out-log",
-        str(out / "val.csv"),
-        "--resume-dir",
-        str(out / "resume"),
-    ]
-    if variant != "baseline":
-        args += ["--candidates-i2t", str(train_data["i2t"]), "--candidates-t2i", str(train_data["t2i"])]
-    return train.main(args + list(extra))
+    argv = train_argv(train_data, out, model, MODEL_CONFIGS[model], TRAIN, variant, seed)
+    return train.main(argv + list(extra))
 
 
 def weights(path):

@@ -12,7 +12,7 @@ import torch
 
 from pipeline_steps import train
 from pipeline_steps.data.batches import epoch_batches
-from tests.helpers import REPO
+from tests.helpers import REPO, train_argv
 from tests.test_train import TRAIN, run_train, same_weights
 
 # TRAIN: 150 captions in batches of 32 = 5 iterations an epoch, a validation at iteration 4.
@@ -102,34 +102,7 @@ def test_an_orphan_trainer_then_a_rerun(train_data, tmp_path):
     long_train = TRAIN.replace('"epochs": 2', '"epochs": 40')
     run_train(train_data, tmp_path / "full", extra=["--train-config", long_train])
     out = tmp_path / "killed"
-    argv = [
-        "--data",
-        str(train_data["data"]),
-        "--prepared",
-        str(train_data["prepared"]),
-        "--model",
-        "vsepp",
-        "--model-config",
-        '{"embed_size": 16, "word_dim": 8}',
-        "--train-config",
-        long_train,
-        "--loss-config",
-        '{"variant": "baseline"}',
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--out-best",
-        str(out / "best.pt"),
-        "--out-last",
-        str(out / "last.pt"),
-        "--out-log",
-        str(out / "val.csv"),
-        "--resume-dir",
-        str(out / "resume"),
-    ]
+    argv = train_argv(train_data, out, train_config=long_train, threads=1)
     orphan = subprocess.Popen(
         [sys.executable, "-m", "pipeline_steps.train", *argv],
         cwd=REPO,
