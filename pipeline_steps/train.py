@@ -27,9 +27,11 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,7 +117,11 @@ def _json_config(text, cls, what):
 
 
 def fingerprint(args):
-    """What makes two runs the same run; resume state from a different run is not reused."""
+    """What makes two runs the same run; resume state from a different run is not reused.
+
+    The arguments, and the identity (size, modification time) of the files behind them: data
+    prepared again (another vocabulary) or candidates mined again keep their paths but make
+    another run."""
     keys = [
         "data",
         "prepared",
@@ -127,7 +133,17 @@ def fingerprint(args):
         "candidates_t2i",
         "seed",
     ]
-    text = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
+    inputs = [
+        Path(args.data) / "train_ims.npy",
+        Path(args.prepared) / "manifest.json",
+        Path(args.prepared) / "train_ids.npz",
+        args.candidates_i2t,
+        args.candidates_t2i,
+    ]
+    identity = {
+        str(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in inputs if f and os.path.exists(f)
+    }
+    text = json.dumps({"args": {k: getattr(args, k) for k in keys}, "files": identity}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -196,6 +212,7 @@ class Run:
         self.best_score, self.best_iteration, self.history = float("-inf"), None, []
         self.saved_iteration = None  # the iteration of the resume state on disk
         self.fingerprint = fingerprint(args)
+        self.state = None  # the resume state rank 0 found usable
 
     def take_folder(self):
         """Rank 0 locks the resume folder and drops a state that is not complete; every process
@@ -207,16 +224,28 @@ class Run:
             except FolderInUse as err:
                 problem = str(err)
             else:
-                self.folder.load_state(self.fingerprint)  # discards an unusable state
+                self.state = self.folder.load_state(self.fingerprint)  # discards an unusable one
+                if self.state is not None and not self._fits(self.state):
+                    log.warning("resume state in %s does not fit this model; training starts over", self.dir)
+                    self.folder.discard()
+                    self.state = None
         problem = next((p for p in self.ctx.gather_objects(problem) if p), None)
         if problem:
             raise SystemExit(f"error: {problem}")
         self.ctx.barrier()
 
+    def _fits(self, state):
+        """Whether the saved weights have this model's names and shapes (load_state_dict would
+        copy what fits before it refused the rest)."""
+        own = self.model.state_dict()
+        saved = state.get("model", {})
+        return saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own)
+
     def try_resume(self):
-        if not (self.dir / "state.pt").exists():
+        """Restore the state rank 0 validated (the others read it after rank 0 kept it)."""
+        state = self.state if self.ctx.is_main else self.folder.read_state()
+        if state is None:
             return False
-        state = torch.load(self.dir / "state.pt", map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

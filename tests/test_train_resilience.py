@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,7 +127,7 @@ def test_an_orphan_trainer_then_a_rerun(train_data, tmp_path):
     assert (tmp_path / "full" / "val.csv").read_text() == (out / "val.csv").read_text()
 
 
-def interrupted_run(train_data, out, monkeypatch, saves=2):
+def interrupted_run(train_data, out, monkeypatch, saves=2, variant="baseline"):
     """A run killed right after its `saves`-th resume state."""
     original, calls = train.Run.save_state, []
 
@@ -138,7 +139,7 @@ def interrupted_run(train_data, out, monkeypatch, saves=2):
 
     monkeypatch.setattr(train.Run, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_train(train_data, out)
+        run_train(train_data, out, variant)
     monkeypatch.setattr(train.Run, "save_state", original)
     return out / "resume"
 
@@ -231,3 +232,38 @@ def test_a_lock_survives_a_folder_removed_under_a_waiting_opener(tmp_path):
     with pytest.raises(Exception, match="in use by another trainer"):
         third.lock()
     second.unlock()
+
+
+def test_a_state_from_inputs_made_again_is_not_resumed(tmp_path, monkeypatch, caplog):
+    """Data prepared again (here another vocabulary) or candidates mined again keep their paths.
+    A resume state from before must not be reused: training starts over, as on the new inputs."""
+    from pipeline_steps import prepare_data
+    from tests.helpers import make_prepared_demo
+
+    data, prepared = make_prepared_demo(tmp_path / "d", 3, 30, 10, 10, ["train", "dev"])
+    own = {"data": data, "prepared": prepared}
+    rng = np.random.default_rng(1)
+    for name, shape, high in (("i2t", (30, 25), 150), ("t2i", (150, 5), 30)):
+        own[name] = tmp_path / f"{name}.npy"
+        np.save(own[name], rng.integers(0, high, shape).astype(np.int32))
+    interrupted_run(own, tmp_path / "run", monkeypatch, variant="offtri")
+    prepare_data.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(prepared),
+            "--img-dim",
+            "16",
+            "--splits",
+            "train",
+            "dev",
+            "--vocab-threshold",
+            "1",
+        ]
+    )  # a larger vocabulary, same paths
+    np.save(own["i2t"], rng.integers(0, 150, (30, 25)).astype(np.int32))  # mined again
+    run_train(own, tmp_path / "run", "offtri")
+    assert "belongs to another configuration" in caplog.text
+    run_train(own, tmp_path / "fresh", "offtri")
+    assert same_weights(tmp_path / "fresh" / "last.pt", tmp_path / "run" / "last.pt")

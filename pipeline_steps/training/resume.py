@@ -53,7 +53,10 @@ class ResumeFolder:
         """Take the folder for this process (creating it); raise FolderInUse if another has it."""
         while True:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the holder removed the folder just now: make it again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -126,6 +129,14 @@ class ResumeFolder:
         if iteration != state.get("best_iteration"):
             return f"{best.name} is from iteration {iteration}, not {state.get('best_iteration')}"
         return None
+
+    def read_state(self):
+        """The saved state as it is (rank 0 validated it), or None."""
+        return load_torch(self.path / STATE) if (self.path / STATE).exists() else None
+
+    def discard(self):
+        """Drop the saved state and best checkpoints (keeping the lock)."""
+        self._remove_all_but_lock()
 
     def save_state(self, state):
         """Write state.pt atomically, then drop best files it no longer names."""
