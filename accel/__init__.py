@@ -21,7 +21,7 @@ says what is compiled here and which paths run.
 import contextlib
 import os
 
-_switch = {"on": not os.environ.get("AOQ_NO_ACCEL")}
+_switch = {"on": os.environ.get("AOQ_NO_ACCEL", "") in ("", "0")}
 
 
 def enabled():
@@ -40,12 +40,20 @@ def disabled():
 
 
 def summary():
-    """One line for a step's log: whether the accelerated paths run, and which C kernels built."""
+    """One line for a step's log: whether the accelerated paths run, and which C kernels are
+    compiled (cached). It compiles nothing: a step builds only the kernels it uses, on first use."""
     if not enabled():
         return "off (AOQ_NO_ACCEL): plain torch paths"
-    from accel import gru, topk  # here: those modules import this one
+    from accel import build, gru, topk  # here: those modules import this one
 
-    built = {"gru_cell": gru.cell_kernels() is not None, "topk": topk.load_kernel() is not None}
-    return "on; C kernels " + ", ".join(
-        f"{name} {'compiled' if ok else 'unavailable'}" for name, ok in built.items()
-    )
+    paths = {
+        "gru_cell": build.library_path(gru.CELL_SOURCE, "aoq_gru_cell"),
+        "topk": build.library_path(topk.SOURCE, "aoq_topk"),
+    }
+
+    def state(path):
+        if path is None:
+            return "unavailable (no C compiler)"
+        return "compiled" if path.exists() else "not built yet (first use builds it)"
+
+    return "on; C kernels " + ", ".join(f"{name} {state(path)}" for name, path in paths.items())

@@ -49,22 +49,30 @@ def cpu_signature():
     return "\n".join(sorted(set(lines)))
 
 
+def library_path(source, prefix, directory=None, cflags=CFLAGS):
+    """Where the library of `source` is (or would be) cached for this compiler, flags and CPU;
+    None without a compiler."""
+    cc = compiler()
+    if cc is None:
+        return None
+    key = hashlib.sha256(
+        Path(source).read_bytes() + " ".join([cc, *cflags]).encode() + cpu_signature().encode()
+    ).hexdigest()[:16]
+    return (Path(directory) if directory is not None else cache_dir()) / f"{prefix}_{key}.so"
+
+
 def build_library(source, prefix, directory=None, cflags=CFLAGS):
     """Compile `source` (if not cached) into `directory` and return the library path.
 
     Raises RuntimeError when there is no compiler or the compiler fails (its message included).
     """
-    cc = compiler()
-    if cc is None:
+    cc, source = compiler(), Path(source)
+    target = library_path(source, prefix, directory, cflags)
+    if target is None:
         raise RuntimeError("no C compiler found (set $CC)")
-    source = Path(source)
-    key = hashlib.sha256(
-        source.read_bytes() + " ".join([cc, *cflags]).encode() + cpu_signature().encode()
-    ).hexdigest()[:16]
-    directory = Path(directory) if directory is not None else cache_dir()
-    target = directory / f"{prefix}_{key}.so"
     if target.exists():
         return target
+    directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
     os.close(fd)

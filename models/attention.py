@@ -48,10 +48,12 @@ def l2norm(x, dim=-1, eps=EPS):
     if fast_l2norm.applies(x):
         return fast_l2norm.l2norm(x, dim, eps)  # the same, with a 4-pass backward
     if dim in (-1, x.dim() - 1):
-        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    else:  # vector_norm over an inner dimension is several times slower than this on the CPU
-        norm = (x * x).sum(dim=dim, keepdim=True).sqrt()
-    return x / (torch.where(norm > 0, norm, torch.ones_like(norm)) + eps)
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)  # its gradient at 0 is 0
+        return x / (torch.where(norm > 0, norm, torch.ones_like(norm)) + eps)
+    # vector_norm over an inner dimension is several times slower than this on the CPU. An all-zero
+    # row takes the root of 1, not of 0, whose derivative is infinite.
+    squares = (x * x).sum(dim=dim, keepdim=True)
+    return x / (torch.where(squares > 0, squares, torch.ones_like(squares)).sqrt() + eps)
 
 
 def l1norm(x, dim=-1, eps=EPS):

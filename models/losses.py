@@ -62,9 +62,12 @@ class LossConfig:
         epochs train. The adaptive weights need the hardest negative, so they are left out: the
         variant with the same other terms (AdapOffQuin warms up as OffQuin)."""
         terms = dataclasses.replace(VARIANTS[self.variant], adaptive=False)
-        variant = next(
-            name for name, t in VARIANTS.items() if dataclasses.replace(t, label=terms.label) == terms
-        )
+        same = [name for name, t in VARIANTS.items() if dataclasses.replace(t, label=terms.label) == terms]
+        if not same:
+            raise ValueError(
+                f"variant {self.variant!r} has no twin without adaptive weights for its warm-up epochs"
+            )
+        variant = same[0]
         return dataclasses.replace(self, variant=variant, max_violation=False)
 
 

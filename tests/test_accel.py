@@ -1,6 +1,7 @@
 """The accelerated paths (accel/) against the plain ones, end to end; the one switch; builds that
 fail, hang or lack vector instructions cost speed only."""
 
+import contextlib
 import json
 import os
 import platform
@@ -185,3 +186,39 @@ def test_kernels_built_without_vector_extensions_give_the_same_results(tmp_path,
         np.testing.assert_array_equal(a, b)
     for a, b in zip(native_gru, gru_outputs()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_l2norm_plain_and_accelerated_agree_including_all_zero_rows(dim):
+    """The plain path (AOQ_NO_ACCEL, or no gradient) and the hand-written backward give the same
+    values and finite, equal gradients, also where a whole row along `dim` is zero."""
+    from models.attention import l2norm
+
+    x = torch.randn(4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[:, 2, :] = 0  # zero rows along every dim
+    x[1] = 0
+    x[..., 3] = 0
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for context in (contextlib.nullcontext(), accel.disabled()):
+        leaf = x.clone().requires_grad_()
+        with context:
+            y = l2norm(leaf, dim=dim)
+        (grad,) = torch.autograd.grad((y * weights).sum(), [leaf])
+        results.append((y.detach(), grad))
+    (fast_y, fast_g), (plain_y, plain_g) = results
+    assert torch.isfinite(plain_g).all() and torch.isfinite(fast_g).all()
+    torch.testing.assert_close(fast_y, plain_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast_g, plain_g, rtol=1e-10, atol=1e-10)
+
+
+def test_the_log_summary_compiles_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("AOQ_KERNEL_CACHE", str(tmp_path))  # nothing cached here
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("summary() compiled a kernel")
+
+    monkeypatch.setattr(build, "build_library", no_build)
+    assert accel.summary() == (
+        "on; C kernels gru_cell not built yet (first use builds it), topk not built yet (first use builds it)"
+    )

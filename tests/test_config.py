@@ -249,3 +249,15 @@ def test_schema_defaults_agree_with_the_steps_own_defaults():
             ]
         ).device
     )
+
+
+def test_authors_candidates_without_any_aoq_run_plan_cleanly(tmp_path):
+    """Only baselines, with mining.candidate_files set: the files are adopted (checked), no crash."""
+    config = tiny_config()
+    files = {k: tmp_path / f"{k}_demo.npy" for k in ("i2t", "t2i")}
+    for path in files.values():
+        path.write_bytes(b"")
+    config["mining"]["candidate_files"] = {k: str(v) for k, v in files.items()}
+    config["aoq"]["variants"] = []
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]

@@ -72,11 +72,10 @@ if config["mining"]["candidate_files"]:
             **job_resources("light"),
         params:
             prepared=prepared_dir,
+            # the largest any AOQ run draws from (1 when no run does: the files are only checked)
             offline_size=max(
-                train_section(m, v)["offline_size"]
-                for m in MODELS
-                for v in variants_of(m)
-                if v != "baseline"
+                (train_section(m, v)["offline_size"] for m in MODELS for v in variants_of(m) if v != "baseline"),
+                default=1,
             ),
         shell:
             "python -m pipeline_steps.adopt_candidates --i2t {input.i2t} --t2i {input.t2i}"
