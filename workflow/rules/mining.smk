@@ -74,7 +74,12 @@ if config["mining"]["candidate_files"]:
             prepared=prepared_dir,
             # the largest any AOQ run draws from (1 when no run does: the files are only checked)
             offline_size=max(
-                (train_section(m, v)["offline_size"] for m in MODELS for v in variants_of(m) if v != "baseline"),
+                (
+                    train_section(m, v)["offline_size"]
+                    for m in MODELS
+                    for v in variants_of(m)
+                    if v != "baseline"
+                ),
                 default=1,
             ),
         shell:

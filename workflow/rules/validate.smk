@@ -2,6 +2,7 @@
 # fills in its defaults), then the rules that span several keys. A refusal is one line naming the
 # key (`config: <key>: <problem>`), printed without a traceback.
 import ast
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,9 +62,13 @@ def _aoq_variants(entry):
 
 
 def _training_images():
-    """Images of the training split, when known before anything runs (else None)."""
+    """Images of the training split, when known before anything runs (else None): from the demo
+    settings, the prepared manifest, or (before the first prepare_data) the caption file."""
     if config["demo"]["enabled"]:
         return config["demo"]["n_train"]
+    manifest = Path("results") / config["dataset"]["name"] / "prepared" / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["splits"]["train"]["n_images"]
     captions = Path(config["dataset"]["path"]) / "train_caps.txt"
     if captions.is_file():
         with open(captions, "rb") as handle:
