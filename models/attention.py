@@ -257,8 +257,7 @@ def _pair_blocks(img, words, mask, lengths, paired, chunk):
     matrices, image (B_i, k, k) and caption (1, c, L, L)), chunks in `_caption_order(lengths)`,
     each cut to its longest caption."""
     region_norms = torch.linalg.vector_norm(img, dim=-1)  # (B_i, k)
-    if paired:
-        _check_paired(img, words)
+    if paired:  # `_score` checked that there are as many images as captions
         word_norms = torch.linalg.vector_norm(words, dim=-1)  # (B, L)
         yield Block(words @ img.transpose(1, 2), mask, word_norms, region_norms, img, words, gram=False)
         return

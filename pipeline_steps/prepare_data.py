@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.data.precomp import DataError, validate_split
+from pipeline_steps.data.precomp import validate_split
 from pipeline_steps.data.reference_files import load_vocab_pickle
 from pipeline_steps.data.text import (
     build_vocab,
@@ -105,9 +105,7 @@ def main(argv=None):
             word2idx = load_vocab_json(args.vocab_json)
         elif args.vocab_pkl:
             word2idx = load_vocab_pickle(args.vocab_pkl)
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
-    except ValueError as err:  # malformed vocabulary json
+    except ValueError as err:  # a DataError, or a malformed vocabulary json
         raise SystemExit(f"error: {err}") from None
 
     captions = {}

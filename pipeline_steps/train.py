@@ -140,9 +140,8 @@ def fingerprint(args):
         args.candidates_i2t,
         args.candidates_t2i,
     ]
-    identity = {
-        str(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in inputs if f and os.path.exists(f)
-    }
+    stats = {str(f): os.stat(f) for f in inputs if f and os.path.exists(f)}
+    identity = {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
     text = json.dumps({"args": {k: getattr(args, k) for k in keys}, "files": identity}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -265,7 +264,6 @@ class Run:
         rank_rng = self.ctx.gather_objects(self.ctx.rng_state()) if self.ctx.enabled else None
         if self.ctx.is_main:
             cuda_all = torch.cuda.is_available() and not self.ctx.enabled  # a process touches its GPU only
-            best = None if self.best_iteration is None else best_name(self.best_iteration)
             self.folder.save_state(
                 {
                     "fingerprint": self.fingerprint,
@@ -279,7 +277,6 @@ class Run:
                     "iteration": self.iteration,
                     "best_score": self.best_score,
                     "best_iteration": self.best_iteration,
-                    "best_file": best,
                     "history": self.history,
                 }
             )

@@ -44,7 +44,11 @@ def test_no_file_names_a_development_machines_path():
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
-    pattern = re.compile(r"/work/(main|shared)|shared/spec|/root/|/home/\w+/")
+    # Assembled from parts so that this check's own source holds no such citation (the file is
+    # skipped all the same: it names the machine folders it looks for).
+    pattern = re.compile(
+        "|".join([r"/work/(?:main|shared)", "shared" + "/spec", r"\.\./" + "shared", "/root/", r"/home/\w+/"])
+    )
     for name in files:
         path = REPO / name
         if path.is_file() and path.suffix not in (".png", ".npy", ".pt") and name != "tests/test_layout.py":

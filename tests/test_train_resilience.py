@@ -169,7 +169,7 @@ def test_an_incomplete_state_is_discarded_and_training_restarts(
         (resume / "state.pt").write_bytes(data[: len(data) // 2])
     elif damage == "state without best file":
         state = torch.load(resume / "state.pt", weights_only=True)
-        del state["best_file"]
+        del state["best_iteration"]  # the state names its best file by its iteration
         torch.save(state, resume / "state.pt")
     else:  # a kill between the removal of state.pt and the rest at the end of a run
         (resume / "state.pt").unlink()

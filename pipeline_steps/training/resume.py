@@ -109,17 +109,17 @@ class ResumeFolder:
                 if problem is None:
                     return state
             log.warning("resume state in %s is not usable: %s; training starts over", self.path, problem)
-        self._remove_all_but_lock()
+        self.discard()
         return None
 
     def _check(self, state, fingerprint):
-        if not isinstance(state, dict) or "best_file" not in state:
+        if not isinstance(state, dict) or "best_iteration" not in state:
             return "incomplete (no best checkpoint named)"
         if state.get("fingerprint") != fingerprint:
             return "it belongs to another configuration"
-        if state["best_file"] is None:
+        if state["best_iteration"] is None:
             return None
-        best = self.path / state["best_file"]
+        best = self.path / best_name(state["best_iteration"])
         if not best.exists():
             return f"its best checkpoint {best.name} is missing"
         try:
@@ -134,18 +134,17 @@ class ResumeFolder:
         """The saved state as it is (rank 0 validated it), or None."""
         return load_torch(self.path / STATE) if (self.path / STATE).exists() else None
 
-    def discard(self):
-        """Drop the saved state and best checkpoints (keeping the lock)."""
-        self._remove_all_but_lock()
-
     def save_state(self, state):
-        """Write state.pt atomically, then drop best files it no longer names."""
+        """Write state.pt atomically, then drop best files it no longer names (its best file is
+        `best_name(state["best_iteration"])`)."""
         save_torch(self.path / STATE, state)
+        best = None if state["best_iteration"] is None else best_name(state["best_iteration"])
         for entry in self.path.glob("best-*.pt"):
-            if entry.name != state["best_file"]:
+            if entry.name != best:
                 entry.unlink()
 
-    def _remove_all_but_lock(self):
+    def discard(self):
+        """Drop the saved state and best checkpoints (keeping the lock)."""
         if (self.path / STATE).exists():
             (self.path / STATE).unlink()  # first: nothing left claims to be a resumable state
         for entry in self.path.iterdir():
@@ -156,7 +155,7 @@ class ResumeFolder:
     def remove(self):
         """The run is finished: remove the folder (state first), then emptied parents up to the
         `.resume` root, and release the lock."""
-        self._remove_all_but_lock()
+        self.discard()
         (self.path / LOCK).unlink(missing_ok=True)
         self.unlock()
         try:

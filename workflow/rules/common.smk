@@ -42,14 +42,6 @@ RELEASED = config["released"]["checkpoints"]
 RELEASED_ENSEMBLES = {c: [c] for c in RELEASED} | config["released"]["ensembles"]
 
 
-def seeds_of(model):
-    return MODELS[model].get("seeds", config["run"]["seeds"])
-
-
-def variants_of(model):
-    return ["baseline"] + MODELS[model].get("variants", config["aoq"]["variants"])
-
-
 def ensemble_variants(name):
     """Methods every member of an ensemble was trained with, in the paper's order."""
     members = [set(variants_of(m)) for m in ENSEMBLES[name]]
@@ -158,14 +150,6 @@ def miner_candidates():
 
 def model_config(model):
     return {k: v for k, v in MODELS[model].items() if k not in MODEL_KEYS}
-
-
-def train_section(model, variant):
-    """The training settings of a run: the round's section (baseline or aoq), then the model's
-    `train:` (both rounds), then the model's own `baseline: {train}` or `aoq: {train}`."""
-    round_ = "baseline" if variant == "baseline" else "aoq"
-    entry = MODELS[model]
-    return config[round_]["train"] | entry.get("train", {}) | entry.get(round_, {}).get("train", {})
 
 
 def loss_section(variant):

@@ -53,12 +53,23 @@ except WorkflowError:
     refuse_schema_violation(Path(workflow.current_basedir) / "../schemas/config.schema.yaml")
 
 
-def _seeds(entry):
-    return entry.get("seeds", config["run"]["seeds"])
+# A model's seeds, methods and training settings: the checks below and the rules (common.smk)
+# read them through these.
+def seeds_of(model):
+    return config["models"][model].get("seeds", config["run"]["seeds"])
 
 
-def _aoq_variants(entry):
-    return entry.get("variants", config["aoq"]["variants"])
+def variants_of(model):
+    """ "baseline", then the model's AOQ methods."""
+    return ["baseline"] + config["models"][model].get("variants", config["aoq"]["variants"])
+
+
+def train_section(model, variant):
+    """The training settings of a run: the round's section (baseline or aoq), then the model's
+    `train:` (both rounds), then the model's own `baseline: {train}` or `aoq: {train}`."""
+    round_ = "baseline" if variant == "baseline" else "aoq"
+    entry = config["models"][model]
+    return config[round_]["train"] | entry.get("train", {}) | entry.get(round_, {}).get("train", {})
 
 
 def _training_images():
@@ -124,7 +135,7 @@ def check_mining():
     """The miner exists and can mine; K covers what AOQ training draws and what the split has."""
     models, mining = config["models"], config["mining"]
     selected = config["run"].get("models", list(models))
-    aoq = [name for name in selected if _aoq_variants(models[name])]
+    aoq = [name for name in selected if variants_of(name)[1:]]
     if not aoq or mining["candidate_files"]:
         return
     miner = mining["model"]
@@ -138,15 +149,10 @@ def check_mining():
             f"{miner!r} is a {models[miner]['arch']} model; mining needs one "
             f"vector per item ({' or '.join(EMBEDDING_ARCHS)})",
         )
-    if mining["seed"] not in _seeds(models[miner]):
-        refuse("mining.seed", f"{mining['seed']} is not a seed of {miner!r} ({_seeds(models[miner])})")
+    if mining["seed"] not in seeds_of(miner):
+        refuse("mining.seed", f"{mining['seed']} is not a seed of {miner!r} ({seeds_of(miner)})")
     for name in aoq:
-        train = (
-            config["aoq"]["train"]
-            | models[name].get("train", {})
-            | models[name].get("aoq", {}).get("train", {})
-        )
-        size = train["offline_size"]
+        size = train_section(name, "aoq")["offline_size"]
         key = "aoq.train.offline_size"
         if size > mining["k_i2t"]:
             refuse(
