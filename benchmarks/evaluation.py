@@ -11,11 +11,16 @@ times in rotation; prints medians and ratios:
              output (the fastest way to get the scores; nothing else)
 The ranks of ours and the reference are checked to be equal before any timing is printed.
 
+`--device cuda` runs ours and the GEMM on the GPU (the reference's loop stays numpy on the CPU);
+`--json PATH` also writes the results (benchmarks/gpu_check.py reads them).
+
     python benchmarks/evaluation.py            # about 2 minutes on 2 cores
     python benchmarks/evaluation.py --quick    # 1,000 images
+    python benchmarks/evaluation.py --device cuda
 """
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -35,8 +40,14 @@ def embeddings(n_img, d, seed=0):
     return paired_embeddings(n_img, d, image_weight=0.3, seed=seed)
 
 
-def ours(img, cap):
-    return metrics.retrieval_ranks(scorers.embedding_scorer(img, cap))
+class Ours:
+    """metrics.retrieval_ranks of the embedding scorer on `device` (numpy ranks back on the CPU)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, img, cap):
+        return metrics.retrieval_ranks(scorers.embedding_scorer(img, cap, device=self.device))
 
 
 def reference(img, cap):
@@ -57,13 +68,18 @@ def reference(img, cap):
 class Gemm:
     """The whole score matrix in one product, into an output allocated before timing."""
 
-    def __init__(self, img, cap):
-        self.img, self.cap = torch.from_numpy(img), torch.from_numpy(cap)
-        self.out = torch.empty((img.shape[0], cap.shape[0]))
+    def __init__(self, img, cap, device):
+        self.img, self.cap = torch.from_numpy(img).to(device), torch.from_numpy(cap).to(device)
+        self.out = torch.empty((img.shape[0], cap.shape[0]), device=device)
         self.out.fill_(0)  # touch the pages now, not in the timed call
+        self.cuda = self.out.device.type == "cuda"
+        if self.cuda:
+            self(img, cap)  # start cuBLAS before the clock does
 
     def __call__(self, img, cap):
         torch.matmul(self.img, self.cap.T, out=self.out)
+        if self.cuda:
+            torch.cuda.synchronize()  # finished, not only queued
 
 
 def main(argv=None):
@@ -73,6 +89,8 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--quick", action="store_true", help="1,000 images, 1 run")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]: where ours and gemm run")
+    p.add_argument("--json", type=Path, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.n_img, args.runs = 1000, 1
@@ -80,14 +98,15 @@ def main(argv=None):
     img, cap = embeddings(args.n_img, args.dim)
     print(
         f"evaluation ranks, {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
-        f"{args.threads} threads, {args.runs} runs, torch {torch.__version__}",
+        f"{args.threads} threads, {args.runs} runs, ours on {args.device}, torch {torch.__version__}",
         flush=True,
     )
+    ours = Ours(args.device)
     got, want = ours(img, cap), reference(img, cap)
     # Ties decide nothing here: float scores of random embeddings do not tie with positives.
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), "ranks differ"
     print("  ranks: ours == reference (i2t and t2i)", flush=True)
-    methods = {"ours": ours, "reference": reference, "gemm": Gemm(img, cap)}
+    methods = {"ours": ours, "reference": reference, "gemm": Gemm(img, cap, args.device)}
     times = {m: [] for m in methods}
     for run in range(args.runs):
         for name, fn in methods.items():
@@ -100,7 +119,13 @@ def main(argv=None):
         print(f"{m:9s} median {med[m]:8.3f} s  runs " + " ".join(f"{t:.3f}" for t in times[m]))
     print(f"speed-up reference / ours = {med['reference'] / med['ours']:.1f}x  (target >= 20)")
     print(f"ratio ours / gemm = {med['ours'] / med['gemm']:.2f}  (target <= 1.5)")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak_rss:.0f} MiB")
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("n_img", "dim", "threads", "device")}
+        methods_out = {m: {"median_s": med[m], "runs_s": times[m]} for m in methods}
+        figures = {"ranks_equal_reference": True, "peak_rss_mib": peak_rss}
+        args.json.write_text(json.dumps({**settings, "methods": methods_out, **figures}))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,19 @@ with torch's), repeated --runs times in rotation; prints the medians and the rat
 Correctness: every method's lists are checked against a float64 brute force on a sample of
 queries (equal, except where the k-th and (k+1)-th scores are within 1e-5: fp32 rounding).
 
+`--device cuda` runs ours (the torch engine, in --dtype float32, float16 or bfloat16) and the GEMM
+on the GPU; faiss stays faiss-cpu. Without faiss installed its comparison is skipped and said so.
+`--json PATH` also writes the results (benchmarks/gpu_check.py reads them).
+
     python benchmarks/mining.py                # the issue's size; about 8 minutes on 2 cores
     python benchmarks/mining.py --quick        # 2,000 images, seconds
-Needs faiss-cpu (envs/benchmarks.txt).
+    python benchmarks/mining.py --device cuda --dtype float16 --methods ours
+The faiss comparison needs faiss-cpu (envs/benchmarks.txt).
 """
 
 import argparse
+import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -41,10 +48,14 @@ def embeddings(n_img, d, seed=0):
     return paired_embeddings(n_img, d, image_weight=0.5, seed=seed)
 
 
-def run_ours(img, cap, k_i2t, k_t2i, threads):
+def run_ours(img, cap, k_i2t, k_t2i, threads, device="cpu", dtype="float32"):
     out_i = np.empty((img.shape[0], k_i2t), np.int32)
     out_t = np.empty((cap.shape[0], k_t2i), np.int32)
-    mining.mine_both(img, cap, k_i2t, k_t2i, out_i, out_t, engine="native", threads=threads)
+    if torch.device(device).type == "cpu":
+        mining.mine_both(img, cap, k_i2t, k_t2i, out_i, out_t, engine="native", threads=threads)
+    else:  # the engine the pipeline's mine_candidates uses on a GPU
+        dtype = getattr(torch, dtype)
+        mining.mine_both(img, cap, k_i2t, k_t2i, out_i, out_t, device=device, dtype=dtype, engine="torch")
     return out_i, out_t
 
 
@@ -57,7 +68,7 @@ def drop_positives(found, own_of, k):
     return out
 
 
-def run_faiss(img, cap, k_i2t, k_t2i, threads):
+def run_faiss(img, cap, k_i2t, k_t2i, threads, **_):  # faiss-cpu: on the CPU wherever ours runs
     import faiss
 
     faiss.omp_set_num_threads(threads)
@@ -78,9 +89,10 @@ def run_faiss(img, cap, k_i2t, k_t2i, threads):
     )
 
 
-def run_gemm(img, cap, k_i2t, k_t2i, threads):
-    q_all, c_all = torch.from_numpy(img), torch.from_numpy(cap)
-    tile = torch.empty((mining.NATIVE_BLOCK_ROWS, mining.NATIVE_TILE_COLS))
+def run_gemm(img, cap, k_i2t, k_t2i, threads, device="cpu", dtype="float32"):
+    dtype = getattr(torch, dtype)
+    q_all, c_all = torch.from_numpy(img).to(device, dtype), torch.from_numpy(cap).to(device, dtype)
+    tile = torch.empty((mining.NATIVE_BLOCK_ROWS, mining.NATIVE_TILE_COLS), device=device, dtype=dtype)
     checksum = 0.0
     for a in range(0, img.shape[0], mining.NATIVE_BLOCK_ROWS):
         q = q_all[a : a + mining.NATIVE_BLOCK_ROWS]
@@ -88,7 +100,7 @@ def run_gemm(img, cap, k_i2t, k_t2i, threads):
             c = c_all[c0 : c0 + mining.NATIVE_TILE_COLS]
             out = tile[: q.shape[0], : c.shape[0]]
             if not out.is_contiguous():
-                out = torch.empty((q.shape[0], c.shape[0]))
+                out = torch.empty((q.shape[0], c.shape[0]), device=device, dtype=dtype)
             torch.matmul(q, c.T, out=out)
             checksum += float(out[0, 0])
     return None
@@ -131,6 +143,10 @@ def in_child(method, workdir, args, keep_result):
         str(args.k_t2i),
         "--threads",
         str(args.threads),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
     ]
     if keep_result:
         cmd.append("--keep-result")
@@ -153,8 +169,12 @@ def child(args):
     cap = np.load(args.workdir / "cap.npy")
     if args.child != "faiss":
         torch.set_num_threads(args.threads)
+        if torch.device(args.device).type == "cuda":  # start CUDA and cuBLAS before the clock does
+            torch.ones(8, 8, device=args.device).matmul(torch.ones(8, 8, device=args.device)).sum().item()
     start = time.perf_counter()
-    result = METHODS[args.child](img, cap, args.k_i2t, args.k_t2i, args.threads)
+    result = METHODS[args.child](
+        img, cap, args.k_i2t, args.k_t2i, args.threads, device=args.device, dtype=args.dtype
+    )
     seconds = time.perf_counter() - start
     if isinstance(result, Timed):
         seconds, result = result.seconds, result.result
@@ -168,12 +188,13 @@ def sample_errors(img, cap, out_i, out_t, k_i2t, k_t2i, n_sample=64, tol=1e-5):
     """Queries whose lists differ from a float64 brute force beyond fp32 rounding at the cut."""
     rng = np.random.default_rng(1)
     bad = 0
-    for q in rng.choice(img.shape[0], n_sample, replace=False):
-        s = cap.astype(np.float64) @ img[q].astype(np.float64)
+    img64, cap64 = img.astype(np.float64), cap.astype(np.float64)  # once, not once per query
+    for q in rng.choice(img.shape[0], min(n_sample, img.shape[0]), replace=False):
+        s = cap64 @ img64[q]
         s[CAPS * q : CAPS * q + CAPS] = -np.inf
         bad += _differs(s, out_i[q], k_i2t, tol)
-    for c in rng.choice(cap.shape[0], n_sample, replace=False):
-        s = img.astype(np.float64) @ cap[c].astype(np.float64)
+    for c in rng.choice(cap.shape[0], min(n_sample, cap.shape[0]), replace=False):
+        s = img64 @ cap64[c]
         s[c // CAPS] = -np.inf
         bad += _differs(s, out_t[c], k_t2i, tol)
     return bad
@@ -202,21 +223,31 @@ def main(argv=None):
     p.add_argument("--child", choices=sorted(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--keep-result", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]: where ours and gemm run")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--json", type=Path, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.dtype != "float32" and torch.device(args.device).type != "cuda":
+        p.error(f"--dtype {args.dtype} needs --device cuda (the CPU engine scores in float32)")
     if args.child:
         return child(args)
     if args.quick:
         args.n_img, args.k_i2t, args.k_t2i, args.runs = 2000, 140, 28, 1
     methods = args.methods.split(",")
+    skipped = {}
+    if "faiss" in methods and importlib.util.find_spec("faiss") is None:
+        methods.remove("faiss")
+        skipped["faiss"] = "faiss is not installed (pip install -r envs/benchmarks.txt)"
+        print(f"faiss: skipped, {skipped['faiss']}", flush=True)
     img, cap = embeddings(args.n_img, args.dim)
     print(
         f"mining {args.n_img} images x {CAPS * args.n_img} captions, d={args.dim}, "
         f"k_i2t={args.k_i2t}, k_t2i={args.k_t2i}, {args.threads} threads, {args.runs} runs, "
-        f"torch {torch.__version__}",
+        f"ours on {args.device} in {args.dtype}, torch {torch.__version__}",
         flush=True,
     )
     times = {m: [] for m in methods}
-    rss = {}
+    rss, differing = {}, {}
     with tempfile.TemporaryDirectory(prefix="mining-bench-") as tmp:
         workdir = Path(tmp)
         np.save(workdir / "img.npy", img)
@@ -227,7 +258,7 @@ def main(argv=None):
                 times[m].append(seconds)
                 rss[m] = max(rss.get(m, 0), peak)
                 if result is not None:
-                    bad = sample_errors(img, cap, *result, args.k_i2t, args.k_t2i)
+                    bad = differing[m] = sample_errors(img, cap, *result, args.k_i2t, args.k_t2i)
                     print(f"  {m}: sampled lists differing from float64 brute force: {bad}", flush=True)
                 print(f"  run {run + 1} {m:6s} {seconds:8.2f} s", flush=True)
     med = {m: statistics.median(t) for m, t in times.items()}
@@ -240,6 +271,22 @@ def main(argv=None):
         print(f"ratio ours / faiss = {med['ours'] / med['faiss']:.2f}  (target <= 0.6)")
     if "ours" in med and "gemm" in med:
         print(f"ratio ours / gemm  = {med['ours'] / med['gemm']:.2f}")
+    if args.json:
+        settings = ("n_img", "dim", "k_i2t", "k_t2i", "threads", "device", "dtype")
+        methods_out = {
+            m: {
+                "median_s": med[m],
+                "runs_s": times[m],
+                "peak_rss_mib": rss[m],
+                "sampled_differing": differing.get(m),
+            }
+            for m in methods
+        }
+        args.json.write_text(
+            json.dumps(
+                {**{k: getattr(args, k) for k in settings}, "methods": methods_out, "skipped": skipped}
+            )
+        )
 
 
 if __name__ == "__main__":

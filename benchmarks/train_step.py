@@ -13,9 +13,13 @@ Default sizes are the paper's: B = 128, 36 regions x 2048, COCO-like caption len
 words), vocabulary 10,000, embed 2048 (VSRN) / 1024 (SCAN, BFAN). `--quick` shrinks everything for
 a smoke run.
 
+`--device cuda` times our step on the GPU alone (the reference-style steps are CPU code), with
+the peak GPU memory; `--json PATH` also writes the results (benchmarks/gpu_check.py reads them).
+
     python benchmarks/train_step.py                  # full size, 2 threads (several minutes)
     python benchmarks/train_step.py --models scan --products   # + time inside matrix products
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --quick --threads 1
+    python benchmarks/train_step.py --device cuda    # ours on the GPU, full size
 """
 
 import argparse
@@ -96,11 +100,11 @@ def make_batch(model, sizes, rng, words_mean, words_std):
 class Ours:
     """Our training step, as pipeline_steps/train.py runs it."""
 
-    def __init__(self, model, lr, grad_clip=2.0):
+    def __init__(self, model, lr, grad_clip=2.0, device="cpu"):
         from models.losses import LossConfig
         from pipeline_steps.training.optim import Optimizers
 
-        self.model, self.grad_clip = model, grad_clip
+        self.model, self.grad_clip, self.device = model, grad_clip, device
         self.loss_cfg = LossConfig(variant="adapoffquin")
         self.optimizer = Optimizers(model, lr)
         model.train()
@@ -108,7 +112,7 @@ class Ours:
     def step(self, batch):
         from pipeline_steps.train import training_loss
 
-        loss, _ = training_loss(self.model, batch, self.loss_cfg, "cpu")
+        loss, _ = training_loss(self.model, batch, self.loss_cfg, self.device)
         self.optimizer.zero_grad()
         loss.backward()
         norm = self.optimizer.clip(self.grad_clip)
@@ -125,6 +129,8 @@ def timed(trainer, batch, seed):
     torch.manual_seed(seed)  # the same dropout masks for both implementations
     start, cpu = time.perf_counter(), time.process_time()
     loss, norm = trainer.step(batch)
+    if torch.device(getattr(trainer, "device", "cpu")).type == "cuda":
+        torch.cuda.synchronize()  # the step's kernels have finished, not only been queued
     return time.perf_counter() - start, time.process_time() - cpu, loss, norm
 
 
@@ -163,35 +169,47 @@ def run_model(name, args):
     sizes = sizes_of(args)
     torch.manual_seed(args.seed)
     model = create_model(name, **model_config(name, sizes))
-    reference = reference_step_for(model, LR)  # copies the weights before any step
-    ours = Ours(model, LR)
+    on_cpu = torch.device(args.device).type == "cpu"
+    # The reference-style steps are CPU code: on another device ours runs alone.
+    reference = reference_step_for(model, LR) if on_cpu else None  # copies the weights first
+    ours = Ours(model.to(args.device), LR, device=args.device)
     # a fresh batch for every step, as in training (the same one for both implementations): ours
     # skips captions whose hinge gives no gradient, and a batch repeated would be partly learned
     rng = np.random.default_rng(args.seed)
     new_batch = lambda: make_batch(model, sizes, rng, args.words_mean, args.words_std)
     batch = new_batch()
-    result = {"model": name, "batch": sizes["batch"], "embed": sizes["embed"][name], "quick": args.quick}
+    result = {
+        "model": name,
+        "batch": sizes["batch"],
+        "embed": sizes["embed"][name],
+        "quick": args.quick,
+        "device": args.device,
+    }
     # warm-up step of each from identical weights and seed: the losses must agree
     _, _, loss_ours, norm_ours = timed(ours, batch, args.seed)
-    result["rss_ours_gib"] = peak_rss_gib()
-    _, _, loss_ref, norm_ref = timed(reference, batch, args.seed)
-    result["rss_ref_gib"] = peak_rss_gib()
-    result.update(
-        loss_ours=loss_ours,
-        loss_ref=loss_ref,
-        loss_diff=abs(loss_ours - loss_ref),
-        grad_norm_rel_diff=abs(norm_ours - norm_ref) / max(norm_ref, 1e-12),
-    )
-    runs = {"ours": [], "ref": []}
+    result["rss_ours_gib"], result["loss_ours"] = peak_rss_gib(), loss_ours
+    trainers = {"ours": ours}
+    if reference is not None:
+        trainers["ref"] = reference
+        _, _, loss_ref, norm_ref = timed(reference, batch, args.seed)
+        result["rss_ref_gib"] = peak_rss_gib()
+        result.update(
+            loss_ref=loss_ref,
+            loss_diff=abs(loss_ours - loss_ref),
+            grad_norm_rel_diff=abs(norm_ours - norm_ref) / max(norm_ref, 1e-12),
+        )
+    runs = {key: [] for key in trainers}
     for run in range(args.runs):  # alternate, so a slow spell of the machine hits both
         batch = new_batch()
-        for key, trainer in (("ours", ours), ("ref", reference)):
+        for key, trainer in trainers.items():
             runs[key].append(timed(trainer, batch, args.seed + 1 + run)[:2])
     for key in runs:
         result[key + "_s"] = statistics.median(wall for wall, _ in runs[key])
         result[key + "_cpu_s"] = statistics.median(cpu for _, cpu in runs[key])
         result[key + "_runs"] = runs[key]
     result["rss_end_gib"] = peak_rss_gib()
+    if torch.device(args.device).type == "cuda":
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["rows_with_gradient"] = rows_with_gradient(ours, new_batch())
     if args.products:  # ours only: the profiler's per-op cost would swamp the reference's small ops
         result["ours_profiled_s"], result["ours_products_s"] = product_seconds(ours, new_batch(), args.seed)
@@ -238,6 +256,12 @@ def products_line(r):
 
 
 def report_line(r):
+    if "ref_s" not in r:  # ours alone, on a GPU
+        memory = f"peak GPU memory {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""
+        return (
+            f"{r['model']}+adapoffquin on {r['device']}  ours {r['ours_s']:.3g} s  "
+            f"loss {r['loss_ours']:.6g}  {memory}" + gradient_rows_line(r)
+        )
     op, target = TARGETS[r["model"]]
     ratio = r["ours_s"] / r["ref_s"]
     speedup = r["ref_s"] / r["ours_s"]
@@ -281,8 +305,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--words-mean", type=float, default=10.5, help="caption words (without <start>/<end>)")
     p.add_argument("--words-std", type=float, default=2.4)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]: where our step runs")
+    p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.products and torch.device(args.device).type != "cpu":
+        p.error("--products profiles CPU kernels: use it with --device cpu")
+    return args
 
 
 def main(argv=None):
@@ -298,17 +327,21 @@ def main(argv=None):
     sizes = sizes_of(args)
     print(
         f"{'QUICK ' if args.quick else ''}B={sizes['batch']} 36x{sizes['img_dim']} vocab {sizes['vocab']}, "
-        f"{args.threads} threads, median of {args.runs} after one warm-up",
+        f"{args.threads} threads, median of {args.runs} after one warm-up, on {args.device}",
         flush=True,
     )
     forwarded = list(argv if argv is not None else sys.argv[1:])
+    results = []
     for name in names:
         proc = subprocess.run(
             [sys.executable, __file__, *forwarded, "--child", name], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        print(report_line(json.loads(proc.stdout.strip().splitlines()[-1])), flush=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(report_line(results[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": sizes, "threads": args.threads, "models": results}))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,22 @@ def adaptive_weight(offline, online, alpha, beta):
     return beta - (offline - online) / alpha
 
 
+def adaptive_weights(scores, offline, cfg):
+    """The AdapOffQuin weights of a batch's online hinges: (image anchors, caption anchors), each (B,).
+
+    `retrieval_loss` multiplies its hinges by these; training logs their mean (TensorBoard).
+    Scores in reduced precision are promoted to float32 first, as the loss does.
+    """
+    scores = _at_least_fp32(scores)
+    on_t, on_i = weight_hardest_negatives(scores)
+    off_t, off_i = _at_least_fp32(offline.off_t), _at_least_fp32(offline.off_i)
+    if cfg.detach_weights:
+        off_t, off_i, on_t, on_i = off_t.detach(), off_i.detach(), on_t.detach(), on_i.detach()
+    w_t = adaptive_weight(off_t, on_t, cfg.alpha, cfg.beta)  # (B,)
+    w_i = adaptive_weight(off_i, on_i, cfg.alpha, cfg.beta)  # (B,)
+    return w_t, w_i
+
+
 def _online_sum_all(scores, positive, margin):
     """VSE0: hinge summed over every in-batch negative, both directions, diagonal excluded."""
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
@@ -156,12 +172,8 @@ def retrieval_loss(scores, offline, cfg):
         h_t = hinge(cfg.margin_online, on_t, positive)  # image anchor, hardest caption
         h_i = hinge(cfg.margin_online, on_i, positive)  # caption anchor, hardest image
         if flags.adaptive:
-            off_t, off_i = offline.off_t, offline.off_i
-            on_t, on_i = weight_hardest_negatives(scores)
-            if cfg.detach_weights:
-                off_t, off_i, on_t, on_i = off_t.detach(), off_i.detach(), on_t.detach(), on_i.detach()
-            h_t = adaptive_weight(off_t, on_t, cfg.alpha, cfg.beta) * h_t
-            h_i = adaptive_weight(off_i, on_i, cfg.alpha, cfg.beta) * h_i
+            w_t, w_i = adaptive_weights(scores, offline, cfg)
+            h_t, h_i = w_t * h_t, w_i * h_i
         total = h_t.sum() + h_i.sum()
         terms["online"] = total
     if flags.offline_triplet:

@@ -4,7 +4,11 @@ Input:  one or more checkpoints (several = an ensemble scored with the mean of t
         matrices), the precomp and prepared folders.
 Output: per evaluation, a flat metrics JSON (docs/evaluation.md): i2t_r1 ... t2i_meanr, rsum, plus
         `evaluation`, `protocol`, `split`, `models` and, for 5-fold, `folds` (the per-fold rows).
-        Several evaluations in one call share the encoding of their split.
+        Several evaluations in one call share the encoding of their split. Beside each JSON,
+        <name>.ranks.npz holds the per-query ranks (i2t: one per image, t2i: one per caption,
+        0-based, within the fold for 5-fold) that the report's paired bootstrap resamples. The
+        JSON also records each model's weights digest and the run's provenance (commit, settings
+        digest, versions, device, tokenizer).
 Protocols: `full` = every image against every caption of the split (Flickr30K 1K on `test`,
 COCO 5K on `testall`); `5fold` = COCO 1K: 5 folds of consecutive images of `testall`, each metric
 averaged over folds, rsum = sum of the six mean recalls.
@@ -21,13 +25,16 @@ import json
 import logging
 import sys
 
+import numpy as np
+
 import accel
-from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
+from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.device import pick_device, set_tf32
 from pipeline_steps.common.errors import one_line_errors
-from pipeline_steps.data.splits import open_split
+from pipeline_steps.common.provenance import provenance, weights_digest
+from pipeline_steps.data.splits import open_split, read_manifest
 from pipeline_steps.retrieval.encode import encode_split
-from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate
+from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate_with_ranks
 from pipeline_steps.retrieval.scorers import ensemble_scorer, representation_scorer
 from pipeline_steps.training.checkpoint import load_checkpoint
 
@@ -51,7 +58,19 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--settings", default=None, help="digest of the settings behind the checkpoints")
     return p.parse_args(argv)
+
+
+def ranks_path(metrics_path):
+    """Where the per-query ranks of a metrics JSON go: x.json -> x.ranks.npz."""
+    text = str(metrics_path)
+    return (text[: -len(".json")] if text.endswith(".json") else text) + ".ranks.npz"
+
+
+def write_ranks(path, i2t, t2i):
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, i2t=np.asarray(i2t, dtype=np.int32), t2i=np.asarray(t2i, dtype=np.int32))
 
 
 def score_split(checkpoints, data, prepared, split, batch_size, device):
@@ -71,6 +90,7 @@ def score_split(checkpoints, data, prepared, split, batch_size, device):
                 "seed": checkpoint.get("seed"),
                 "epoch": checkpoint.get("epoch"),
                 "iteration": checkpoint.get("iteration"),
+                "weights_sha256": weights_digest(model),
                 "loss_config": loss_config,
                 "train_config": json.loads(checkpoint.get("train_config", "{}")),
             }
@@ -83,7 +103,7 @@ def score_split(checkpoints, data, prepared, split, batch_size, device):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    remove_stale_temporaries(*(e[3] for e in args.evaluation))
+    remove_stale_temporaries(*(e[3] for e in args.evaluation), *(ranks_path(e[3]) for e in args.evaluation))
     for name, _, protocol, _ in args.evaluation:
         if protocol not in ("full", "5fold"):
             raise SystemExit(f"error: evaluation {name}: protocol must be full or 5fold, not {protocol!r}")
@@ -94,13 +114,14 @@ def main(argv=None):
     device = pick_device(args.device)
     set_tf32(False)  # full fp32, as the reference
     log.info("accelerated paths: %s", accel.summary())
+    origin = provenance(device, args.settings, read_manifest(args.prepared).get("tokenizer"))
     for split in dict.fromkeys(e[1] for e in args.evaluation):
         scorer, n_images, models = score_split(
             args.checkpoints, args.data, args.prepared, split, args.batch_size, device
         )
         for name, _, protocol, out in (e for e in args.evaluation if e[1] == split):
             try:
-                metrics = evaluate(scorer, protocol)
+                metrics, i2t, t2i = evaluate_with_ranks(scorer, protocol)
             except ValueError as err:
                 raise SystemExit(f"error: evaluation {name} on split {split}: {err}") from None
             label = args.label or "+".join(dict.fromkeys(m["model"] for m in models))
@@ -111,7 +132,9 @@ def main(argv=None):
                 "protocol": protocol,
                 "split": split,
                 "models": models,
+                "provenance": origin,
             }
+            write_ranks(ranks_path(out), i2t, t2i)
             write_text_atomic(out, json.dumps(result, indent=2))
             log.info(
                 "EVAL %s split=%s protocol=%s models=%d %s",

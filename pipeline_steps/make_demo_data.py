@@ -4,12 +4,15 @@ Stands in for the real COCO/Flickr30K bottom-up-attention features so the whole 
 on a laptop. Each image is a scene of 2-4 objects (class, colour, size) with pairwise relations and
 a setting; its 36 region features are noisy non-negative mixes of fixed per-concept prototype
 vectors, and its 5 captions describe the same scene with varied templates, synonyms and a few rare
-words. Scenes come in families of near-duplicates (one object, attribute or relation changed), so
-hard negatives exist.
+words. Scenes come in families of near-duplicates (an object, attribute or relation changed), so
+hard negatives exist. Three knobs set how hard (docs/data.md): --near-duplicates (mean variants
+per scene), --duplicate-changes (how many things a variant changes: its distance in feature and
+caption space) and --caption-detail (the share of captions that name every object, attribute and
+relation; the others describe part of the scene and so may describe other images equally well).
 
 Outputs (in --out): {train,dev,test,testall}_ims.npy, float32 (rows, 36, img_dim); the matching
-{split}_caps.txt, UTF-8, 5 consecutive lines per image; and demo_meta.json (seed, sizes, dim,
-generator version, lexicon, and per split the family id, change kind and scene of every image).
+{split}_caps.txt, UTF-8, 5 consecutive lines per image; and demo_meta.json (seed, sizes, knobs,
+dim, generator version, lexicon, and per split the family id, change kind and scene of every image).
 testall holds 5 folds of --n-testall-per-fold consecutive images (COCO 1K protocol).
 With --dev-rows-per-caption, dev_ims.npy repeats each image row 5 times (Flickr30K dev layout).
 Everything is deterministic in --seed: reruns produce byte-identical files.
@@ -28,7 +31,7 @@ import numpy as np
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 N_REGIONS = 36
 
 N_FOLDS = 5
@@ -118,32 +121,42 @@ def _random_scene(rng):
     return {"setting": _pick(rng, list(SETTINGS)), "objects": objects, "relations": relations}
 
 
-def _variant(base, rng):
-    """Copy `base` with exactly one object class, colour, size or relation changed."""
+# What a near-duplicate may change: an object's class (0), colour (1) or size (2), or a relation.
+OBJECT_SLOTS = {0: ("class", OBJECTS), 1: ("colour", COLOURS), 2: ("size", SIZES)}
+
+
+def _variant(base, rng, changes=1):
+    """Copy `base` with `changes` different things changed (each an object's class, colour or
+    size, or a relation; fewer when the scene has fewer): the variant's distance from its base."""
     scene = json.loads(json.dumps(base))
-    kind = _pick(rng, ["class", "colour", "size", "relation"])
-    if kind == "relation":
-        rel = scene["relations"][int(rng.integers(len(scene["relations"])))]
-        rel[2] = _pick(rng, [r for r in RELATIONS if r != rel[2]])
-        return scene, kind
-    obj = scene["objects"][int(rng.integers(len(scene["objects"])))]
-    if kind == "class":
-        used = {o[0] for o in scene["objects"]}
-        obj[0] = _pick(rng, [c for c in OBJECTS if c not in used])
-    else:
-        slot, table = (1, COLOURS) if kind == "colour" else (2, SIZES)
-        obj[slot] = _pick(rng, [v for v in table if v != obj[slot]])
-    return scene, kind
+    slots = [("object", i, s) for i in range(len(scene["objects"])) for s in OBJECT_SLOTS]
+    slots += [("relation", r, 2) for r in range(len(scene["relations"]))]
+    picked = rng.choice(len(slots), min(changes, len(slots)), replace=False)
+    kinds = []
+    for where, index, slot in (slots[k] for k in sorted(picked)):
+        if where == "relation":
+            rel = scene["relations"][index]
+            rel[2] = _pick(rng, [r for r in RELATIONS if r != rel[2]])
+            kinds.append("relation")
+            continue
+        obj = scene["objects"][index]
+        kind, table = OBJECT_SLOTS[slot]
+        # A new class must not duplicate another object's (nor the one this slot had in `base`).
+        taken = {o[0] for o in scene["objects"]} | {base["objects"][index][0]} if slot == 0 else set()
+        obj[slot] = _pick(rng, [v for v in table if v != base["objects"][index][slot] and v not in taken])
+        kinds.append(kind)
+    return scene, "+".join(kinds)
 
 
-def make_scenes(n, rng):
-    """n scenes grouped in near-duplicate families, shuffled so relatives are not adjacent."""
+def make_scenes(n, rng, near_duplicates=1.3, changes=1):
+    """n scenes grouped in families: a base scene and Poisson(`near_duplicates`) variants of it,
+    each `changes` things away; shuffled so relatives are not adjacent."""
     scenes, family, change = [], [], []
     fam = 0
     while len(scenes) < n:
         base = _random_scene(rng)
         members = [(base, "base")] + [
-            _variant(base, rng) for _ in range(int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15])))
+            _variant(base, rng, changes) for _ in range(int(rng.poisson(near_duplicates)))
         ]
         for scene, kind in members:
             scenes.append(scene)
@@ -197,10 +210,11 @@ def image_features(scene, protos, rng, out):
     out[:] = out[rng.permutation(N_REGIONS)]
 
 
-def _noun_phrase(rng, obj):
+def _noun_phrase(rng, obj, full=False):
+    """'a big red dog'; size and colour are sometimes left out unless `full`."""
     cls, col, size = obj
-    words = [_word(rng, SIZES[size])] if rng.random() < 0.35 else []
-    if rng.random() < 0.55:
+    words = [_word(rng, SIZES[size])] if full or rng.random() < 0.35 else []
+    if full or rng.random() < 0.55:
         words.append(_word(rng, COLOURS[col]))
     words.append(_word(rng, OBJECTS[cls]))
     art = "the" if rng.random() < 0.15 else ("an" if words[0][0] in "aeiou" else "a")
@@ -231,21 +245,42 @@ def _draft(scene, rng):
     return " ".join(parts)
 
 
-def make_caption(scene, rng):
-    """One caption of 8-15 whitespace tokens describing (part of) `scene`."""
-    for _ in range(50):
-        text = _draft(scene, rng)
-        if 8 <= len(text.split()) <= 15:
+def _full_description(scene, rng):
+    """Every object with its size and colour, chained by its relations, and the setting: 'a big
+    red dog on a small white table next to a tiny black cat in the park' (12-34 tokens)."""
+    objs = scene["objects"]
+    parts = [_pick(rng, OPENERS)] if rng.random() < 0.5 else []
+    parts.append(_noun_phrase(rng, objs[0], full=True))
+    for _, j, rel in scene["relations"]:  # a chain: object i relates to object i + 1
+        parts += [_word(rng, RELATIONS[rel]), _noun_phrase(rng, objs[j], full=True)]
+    parts.append(_word(rng, SETTINGS[scene["setting"]]))
+    return " ".join(parts)
+
+
+def make_caption(scene, rng, detail=1.0):
+    """One caption of `scene`: with probability `detail` a full description, else one of 8-15
+    whitespace tokens describing part of it (which may fit a near-duplicate, or a stranger, as
+    well: a false negative for a loss that takes every other image's caption as negative)."""
+    full = rng.random() < detail
+    for _ in range(1 if full else 50):
+        text = _full_description(scene, rng) if full else _draft(scene, rng)
+        if full or 8 <= len(text.split()) <= 15:
             break
     if rng.random() < 0.5:
         text = text[0].upper() + text[1:]
     return text + "." if rng.random() < 0.6 else text
 
 
-def write_split(out_dir, split, n_images, seed, protos, dim, rows_per_caption=False):
-    """Generate and write one split; return its demo_meta.json entry."""
+def write_split(out_dir, split, n_images, seed, protos, dim, knobs, rows_per_caption=False):
+    """Generate and write one split; return its demo_meta.json entry. `knobs`: near_duplicates,
+    duplicate_changes, caption_detail."""
     split_idx = SPLITS.index(split)
-    scenes, family, change = make_scenes(n_images, np.random.default_rng([seed, split_idx, 0]))
+    scenes, family, change = make_scenes(
+        n_images,
+        np.random.default_rng([seed, split_idx, 0]),
+        knobs["near_duplicates"],
+        knobs["duplicate_changes"],
+    )
     # Separate generators per aspect so that editing caption code does not change features.
     feat_rng = np.random.default_rng([seed, split_idx, 1])
     cap_rng = np.random.default_rng([seed, split_idx, 2])
@@ -253,7 +288,9 @@ def write_split(out_dir, split, n_images, seed, protos, dim, rows_per_caption=Fa
     captions = []
     for k, scene in enumerate(scenes):
         image_features(scene, protos, feat_rng, ims[k])
-        captions.extend(make_caption(scene, cap_rng) for _ in range(CAPTIONS_PER_IMAGE))
+        captions.extend(
+            make_caption(scene, cap_rng, knobs["caption_detail"]) for _ in range(CAPTIONS_PER_IMAGE)
+        )
     if rows_per_caption:
         ims = np.repeat(ims, CAPTIONS_PER_IMAGE, axis=0)
     with atomic_path(Path(out_dir) / f"{split}_ims.npy") as tmp:
@@ -278,6 +315,26 @@ def _positive_int(text):
     return value
 
 
+def _number_in(low, high, high_included):
+    """An argparse type: a float in [low, high] (or [low, high))."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low <= value <= high if high_included else low <= value < high):
+            bracket = "]" if high_included else ")"
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}{bracket}, got {value}")
+        return value
+
+    return parse
+
+
+_share = _number_in(0, 1, high_included=True)
+_non_negative = _number_in(0, 100, high_included=False)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -296,6 +353,24 @@ def parse_args(argv=None):
         "--dev-rows-per-caption",
         action="store_true",
         help="store one dev image row per caption (Flickr30K layout)",
+    )
+    p.add_argument(
+        "--near-duplicates",
+        type=_non_negative,
+        default=1.3,
+        help="mean number of near-duplicate variants of each scene (Poisson)",
+    )
+    p.add_argument(
+        "--duplicate-changes",
+        type=_positive_int,
+        default=1,
+        help="things (object class, colour, size, relation) a variant changes",
+    )
+    p.add_argument(
+        "--caption-detail",
+        type=_share,
+        default=1.0,
+        help="share of captions naming every object, attribute and relation",
     )
     args = p.parse_args(argv)
     if args.img_dim < 8:
@@ -318,6 +393,11 @@ def main(argv=None):
         "testall": N_FOLDS * args.n_testall_per_fold,
     }
     protos = make_prototypes(args.seed, args.img_dim)
+    knobs = {
+        "near_duplicates": args.near_duplicates,
+        "duplicate_changes": args.duplicate_changes,
+        "caption_detail": args.caption_detail,
+    }
     meta = {
         "generator_version": GENERATOR_VERSION,
         "seed": args.seed,
@@ -327,6 +407,7 @@ def main(argv=None):
         "testall_folds": N_FOLDS,
         "dev_rows_per_caption": args.dev_rows_per_caption,
         "sizes": sizes,
+        "knobs": knobs,
         "lexicon": {"objects": {k: v[0] + v[1] for k, v in OBJECTS.items()}},
         "splits": {},
     }
@@ -338,6 +419,7 @@ def main(argv=None):
             args.seed,
             protos,
             args.img_dim,
+            knobs,
             rows_per_caption=(split == "dev" and args.dev_rows_per_caption),
         )
     write_text_atomic(args.out / "demo_meta.json", json.dumps(meta, sort_keys=True) + "\n")

@@ -18,6 +18,9 @@ Example:
         --model-config '{"embed_size": 256}' --train-config '{"epochs": 2}' \
         --loss-config '{"variant": "baseline"}' --seed 0 --out-best best.pt --out-last last.pt \
         --out-log val.csv --resume-dir /tmp/resume
+
+`--tensorboard-dir DIR` also logs the losses, learning rate and validation metrics to TensorBoard
+(pipeline_steps/training/tensorboard.py); it changes nothing else of the run.
 """
 
 import argparse
@@ -39,7 +42,7 @@ from tqdm import tqdm
 
 import accel
 from models import create_model
-from models.losses import LossConfig, OfflineScores, retrieval_loss
+from models.losses import VARIANTS, LossConfig, OfflineScores, adaptive_weights, retrieval_loss
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.device import set_tf32
 from pipeline_steps.common.errors import InputError, one_line_errors
@@ -53,6 +56,7 @@ from pipeline_steps.training.checkpoint import save_checkpoint
 from pipeline_steps.training.optim import Optimizers
 from pipeline_steps.training.precision import MixedPrecision
 from pipeline_steps.training.resume import FolderInUse, ResumeFolder, best_name
+from pipeline_steps.training.tensorboard import open_board
 
 log = logging.getLogger("train")
 
@@ -105,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--out-last", required=True)
     p.add_argument("--out-log", required=True)
     p.add_argument("--resume-dir", required=True)
+    p.add_argument("--tensorboard-dir", help="also log scalars here for TensorBoard (off by default)")
     return p.parse_args(argv)
 
 
@@ -155,7 +160,7 @@ def lr_at_epoch(cfg, epoch):
     return cfg.learning_rate * 0.1 ** (epoch // cfg.lr_update)
 
 
-def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
+def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE, stats=None):
     """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order.
 
     The order matters for models with BatchNorm: each train-mode pass updates the running
@@ -163,6 +168,9 @@ def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
     `ctx` completes the representations and offline scores with the other shards' (without their
     gradients) and the auxiliary loss, a per-sample mean, with theirs, so the loss is the whole
     batch's.
+
+    `stats`, a dict or None, receives what the logs show besides the loss terms: the mean adaptive
+    weight of an AdapOffQuin loss.
     """
     img, cap, aux = model.anchor_forward(batch, device)
     offline = None
@@ -183,6 +191,9 @@ def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE):
     cap = ctx.whole_batch(cap, model.concat_representations)
     scores = model.training_scores(img, cap, few_gradients=loss_cfg.max_violation)
     loss, terms = retrieval_loss(scores, offline, loss_cfg)
+    if stats is not None and VARIANTS[loss_cfg.variant].adaptive:
+        with torch.no_grad():
+            stats["adaptive_weight_mean"] = torch.cat(adaptive_weights(scores, offline, loss_cfg)).mean()
     if aux is not None:
         aux = ctx.batch_mean(aux, len(batch["index"]))
         loss = loss + aux
@@ -302,6 +313,7 @@ class Run:
 
 
 def run_validation(run, dev, cfg, device, train_loss, lr, label):
+    """Validate, keep a new best checkpoint, log the row; returns the metrics and val_score4."""
     metrics = validate(run.model, dev, cfg, device)
     score = val_score4(metrics)
     is_best = score > run.best_score  # strictly greater, as the reference
@@ -329,6 +341,7 @@ def run_validation(run, dev, cfg, device, train_loss, lr, label):
         score,
         int(is_best),
     )
+    return metrics | {"val_score4": score}
 
 
 class NonFinite(Exception):
@@ -394,9 +407,9 @@ def build(args, cfg, loss_cfg, ctx):
     return (features, captions, info), dev, model, candidates, optimizer, precision
 
 
-def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label):
+def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label, board):
     """The loop: epochs of batches, a validation every val_step iterations and at each epoch's
-    end, the resume state saved after each validation."""
+    end, the resume state saved after each validation. `board` logs scalars (TensorBoard)."""
     features, captions, info = train_split
     model, optimizer, ctx, seed = run.model, run.optimizer, run.ctx, run.args.seed
     caption_targets = model.caption_targets_of if model.needs_caption_targets else None
@@ -433,8 +446,9 @@ def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, la
             disable=not ctx.is_main,
         )
         for batch in bar:
+            stats = {} if board.active else None
             with precision.autocast():
-                loss, _ = training_loss(model, batch, epoch_loss, ctx.device, ctx)
+                loss, terms = training_loss(model, batch, epoch_loss, ctx.device, ctx, stats=stats)
             losses.append(loss.item())
             check_finite("loss", losses[-1], label, run)
             optimizer.zero_grad()
@@ -448,15 +462,17 @@ def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, la
                 optimizer.step()
             run.iteration += 1
             run.next_batch += 1
+            board.training_step(run.iteration, losses[-1], terms, stats, lr)
             if run.iteration % cfg.val_step == 0 and run.next_batch < len(batches):
                 if ctx.is_main:  # the others wait in save_state
-                    run_validation(run, dev, cfg, ctx.device, float(np.mean(losses)), lr, label)
+                    metrics = run_validation(run, dev, cfg, ctx.device, float(np.mean(losses)), lr, label)
+                    board.validation(run.iteration, metrics)
                 losses = []
                 run.save_state()
         bar.close()
         if ctx.is_main:
             mean_loss = float(np.mean(losses)) if losses else float("nan")
-            run_validation(run, dev, cfg, ctx.device, mean_loss, lr, label)
+            board.validation(run.iteration, run_validation(run, dev, cfg, ctx.device, mean_loss, lr, label))
         run.epoch, run.next_batch = run.epoch + 1, 0
         run.save_state()
 
@@ -491,10 +507,13 @@ def main(argv=None):
         ctx.agree("where training resumes", (run.epoch, run.next_batch, run.iteration))
         ctx.broadcast_from_main(model.state_dict().values())
         label = f"model={args.model} variant={loss_cfg.variant} seed={args.seed}"
+        board = open_board(args.tensorboard_dir if ctx.is_main else None, run.iteration)
         try:
-            train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label)
+            train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label, board)
         except NonFinite as err:
             raise SystemExit(f"error: {err}") from None
+        finally:
+            board.close()
         if ctx.is_main:
             write_outputs(run, args)
     finally:

@@ -25,6 +25,9 @@ def tiny_config():
     config["dataset"].update(img_dim=16)
     config["demo"].update(n_train=40, n_dev=10, n_test=10, n_testall_per_fold=4)
     config["models"] = {"vsepp": {"arch": "vsepp", "embed_size": 16, "word_dim": 8}}
+    config["mining"]["model"] = "vsepp"
+    config["run"]["seeds"] = [0]
+    config["aoq"]["variants"] = ["offtri", "offquin", "adapoffquin"]
     for section in (config["baseline"]["train"], config["aoq"]["train"]):
         section.update(epochs=1, batch_size=50, val_step=100, eval_batch_size=64)
     config["aoq"]["train"]["offline_size"] = 20

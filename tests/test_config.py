@@ -210,7 +210,7 @@ def test_model_level_round_overrides_reach_only_their_round(tmp_path):
 
 def test_schema_defaults_agree_with_the_steps_own_defaults():
     """A step run by hand and the workflow default the same way (the schema fills the workflow's)."""
-    from pipeline_steps import mine_candidates, prepare_data, train
+    from pipeline_steps import make_demo_data, mine_candidates, prepare_data, train
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     props = schema["properties"]
@@ -226,6 +226,10 @@ def test_schema_defaults_agree_with_the_steps_own_defaults():
         dataset["vocab_threshold"]["default"],
         dataset["tokenizer"]["default"],
     )
+    demo = props["demo"]["properties"]
+    demo_args = make_demo_data.parse_args(["--out", "o"])
+    for knob in ("near_duplicates", "duplicate_changes", "caption_detail"):
+        assert getattr(demo_args, knob) == demo[knob]["default"], knob
     aoq_train = props["aoq"]["properties"]["train"]["allOf"][1]["properties"]
     assert train.TrainConfig().offline_size == aoq_train["offline_size"]["default"]
     assert (

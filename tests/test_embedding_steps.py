@@ -1,6 +1,7 @@
 """extract_embeddings, mine_candidates and evaluate as steps, checked against brute force."""
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -163,15 +164,52 @@ def test_evaluate_ensemble_equals_per_query_reference(setup):
         sims[split] = total / 2
     result = json.loads(out1k.read_text())
     i2t, t2i = per_query_ranks(sims["test"])
+    with np.load(setup["root"] / "a.ranks.npz") as written:  # the ranks the report resamples
+        np.testing.assert_array_equal(written["i2t"], i2t)
+        np.testing.assert_array_equal(written["t2i"], t2i)
     assert result["i2t_r1"] == pytest.approx(100 * np.mean(i2t < 1))
     assert result["t2i_r5"] == pytest.approx(100 * np.mean(t2i < 5))
     assert result["i2t_medr"] == np.floor(np.median(i2t)) + 1
     assert result["t2i_meanr"] == pytest.approx(t2i.mean() + 1)
     assert [m["variant"] for m in result["models"]] == ["offquin", "offquin"]
     folds = json.loads(out5k.read_text())
-    per_fold = []
+    per_fold, fold_ranks = [], []
     for f in range(5):
         i2t, t2i = per_query_ranks(sims["testall"][4 * f : 4 * f + 4, 20 * f : 20 * f + 20])
         per_fold.append(100 * np.mean(i2t < 5))
+        fold_ranks.append((i2t, t2i))
+    with np.load(setup["root"] / "b.ranks.npz") as written:  # within each fold, in split order
+        np.testing.assert_array_equal(written["i2t"], np.concatenate([r[0] for r in fold_ranks]))
+        np.testing.assert_array_equal(written["t2i"], np.concatenate([r[1] for r in fold_ranks]))
     assert folds["i2t_r5"] == pytest.approx(np.mean(per_fold))
     assert folds["protocol"] == "5fold" and len(folds["folds"]) == 5
+
+
+def test_metrics_carry_provenance_and_weights_digests(setup):
+    """The commit is the checkout's; the digest tells the two seeds' weights apart and does not
+    depend on the checkpoint's other fields."""
+    import subprocess
+
+    from pipeline_steps.common.provenance import weights_digest
+
+    result = json.loads((setup["root"] / "a.json").read_text())
+    origin = result["provenance"]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    assert origin["git_commit"] == (head or "unknown") and isinstance(origin["git_dirty"], bool)
+    assert origin["torch"] == torch.__version__ and origin["numpy"] == np.__version__
+    assert origin["device"] == "cpu" and origin["tokenizer"].startswith("nltk.word_tokenize")
+    digests = [m["weights_sha256"] for m in result["models"]]
+    assert len(set(digests)) == 2
+    ckpt = torch.load(setup["checkpoints"][0], weights_only=True)
+    net = create_model("vsepp", **ckpt["model_config"])
+    net.load_state_dict(ckpt["state_dict"])
+    assert weights_digest(net) == digests[0]
+    with torch.no_grad():
+        next(net.parameters()).add_(1e-3)
+    assert weights_digest(net) != digests[0]
+    assert [(m["seed"], m["epoch"], m["iteration"]) for m in result["models"]] == [
+        (0, ckpt.get("epoch"), ckpt.get("iteration")),
+        (1, ckpt.get("epoch"), ckpt.get("iteration")),
+    ]

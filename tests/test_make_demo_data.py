@@ -82,7 +82,8 @@ def test_deterministic_in_seed(data, tmp_path):
         assert (other / name).read_bytes() != (data / name).read_bytes(), name
 
 
-def test_caption_lengths_and_rare_words(data):
+def test_partial_caption_lengths_and_rare_words(tmp_path):
+    data = _generate(tmp_path, "--caption-detail", "0")
     caps = _caps(data, "train") + _caps(data, "dev")
     lengths = np.array([len(c.split()) for c in caps])
     assert ((lengths >= 8) & (lengths <= 15)).mean() > 0.95
@@ -102,6 +103,75 @@ def test_captions_mention_only_their_scene_objects(data, meta):
             for cap in caps[5 * k : 5 * k + 5]:
                 mentioned = {word_to_class[w] for w in _words(cap) if w in word_to_class}
                 assert mentioned and mentioned <= own, (cap, own)
+
+
+def _concepts(caption, meta_lexicon):
+    """Object classes, colours and sizes a caption names (by the generator's own tables)."""
+    from pipeline_steps.make_demo_data import COLOURS, SIZES
+
+    text = " " + " ".join(_words(caption)) + " "
+    found = set()
+    for kind, table in (("class", meta_lexicon), ("colour", COLOURS), ("size", SIZES)):
+        for key, words in table.items():
+            words = words if kind == "class" else words[0] + words[1]
+            if any(f" {w} " in text for w in words):
+                found.add((kind, key))
+    return found
+
+
+def test_full_descriptions_name_every_object_with_its_colour_and_size(data, meta):
+    lexicon = meta["lexicon"]["objects"]
+    caps = _caps(data, "train")
+    for k, scene in enumerate(meta["splits"]["train"]["scenes"]):
+        own = {("class", o[0]) for o in scene["objects"]}
+        own |= {("colour", o[1]) for o in scene["objects"]} | {("size", o[2]) for o in scene["objects"]}
+        for cap in caps[5 * k : 5 * k + 5]:
+            assert _concepts(cap, lexicon) == own, (cap, scene)
+            assert 8 <= len(cap.split()) <= 34
+
+
+def test_caption_detail_sets_the_share_of_full_descriptions(tmp_path):
+    """With detail 0.5 about half the captions name every object; with 0 few do."""
+    shares = {}
+    for detail in ("0", "0.5"):
+        out = _generate(tmp_path / detail, "--caption-detail", detail)
+        meta = json.loads((out / "demo_meta.json").read_text())
+        lexicon, caps = meta["lexicon"]["objects"], _caps(out, "train")
+        full = []
+        for k, scene in enumerate(meta["splits"]["train"]["scenes"]):
+            classes = {("class", o[0]) for o in scene["objects"]}
+            colours = {("colour", o[1]) for o in scene["objects"]}
+            full += [classes | colours <= _concepts(c, lexicon) for c in caps[5 * k : 5 * k + 5]]
+        shares[detail] = np.mean(full)
+        assert meta["knobs"]["caption_detail"] == float(detail)
+    # A partial caption names every object with its colour only by chance (2 objects, both coloured).
+    assert shares["0"] < 0.2 and 0.4 < shares["0.5"] < 0.7
+
+
+@pytest.mark.parametrize("near_duplicates", [0.0, 1.0, 3.0])
+def test_near_duplicates_is_the_mean_number_of_variants(tmp_path, near_duplicates):
+    out = _generate(tmp_path, "--n-train", "1500", "--near-duplicates", str(near_duplicates))
+    info = json.loads((out / "demo_meta.json").read_text())["splits"]["train"]
+    families = collections.Counter(info["family"])
+    # Families cut by the n-image limit are rare; the Poisson mean's standard error is ~0.05.
+    variants = np.mean([size - 1 for size in families.values()])
+    assert abs(variants - near_duplicates) < 0.15 + 0.05 * near_duplicates
+
+
+def test_variants_differ_from_base_in_duplicate_changes_things(tmp_path):
+    out = _generate(tmp_path, "--duplicate-changes", "2")
+    info = json.loads((out / "demo_meta.json").read_text())["splits"]["train"]
+    bases = {f: s for f, s, c in zip(info["family"], info["scenes"], info["change"]) if c == "base"}
+    checked = 0
+    for fam, scene, change in zip(info["family"], info["scenes"], info["change"]):
+        if change != "base" and fam in bases:
+            base = bases[fam]
+            objs = sum(a != b for o, p in zip(scene["objects"], base["objects"]) for a, b in zip(o, p))
+            rels = sum(r != q for r, q in zip(scene["relations"], base["relations"]))
+            assert objs + rels == 2 and len(change.split("+")) == 2, change
+            assert len({o[0] for o in scene["objects"]}) == len(scene["objects"])  # classes stay distinct
+            checked += 1
+    assert checked > 10
 
 
 def test_near_duplicate_families_are_close_in_feature_space(data, meta):
@@ -142,6 +212,9 @@ def test_variants_differ_from_base_in_one_thing(meta):
         ["--img-dim", "4"],
         ["--n-testall-per-fold", "0"],
         ["--seed", "-1"],
+        ["--caption-detail", "1.5"],
+        ["--near-duplicates", "-1"],
+        ["--duplicate-changes", "0"],
     ],
 )
 def test_bad_arguments_exit_cleanly(tmp_path, bad, capsys):

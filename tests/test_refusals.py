@@ -247,8 +247,12 @@ def test_steps_remove_stale_temporaries_of_their_own_outputs(setup, tmp_path):
     assert not any(p.exists() for p in stale) and i2t.exists()
 
     md, csv, png = tmp_path / "r" / "report.md", tmp_path / "r" / "report.csv", tmp_path / "r" / "curves.png"
-    stale, _ = stale_files(md, csv, png)
-    report.main(["--metrics", str(out), "--out-md", str(md), "--out-csv", str(csv), "--out-png", str(png)])
+    stats = tmp_path / "r" / "statistics.png"
+    stale, _ = stale_files(md, csv, png, stats)
+    report.main(
+        ["--metrics", str(out), "--out-md", str(md), "--out-csv", str(csv), "--out-png", str(png)]
+        + ["--out-stats-png", str(stats)]
+    )
     assert not any(p.exists() for p in stale) and md.exists()
 
 

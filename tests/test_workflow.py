@@ -36,7 +36,7 @@ def test_full_run_writes_every_stage(finished_run):
     assert (results / "embeddings" / "vsepp" / "seed0" / "train.h5").exists()
     i2t = __import__("numpy").load(results / "candidates" / "vsepp" / "seed0" / "i2t_demo.npy")
     assert i2t.shape == (40, 30) and i2t.dtype == "int32"
-    coco1k = json.loads((results / "eval" / "vsepp" / "adapoffquin" / "coco_1k.json").read_text())
+    coco1k = json.loads((results / "eval" / "vsepp" / "adapoffquin" / "seed0" / "coco_1k.json").read_text())
     assert coco1k["protocol"] == "5fold" and len(coco1k["folds"]) == 5
     for rule in ("make_demo_data", "prepare_data", "train", "evaluate", "report"):
         assert any((workdir / "logs").rglob("*.log")), rule
@@ -153,7 +153,16 @@ def test_released_checkpoints_evaluate_as_an_ensemble(finished_run):
     result = snakemake(workdir, released, "released")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     metrics = json.loads(
-        (workdir / "results" / "demo_precomp" / "eval" / "aoq_vsrn" / "released" / "coco_5k.json").read_text()
+        (
+            workdir
+            / "results"
+            / "demo_precomp"
+            / "eval"
+            / "aoq_vsrn"
+            / "released"
+            / "ensemble"
+            / "coco_5k.json"
+        ).read_text()
     )
     assert len(metrics["models"]) == 2 and metrics["label"] == "released:aoq_vsrn"
     assert {m["variant"] for m in metrics["models"]} == {"released"}
@@ -320,7 +329,7 @@ def test_a_killed_retrain_is_resumed_and_no_result_describes_old_settings(tmp_pa
     for variant in config["aoq"]["variants"]:
         for evaluation in config["evaluation"]:
             metrics = json.loads(
-                (results / "eval" / "vsepp" / variant / f"{evaluation['name']}.json").read_text()
+                (results / "eval" / "vsepp" / variant / "seed0" / f"{evaluation['name']}.json").read_text()
             )
             assert [m["loss_config"]["alpha"] for m in metrics["models"]] == [0.5]
             row = report[(report.evaluation == evaluation["name"]) & (report.variant == variant)]

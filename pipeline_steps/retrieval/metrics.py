@@ -202,25 +202,35 @@ def evaluate(scorer, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOC
     arithmetic mean over the 5 folds, rsum is the sum of the six mean recalls, and 'folds' holds
     the 5 per-fold dicts.
     """
+    return evaluate_with_ranks(scorer, protocol, block_size, max_block_elems)[0]
+
+
+def evaluate_with_ranks(scorer, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
+    """(metrics as `evaluate`, i2t ranks per image, t2i ranks per caption): the 0-based ranks of
+    the protocol (for 5-fold, each within its fold, in the split's order). The per-query ranks
+    are what the report's paired bootstrap resamples (pipeline_steps/retrieval/bootstrap.py)."""
     n_img = scorer.n_img
     if n_img < 1:
         raise ValueError(f"a scorer needs at least one image, got {n_img}")
     if protocol == "full":
-        return recall_metrics(*retrieval_ranks(scorer, block_size, max_block_elems))
+        i2t, t2i = retrieval_ranks(scorer, block_size, max_block_elems)
+        return recall_metrics(i2t, t2i), np.asarray(i2t), np.asarray(t2i)
     if protocol != "5fold":
         raise ValueError(f"unknown protocol {protocol!r}: expected 'full' or '5fold'")
     n_folds = 5
     if n_img % n_folds:
         raise ValueError(f"protocol '5fold' needs n_img divisible by {n_folds}, got {n_img}")
     fold_size = n_img // n_folds
-    folds = []
+    folds, ranks = [], []
     for f in range(n_folds):
-        ranks = retrieval_ranks(scorer.fold(f * fold_size, fold_size), block_size, max_block_elems)
-        folds.append(recall_metrics(*ranks))
+        ranks.append(retrieval_ranks(scorer.fold(f * fold_size, fold_size), block_size, max_block_elems))
+        folds.append(recall_metrics(*ranks[-1]))
     out = {key: float(np.mean([fold[key] for fold in folds])) for key in folds[0] if key != "rsum"}
     out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
     out["folds"] = folds
-    return out
+    i2t = np.concatenate([np.asarray(r[0]) for r in ranks])
+    t2i = np.concatenate([np.asarray(r[1]) for r in ranks])
+    return out, i2t, t2i
 
 
 def val_score4(metrics):

@@ -48,8 +48,31 @@ def ensemble_variants(name):
     return [v for v in LOSS_VARIANTS if all(v in m for m in members)]
 
 
+def common_seeds(name):
+    """Seeds every member of `name` was trained with (a model alone: its seeds)."""
+    members = ENSEMBLES[name]
+    return [s for s in seeds_of(members[0]) if all(s in seeds_of(m) for m in members)]
+
+
+def ensemble_seeds(name):
+    """The seeds of `name`'s ensemble row (run.ensemble_seeds, where trained); none below two."""
+    seeds = [s for s in common_seeds(name) if s in config["run"]["ensemble_seeds"]]
+    return seeds if len(seeds) >= 2 else []
+
+
+def evaluated_sets(name):
+    """What is evaluated of `name` per method: each seed alone (seed<k>: that seed of every
+    member), and the ensemble row of its ensemble seeds when there are two or more."""
+    return [f"seed{s}" for s in common_seeds(name)] + (["ensemble"] if ensemble_seeds(name) else [])
+
+
+def set_seeds(name, subset):
+    return ensemble_seeds(name) if subset == "ensemble" else [int(subset.removeprefix("seed"))]
+
+
 wildcard_constraints:
     model="|".join(MODELS),
+    subset=r"seed\d+|ensemble",
     ckpt="|".join(RELEASED) or "^$",
     variant="|".join(LOSS_VARIANTS),
     seed=r"\d+",
@@ -220,26 +243,32 @@ def run_settings(model, variant, seed):
     return settings
 
 
-def evaluation_settings(name, method):
+def evaluation_settings(name, method, subset):
     if method == "released":
         runs = [RELEASED[c] for c in RELEASED_ENSEMBLES[name]]
     else:
-        runs = [run_settings(m, method, s) for m in ENSEMBLES[name] for s in seeds_of(m)]
+        runs = [run_settings(m, method, s) for m in ENSEMBLES[name] for s in set_seeds(name, subset)]
     return {"runs": runs, "evaluation": config["evaluation"], "data": data_settings()}
 
 
-def evaluated_checkpoints(name, method):
-    """The checkpoints an evaluation scores together: every seed of every member, or the
-    imported released checkpoints of a released ensemble."""
+def evaluated_checkpoints(name, method, subset):
+    """The checkpoints an evaluation scores together: the subset's seeds of every member, or
+    the imported released checkpoints of a released ensemble."""
     if method == "released":
         return [f"{R}/released/{c}/model_best.pt" for c in RELEASED_ENSEMBLES[name]]
-    return [checkpoint_path(m, method, s) for m in ENSEMBLES[name] for s in seeds_of(m)]
+    return [checkpoint_path(m, method, s) for m in ENSEMBLES[name] for s in set_seeds(name, subset)]
+
+
+def evaluated_runs():
+    """(name, method, subset) of every evaluation the report reads."""
+    return [(n, v, x) for n in ENSEMBLES for v in ensemble_variants(n) for x in evaluated_sets(n)]
 
 
 def report_settings():
     return {
-        "evaluations": [evaluation_settings(n, v) for n in ENSEMBLES for v in ensemble_variants(n)],
+        "evaluations": [evaluation_settings(*run) for run in evaluated_runs()],
         "title": config["report"]["title"],
+        "statistics": config["report"]["bootstrap"],
     }
 
 
@@ -248,14 +277,13 @@ def trained_runs():
     return [(m, v, s) for m in MODELS for v in variants_of(m) for s in seeds_of(m)]
 
 
+def eval_dir(name="{name}", method="{method}", subset="{subset}"):
+    return f"{R}/eval/{name}/{method}/{subset}"
+
+
 def evaluation_outputs():
-    return [
-        f"{R}/eval/{name}/{variant}/{e['name']}.json"
-        for name in ENSEMBLES
-        for variant in ensemble_variants(name)
-        for e in config["evaluation"]
-    ]
+    return [f"{eval_dir(*run)}/{e['name']}.json" for run in evaluated_runs() for e in config["evaluation"]]
 
 
 def report_outputs():
-    return [f"{R}/report/report.md", f"{R}/report/report.csv", f"{R}/report/curves.png"]
+    return [f"{R}/report/{name}" for name in ("report.md", "report.csv", "curves.png", "statistics.png")]

@@ -20,7 +20,8 @@ if config["demo"]["enabled"]:
             "python -m pipeline_steps.make_demo_data --out {params.data} --seed {params.demo[seed]}"
             " --n-train {params.demo[n_train]} --n-dev {params.demo[n_dev]} --n-test {params.demo[n_test]}"
             " --n-testall-per-fold {params.demo[n_testall_per_fold]} --img-dim {params.img_dim}"
-            " {params.dev_layout} > {log} 2>&1"
+            " --near-duplicates {params.demo[near_duplicates]} --duplicate-changes {params.demo[duplicate_changes]}"
+            " --caption-detail {params.demo[caption_detail]} {params.dev_layout} > {log} 2>&1"
 
 
 if config["download"]["enabled"]:

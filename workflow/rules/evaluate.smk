@@ -1,23 +1,25 @@
-# Every model alone (the ensemble of its seeds) and every configured ensemble, per method; the
-# authors' released checkpoints are the method "released" of their ensembles (`snakemake released`).
+# Every model alone and every configured ensemble, per method and per subset of seeds: each seed
+# alone (seed<k>) and the ensemble row of run.ensemble_seeds (ensemble). The authors' released
+# checkpoints are the method "released" (subset "ensemble") of their ensembles (`snakemake released`).
 
 
 rule evaluate:
     input:
         unpack(lambda w: split_inputs(*dict.fromkeys(e["split"] for e in config["evaluation"]))),
-        checkpoints=lambda w: evaluated_checkpoints(w.name, w.method),
+        checkpoints=lambda w: evaluated_checkpoints(w.name, w.method, w.subset),
     output:
-        metrics=[f"{R}/eval/{{name}}/{{method}}/{e['name']}.json" for e in config["evaluation"]],
+        metrics=[f"{eval_dir()}/{e['name']}.json" for e in config["evaluation"]],
+        ranks=[f"{eval_dir()}/{e['name']}.ranks.npz" for e in config["evaluation"]],
     log:
-        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.log",
+        f"logs/{DATASET}/evaluate/{{name}}_{{method}}_{{subset}}.log",
     benchmark:
-        f"logs/{DATASET}/evaluate/{{name}}_{{method}}.benchmark.tsv"
+        f"logs/{DATASET}/evaluate/{{name}}_{{method}}_{{subset}}.benchmark.tsv"
     wildcard_constraints:
         name="|".join(list(ENSEMBLES) + list(RELEASED_ENSEMBLES)),
         method="|".join(LOSS_VARIANTS + ["released"]),
     conda:
         "../../envs/aoq.yaml"
-    threads: 4
+    threads: config["resources"]["evaluate"]["threads"]
     resources:
         **job_resources("evaluate"),
     params:
@@ -27,8 +29,8 @@ rule evaluate:
         evaluations=lambda w, output: evaluation_flags(output.metrics),
         label=lambda w: f"released:{w.name}" if w.method == "released" else w.name,
         device=config["run"]["device"],
-        settings=lambda w: digest(evaluation_settings(w.name, w.method)),
+        settings=lambda w: digest(evaluation_settings(w.name, w.method, w.subset)),
     shell:
         "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
         " --prepared {params.prepared} --label {params.label} {params.evaluations} --device {params.device}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {threads} --settings {params.settings} > {log} 2>&1"

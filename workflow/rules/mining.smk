@@ -10,7 +10,7 @@ rule extract_embeddings:
         f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.benchmark.tsv"
     conda:
         "../../envs/aoq.yaml"
-    threads: 4
+    threads: config["resources"]["extract"]["threads"]
     resources:
         **job_resources("extract"),
     params:
@@ -37,7 +37,7 @@ rule mine_candidates:
         f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.benchmark.tsv"
     conda:
         "../../envs/aoq.yaml"
-    threads: 4
+    threads: config["resources"]["mine"]["threads"]
     resources:
         **job_resources("mine"),
     params:

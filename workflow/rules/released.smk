@@ -25,7 +25,7 @@ rule import_released:
 rule released:
     input:
         [
-            f"{R}/eval/{ens}/released/{e['name']}.json"
+            f"{eval_dir(ens, 'released', 'ensemble')}/{e['name']}.json"
             for ens in RELEASED_ENSEMBLES
             for e in config["evaluation"]
         ],

@@ -1,3 +1,17 @@
+# TensorBoard (`tensorboard: true` in a training section) watches a run without changing it, so
+# toggling it must rerun nothing. The runs that log are read here; then the key leaves every
+# training section (the rounds', each model's and its rounds') before any rule reads one (rules
+# read the config when the DAG is built): it enters no --train-config and no settings digest.
+TENSORBOARD_RUNS = {
+    (model, variant): train_section(model, variant).get("tensorboard", False)
+    for model in config["models"]
+    for variant in LOSS_VARIANTS
+}
+for owner in [config, *config["models"].values()]:
+    for holder in (owner, owner.get("baseline", {}), owner.get("aoq", {})):
+        holder.get("train", {}).pop("tensorboard", None)
+
+
 rule train:
     input:
         unpack(train_inputs),
@@ -11,7 +25,7 @@ rule train:
         f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.benchmark.tsv"
     conda:
         "../../envs/aoq.yaml"
-    threads: 4
+    threads: config["resources"]["train"]["threads"]
     resources:
         **job_resources("train"),
     params:
@@ -27,9 +41,17 @@ rule train:
         # Resume state survives a failed job because it is not a declared output.
         resume=lambda w: f"results/.resume/{DATASET}/{w.model}/{w.variant}/seed{w.seed}",
         settings=lambda w: digest(run_settings(w.model, w.variant, w.seed)),
+        # A function of `output` (unused) on purpose: Snakemake leaves params derived from a job's
+        # input or output out of its params rerun trigger (tests/test_tensorboard.py checks it).
+        tensorboard=lambda w, output: (
+            f"--tensorboard-dir logs/{DATASET}/tensorboard/{w.model}/{w.variant}/seed{w.seed}"
+            if TENSORBOARD_RUNS[w.model, w.variant]
+            else ""
+        ),
     shell:
         "{params.step} --data {params.data} --prepared {params.prepared} --model {params.arch}"
         " --model-config {params.model_config:q} --train-config {params.train_config:q}"
         " --loss-config {params.loss_config:q} {params.candidates} --seed {wildcards.seed}"
         " --device {params.device} --threads {threads} --resume-dir {params.resume}"
-        " --out-best {output.best} --out-last {output.last} --out-log {output.val_log} > {log} 2>&1"
+        " --out-best {output.best} --out-last {output.last} --out-log {output.val_log}"
+        " {params.tensorboard} > {log} 2>&1"
