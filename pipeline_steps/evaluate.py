@@ -34,7 +34,7 @@ from pipeline_steps.common.errors import one_line_errors
 from pipeline_steps.common.provenance import provenance, weights_digest
 from pipeline_steps.data.splits import open_split, read_manifest
 from pipeline_steps.retrieval.encode import encode_split
-from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate_with_ranks
+from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate_with_ranks, ranks_path
 from pipeline_steps.retrieval.scorers import ensemble_scorer, representation_scorer
 from pipeline_steps.training.checkpoint import load_checkpoint
 
@@ -60,12 +60,6 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--settings", default=None, help="digest of the settings behind the checkpoints")
     return p.parse_args(argv)
-
-
-def ranks_path(metrics_path):
-    """Where the per-query ranks of a metrics JSON go: x.json -> x.ranks.npz."""
-    text = str(metrics_path)
-    return (text[: -len(".json")] if text.endswith(".json") else text) + ".ranks.npz"
 
 
 def write_ranks(path, i2t, t2i):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from pipeline_steps import report
-from pipeline_steps.evaluate import ranks_path, write_ranks
+from pipeline_steps.evaluate import write_ranks
 from pipeline_steps.retrieval import bootstrap
-from pipeline_steps.retrieval.metrics import recall_metrics
+from pipeline_steps.retrieval.metrics import ranks_path, recall_metrics
 
 
 def random_ranks(rng, n_img, spread):

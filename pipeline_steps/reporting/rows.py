@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from models.losses import VARIANT_LABELS
-from pipeline_steps.retrieval.metrics import RECALL_COLUMNS
+from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, ranks_path
 
 RANK_COLUMNS = ["i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]
 PROVENANCE_COLUMNS = ["git_commit", "git_dirty", "settings_digest", "torch", "numpy", "device", "tokenizer"]
@@ -68,7 +68,6 @@ def metrics_table(paths):
 
 
 def ranks_of(metrics_file):
-    """The per-query ranks written beside a metrics JSON (x.json -> x.ranks.npz)."""
-    text = str(metrics_file)
-    with np.load(text[: -len(".json")] + ".ranks.npz") as ranks:
+    """The per-query ranks written beside a metrics JSON."""
+    with np.load(ranks_path(metrics_file)) as ranks:
         return ranks["i2t"], ranks["t2i"]

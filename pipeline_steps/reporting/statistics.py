@@ -3,6 +3,7 @@ per-seed metrics, and per AOQ method the paired bootstrap interval of its rsum d
 baseline of the same seed (pipeline_steps/retrieval/bootstrap.py, docs/evaluation.md#statistics)."""
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,15 @@ def seed_summary(table):
     return pd.DataFrame(rows)
 
 
+@cache
+def _per_image_of(metrics_file):
+    return bootstrap.per_image_rsum(*ranks_of(metrics_file))
+
+
 def _per_image(row):
-    return bootstrap.per_image_rsum(*ranks_of(row["metrics_file"]))
+    """A row's per-image rsum shares; the paired differences and the figure's intervals both use
+    them, so each ranks file is read once."""
+    return _per_image_of(row["metrics_file"])
 
 
 def _by_seed(group):

@@ -205,6 +205,12 @@ def evaluate(scorer, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOC
     return evaluate_with_ranks(scorer, protocol, block_size, max_block_elems)[0]
 
 
+def ranks_path(metrics_path):
+    """Where the per-query ranks of a metrics JSON live: x.json -> x.ranks.npz."""
+    text = str(metrics_path)
+    return (text[: -len(".json")] if text.endswith(".json") else text) + ".ranks.npz"
+
+
 def evaluate_with_ranks(scorer, protocol, block_size=None, max_block_elems=DEFAULT_MAX_BLOCK_ELEMS):
     """(metrics as `evaluate`, i2t ranks per image, t2i ranks per caption): the 0-based ranks of
     the protocol (for 5-fold, each within its fold, in the split's order). The per-query ranks
