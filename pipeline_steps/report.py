@@ -7,7 +7,9 @@ Inputs:  metrics JSONs written by `evaluate` (each names its evaluation, models,
          written by `train`.
 Outputs: `report.md`; `report.csv` (one row per metrics JSON: every metric, the checkpoints'
          epochs and iterations, provenance); `curves.png` (dev score and loss against iteration);
-         `statistics.png` (rsum per method with its interval, per evaluation).
+         `statistics.png` (rsum per method with its interval, per evaluation); optionally
+         `differences.csv` (the paired differences from the baseline, one row per evaluation,
+         model and AOQ method, for tables and studies built on several reports).
 The statistics are described in docs/evaluation.md#statistics.
 
 Example:
@@ -51,6 +53,7 @@ def parse_args(argv):
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-png", required=True)
     p.add_argument("--out-stats-png", required=True)
+    p.add_argument("--out-differences", help="CSV of the paired differences from the baseline")
     return p.parse_args(argv)
 
 
@@ -164,12 +167,16 @@ def markdown(table, summary, diffs, settings, title, figures):
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
-    remove_stale_temporaries(args.out_md, args.out_csv, args.out_png, args.out_stats_png)
+    outputs = [args.out_md, args.out_csv, args.out_png, args.out_stats_png, args.out_differences]
+    remove_stale_temporaries(*[o for o in outputs if o])
     settings = Bootstrap(args.bootstrap_resamples, args.bootstrap_level, args.bootstrap_seed)
     table = metrics_table(args.metrics)
     summary = seed_summary(table)
     diffs = paired_differences(table, settings)
     write_text_atomic(args.out_csv, table.to_csv(index=False, float_format="%.4f"))
+    if args.out_differences:
+        described = diffs.assign(level=settings.level, resamples=settings.resamples)
+        write_text_atomic(args.out_differences, described.to_csv(index=False, float_format="%.4f"))
     plot_curves(args.val_logs, args.out_png)
     plot_rsum_intervals(rsum_intervals(table, settings), settings.level, args.out_stats_png)
     figures = [

@@ -5,6 +5,7 @@ pipeline_steps/reporting/)."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline_steps import report
@@ -115,7 +116,7 @@ def test_report_pairs_seeds_and_flags_warmup_and_identical_weights(tmp_path):
     paths = [write_metrics(tmp_path, "baseline", [s], *base[s]) for s in (0, 1)]
     paths.append(write_metrics(tmp_path, "adapoffquin", [0], *aoq[0], epoch=2))  # warm-up checkpoint
     paths.append(write_metrics(tmp_path, "adapoffquin", [1], *aoq[1], weights="w"))  # baseline's weights
-    out = {k: tmp_path / "r" / f"{k}" for k in ("report.md", "report.csv", "curves.png", "stats.png")}
+    out = {k: tmp_path / "r" / k for k in ("report.md", "report.csv", "curves.png", "stats.png", "d.csv")}
     report.main(
         [
             "--metrics",
@@ -126,7 +127,7 @@ def test_report_pairs_seeds_and_flags_warmup_and_identical_weights(tmp_path):
             str(out["report.csv"]),
         ]
         + ["--out-png", str(out["curves.png"]), "--out-stats-png", str(out["stats.png"])]
-        + ["--bootstrap-resamples", "500"]
+        + ["--bootstrap-resamples", "500", "--out-differences", str(out["d.csv"])]
     )
     seed0 = recall_metrics(*aoq[0])["rsum"] - recall_metrics(*base[0])["rsum"]
     expected = seed0 / 2  # seed 1 adds a zero difference
@@ -142,3 +143,7 @@ def test_report_pairs_seeds_and_flags_warmup_and_identical_weights(tmp_path):
     csv = out["report.csv"].read_text().splitlines()
     assert len(csv) == 5 and "git_commit" in csv[0] and "checkpoint_iterations" in csv[0]
     assert out["stats.png"].read_bytes()[:4] == b"\x89PNG"
+    differences = pd.read_csv(out["d.csv"])
+    assert differences[["model", "variant", "seeds"]].values.tolist() == [["vsrn", "adapoffquin", "0,1"]]
+    assert differences["rsum_difference"].iloc[0] == pytest.approx(expected, abs=1e-4)
+    assert differences["low"].iloc[0] > 0 and differences["resamples"].iloc[0] == 500

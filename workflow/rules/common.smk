@@ -286,4 +286,4 @@ def evaluation_outputs():
 
 
 def report_outputs():
-    return [f"{R}/report/{name}" for name in ("report.md", "report.csv", "curves.png", "statistics.png")]
+    return [f"{R}/report/{name}" for name in ("report.md", "report.csv", "curves.png", "statistics.png", "differences.csv")]

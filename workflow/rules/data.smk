@@ -6,7 +6,7 @@ if config["demo"]["enabled"]:
             caps=expand(f"{DATA}/{{split}}_caps.txt", split=["train", "dev", "test", "testall"]),
             meta=f"{DATA}/demo_meta.json",
         log:
-            "logs/make_demo_data.log",
+            f"logs/{DATASET}/make_demo_data.log",
         conda:
             "../../envs/aoq.yaml"
         resources:

@@ -8,6 +8,7 @@ rule report:
         csv=f"{R}/report/report.csv",
         png=f"{R}/report/curves.png",
         stats_png=f"{R}/report/statistics.png",
+        differences=f"{R}/report/differences.csv",
     log:
         f"logs/{DATASET}/report.log",
     conda:
@@ -23,4 +24,5 @@ rule report:
         " --title {params.title:q} --bootstrap-resamples {params.bootstrap[resamples]}"
         " --bootstrap-level {params.bootstrap[level]} --bootstrap-seed {params.bootstrap[seed]}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --out-stats-png {output.stats_png}"
+        " --out-differences {output.differences}"
         " > {log} 2>&1"
