@@ -19,6 +19,8 @@ Example:
 import argparse
 import logging
 import sys
+import tempfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -28,7 +30,9 @@ from tqdm import tqdm
 import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
 from pipeline_steps.common.device import pick_device, set_tf32
-from pipeline_steps.common.errors import one_line_errors
+from pipeline_steps.common.errors import InputError, one_line_errors
+from pipeline_steps.retrieval.audit import caption_groups
+from pipeline_steps.retrieval.exclusion import duplicate_counts, write_filtered
 from pipeline_steps.retrieval.mining import ENGINES, mine_both, t2i_queue_bytes
 
 log = logging.getLogger("mine_candidates")
@@ -50,6 +54,11 @@ def parse_args(argv):
         help="score precision; float16/bfloat16 only on GPU",
     )
     p.add_argument("--block-mb", type=int, default=256, help="memory for one block of scores")
+    p.add_argument(
+        "--exclude-duplicates",
+        metavar="TRAIN_IDS_NPZ",
+        help="drop candidates whose caption is identical to a positive's (the prepared caption ids)",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
         "--engine",
@@ -58,6 +67,61 @@ def parse_args(argv):
         help="selection engine: native (compiled, CPU), torch (CPU or GPU), auto",
     )
     return p.parse_args(argv)
+
+
+def mine(args, images, captions, out_i2t, out_t2i, device):
+    try:
+        with tqdm(total=len(images), desc="mining", unit="img", mininterval=5, file=sys.stderr) as bar:
+            mine_both(
+                images,
+                captions,
+                out_i2t.shape[1],
+                out_t2i.shape[1],
+                out_i2t,
+                out_t2i,
+                device=device,
+                dtype=DTYPES[args.dtype],
+                max_block_elems=args.block_mb * 2**20 // 4,
+                engine=args.engine,
+                progress=bar.update,
+            )
+    except ValueError as err:
+        raise InputError(f"{args.embeddings}: {err}") from None
+
+
+def mine_without_duplicates(args, images, captions, out_i2t, out_t2i, device):
+    """Mine as many extra columns as the most duplicated anchor has duplicates, then drop them
+    (docs/mining_audit.md): each row is exactly the top k of the candidates that remain."""
+    with np.load(args.exclude_duplicates) as ids:
+        if len(ids["offsets"]) != len(captions) + 1:
+            found = len(ids["offsets"]) - 1
+            raise InputError(
+                f"{args.exclude_duplicates}: {found} captions, the embeddings have {len(captions)}"
+            )
+        groups = caption_groups(ids["ids"], ids["offsets"])
+    per_image, per_caption = duplicate_counts(groups)
+    shapes = []
+    for out, flagged, available, what in (
+        (out_i2t, per_image, len(captions) - 5, "i2t"),
+        (out_t2i, per_caption, len(images) - 1, "t2i"),
+    ):
+        k = out.shape[1]
+        if available - flagged.max() < k:
+            raise InputError(
+                f"{args.embeddings}: {what}: k={k}, but an anchor has only {available - flagged.max()} "
+                "candidates left once duplicate captions are excluded"
+            )
+        shapes.append((len(out), min(available, k + int(flagged.max()))))
+    log.info("excluding duplicate captions: mining %d i2t and %d t2i columns", shapes[0][1], shapes[1][1])
+    with tempfile.TemporaryDirectory(dir=Path(args.out_i2t).parent) as scratch:
+        wide = [
+            np.lib.format.open_memmap(Path(scratch) / f"{name}.npy", mode="w+", dtype=np.int32, shape=shape)
+            for name, shape in zip(("i2t", "t2i"), shapes)
+        ]
+        mine(args, images, captions, *wide, device)
+        write_filtered(wide[0], out_i2t, groups, "i2t")
+        write_filtered(wide[1], out_t2i, groups, "t2i")
+        del wide
 
 
 @one_line_errors
@@ -70,7 +134,6 @@ def main(argv=None):
     device = pick_device(args.device)
     set_tf32(False)  # full fp32, as the reference
     log.info("accelerated paths: %s", accel.summary())
-    max_block_elems = args.block_mb * 2**20 // 4
     with h5py.File(args.embeddings, "r") as h5:
         images, captions = h5["images"], h5["captions"]
         n_img, n_cap = images.shape[0], captions.shape[0]
@@ -84,23 +147,10 @@ def main(argv=None):
         with atomic_path(args.out_i2t) as tmp_i2t, atomic_path(args.out_t2i) as tmp_t2i:
             out_i2t = np.lib.format.open_memmap(tmp_i2t, mode="w+", dtype=np.int32, shape=(n_img, args.k_i2t))
             out_t2i = np.lib.format.open_memmap(tmp_t2i, mode="w+", dtype=np.int32, shape=(n_cap, args.k_t2i))
-            try:
-                with tqdm(total=n_img, desc="mining", unit="img", mininterval=5, file=sys.stderr) as bar:
-                    mine_both(
-                        images,
-                        captions,
-                        args.k_i2t,
-                        args.k_t2i,
-                        out_i2t,
-                        out_t2i,
-                        device=device,
-                        dtype=DTYPES[args.dtype],
-                        max_block_elems=max_block_elems,
-                        engine=args.engine,
-                        progress=bar.update,
-                    )
-            except ValueError as err:
-                raise SystemExit(f"error: {args.embeddings}: {err}") from None
+            if args.exclude_duplicates:
+                mine_without_duplicates(args, images, captions, out_i2t, out_t2i, device)
+            else:
+                mine(args, images, captions, out_i2t, out_t2i, device)
             out_i2t.flush()
             out_t2i.flush()
             del out_i2t, out_t2i

@@ -52,7 +52,7 @@ from pipeline_steps.retrieval.encode import encode_split
 from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate, val_score4
 from pipeline_steps.retrieval.scorers import representation_scorer
 from pipeline_steps.training import distributed
-from pipeline_steps.training.checkpoint import save_checkpoint
+from pipeline_steps.training.checkpoint import save_checkpoint, warm_start
 from pipeline_steps.training.optim import Optimizers
 from pipeline_steps.training.precision import MixedPrecision
 from pipeline_steps.training.resume import FolderInUse, ResumeFolder, best_name
@@ -109,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--out-last", required=True)
     p.add_argument("--out-log", required=True)
     p.add_argument("--resume-dir", required=True)
+    p.add_argument("--init-from", help="start from this checkpoint's weights (a later mining round)")
     p.add_argument("--tensorboard-dir", help="also log scalars here for TensorBoard (off by default)")
     return p.parse_args(argv)
 
@@ -497,6 +498,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     log.info("accelerated paths: %s", accel.summary())
     train_split, dev, model, candidates, optimizer, precision = build(args, cfg, loss_cfg, ctx)
+    if args.init_from:
+        warm_start(model, args.init_from)  # a resumed run then continues from its own state
 
     run = Run(args, model, optimizer, args.resume_dir, ctx)
     run.take_folder()  # one trainer per resume folder; an incomplete state is dropped

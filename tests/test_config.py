@@ -140,6 +140,21 @@ REFUSALS = {
         lambda c: c["mining"].update(k_t2i=40),
         "config: mining.k_t2i: 40, but a caption of the 40-image training split",
     ),
+    "later rounds without an AdapOffQuin miner": (
+        lambda c: c["mining"].update(rounds=2) or deep_set(c, "aoq.variants", ["offtri"]),
+        "config: mining.rounds: later rounds mine with the adapoffquin run of 'vsepp', which it does not",
+    ),
+    "a seed the round-2 miner lacks": (
+        lambda c: (
+            c["mining"].update(rounds=2)
+            or c["models"].update(vsepp2={"arch": "vsepp", "embed_size": 16, "word_dim": 8, "seeds": [0, 1]})
+        ),
+        "config: mining.rounds: model 'vsepp2' trains seeds [0, 1], but the round-2 miner 'vsepp' only [0]",
+    ),
+    "unknown exclusion": (
+        lambda c: deep_set(c, "mining.exclude", "captions"),
+        "config: mining.exclude: 'captions' is not one of",
+    ),
 }
 
 

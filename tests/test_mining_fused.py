@@ -87,6 +87,23 @@ def test_native_compactions_on_long_rows(monkeypatch):
     np.testing.assert_array_equal(out_t, stable_topk(S1.T, own_img, 3))
 
 
+@needs_kernel
+def test_native_workers_each_hold_k_captions_when_tiles_split_unevenly(monkeypatch):
+    """A bug: 1,000 images, 2 threads, k_i2t 2000 (the demo's mining with two threads) split the
+    5,000 captions at whole 2048-wide tiles into 4,096 + 904, and the second worker's image lists
+    could not fill k: 'a top-k queue holds fewer entries than k'. Scaled down: 10 images, tiles
+    of 20 captions, k_i2t 20."""
+    monkeypatch.setattr(mining, "NATIVE_TILE_COLS", 20)
+    img, cap, S = continuous_data(11, 10, 4)
+    out_i, out_t = run(img, cap, 20, 3, engine="native", threads=2)
+    np.testing.assert_array_equal(out_i, stable_topk(S, own_caps, 20))
+    np.testing.assert_array_equal(out_t, stable_topk(S.T, own_img, 3))
+    for n, tile, size in ((5000, 2048, 2005), (50, 20, 25), (10_000, 2048, 2005)):
+        ranges = mining.worker_ranges(0, n, 2, tile, size)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n and all(b - a >= size for a, b in ranges), ranges
+    assert len(mining.worker_ranges(0, 10_000, 2, 2048, 2005)) == 2  # still two workers where both fit
+
+
 @pytest.mark.parametrize("block_rows", [1, 7, None])
 def test_torch_engine_matches_brute_force(block_rows):
     img, cap, S = continuous_data(1, 60, 8)

@@ -116,7 +116,8 @@ def test_report_pairs_seeds_and_flags_warmup_and_identical_weights(tmp_path):
     paths = [write_metrics(tmp_path, "baseline", [s], *base[s]) for s in (0, 1)]
     paths.append(write_metrics(tmp_path, "adapoffquin", [0], *aoq[0], epoch=2))  # warm-up checkpoint
     paths.append(write_metrics(tmp_path, "adapoffquin", [1], *aoq[1], weights="w"))  # baseline's weights
-    out = {k: tmp_path / "r" / k for k in ("report.md", "report.csv", "curves.png", "stats.png", "d.csv")}
+    names = ("report.md", "report.csv", "curves.png", "stats.png", "d.csv", "table.html")
+    out = {k: tmp_path / "r" / k for k in names}
     report.main(
         [
             "--metrics",
@@ -128,6 +129,7 @@ def test_report_pairs_seeds_and_flags_warmup_and_identical_weights(tmp_path):
         ]
         + ["--out-png", str(out["curves.png"]), "--out-stats-png", str(out["stats.png"])]
         + ["--bootstrap-resamples", "500", "--out-differences", str(out["d.csv"])]
+        + ["--out-html", str(out["table.html"])]
     )
     seed0 = recall_metrics(*aoq[0])["rsum"] - recall_metrics(*base[0])["rsum"]
     expected = seed0 / 2  # seed 1 adds a zero difference
@@ -147,3 +149,10 @@ def test_report_pairs_seeds_and_flags_warmup_and_identical_weights(tmp_path):
     assert differences[["model", "variant", "seeds"]].values.tolist() == [["vsrn", "adapoffquin", "0,1"]]
     assert differences["rsum_difference"].iloc[0] == pytest.approx(expected, abs=1e-4)
     assert differences["low"].iloc[0] > 0 and differences["resamples"].iloc[0] == 500
+    # The HTML page holds the same cells as report.md's tables, and the warnings.
+    page = out["table.html"].read_text()
+    assert f"<td>+AdapOffQuin</td><td>0,1</td><td>{expected:+.1f}</td>" in page
+    assert f"<td>{mean_rsum:.1f} ± {std_rsum:.1f}</td></tr>" in page
+    assert "<li>vsrn +AdapOffQuin seed0 (test_1k): the selected checkpoint (epoch 2) predates" in page
+    assert page.count("<table>") == 2  # over seeds and paired differences (no ensemble rows here)
+    assert sorted(p.name for p in out["report.md"].parent.iterdir()) == sorted(names)  # no temporaries

@@ -164,3 +164,23 @@ def test_warmup_changes_training(train_data, tmp_path):
         extra=["--train-config", TRAIN[:-1] + ', "max_violation_warmup_epochs": 1}'],
     )
     assert not same_weights(tmp_path / "ref" / "last.pt", tmp_path / "warm" / "last.pt")
+
+
+def test_warm_start_takes_the_weights_of_a_matching_checkpoint_only(tmp_path):
+    """A later mining round starts from the previous round's weights (mining.warm_start)."""
+    from models import create_model
+    from pipeline_steps.training.checkpoint import CheckpointError, save_checkpoint, warm_start
+
+    torch.manual_seed(0)
+    source = create_model("vsepp", vocab_size=20, img_dim=16, embed_size=12, word_dim=8)
+    save_checkpoint(tmp_path / "round1.pt", source)
+    torch.manual_seed(1)
+    target = create_model("vsepp", vocab_size=20, img_dim=16, embed_size=12, word_dim=8)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values())
+    )
+    warm_start(target, tmp_path / "round1.pt")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    other = create_model("vsepp", vocab_size=20, img_dim=16, embed_size=16, word_dim=8)
+    with pytest.raises(CheckpointError, match="round1.pt: a vsepp checkpoint with config .* cannot start"):
+        warm_start(other, tmp_path / "round1.pt")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.losses import VARIANT_LABELS
 from pipeline_steps.common.atomic import atomic_path
+from pipeline_steps.reporting.tables import method
 
 
 def _pyplot():
@@ -55,7 +55,7 @@ def plot_rsum_intervals(intervals, level, target):
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
     for axis, evaluation in zip(axes, evaluations):
         rows = intervals[intervals["evaluation"] == evaluation].reset_index(drop=True)
-        labels = [f"{r.model}\n{VARIANT_LABELS.get(r.variant, r.variant)}" for r in rows.itertuples()]
+        labels = [f"{r.model}\n{method(r.variant)}" for r in rows.itertuples()]
         for x, row in enumerate(rows.itertuples()):
             axis.errorbar(
                 x,

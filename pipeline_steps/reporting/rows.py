@@ -2,6 +2,7 @@
 and its provenance (the report's CSV)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +33,26 @@ def warmup_ended(model):
     return model.get("epoch") is None or model["epoch"] >= warmup
 
 
+def method_of(path, variant):
+    """The training method of an evaluation: its loss variant, or a later mining round's
+    <variant>_round<r>, which only the evaluation's folder (eval/<name>/<method>/<subset>/) names:
+    a round trains with the same loss."""
+    folder = Path(path).parent.parent.name
+    return folder if re.fullmatch(rf"{re.escape(variant)}_round\d+", folder) else variant
+
+
 def metrics_row(path):
     result = json.loads(Path(path).read_text(encoding="utf-8"))
     models = result["models"]
     variants = {m["variant"] for m in models}
+    variant = method_of(path, variants.pop()) if len(variants) == 1 else "mixed"
     origin = result.get("provenance", {})
     return {
         "evaluation": result["evaluation"],
         "split": result["split"],
         "protocol": result["protocol"],
         "model": result.get("label", models[0]["model"]),
-        "variant": variants.pop() if len(variants) == 1 else "mixed",
+        "variant": variant,
         "subset": subset_of(models),
         "seeds": _joined(sorted({m.get("seed") for m in models}, key=str)),
         "ensemble_size": len(models),

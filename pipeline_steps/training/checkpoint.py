@@ -65,3 +65,17 @@ def load_checkpoint(path, device="cpu"):
     model.load_state_dict(checkpoint["state_dict"])
     model.to(device).eval()
     return model, checkpoint
+
+
+def warm_start(model, path):
+    """Give `model` the weights of a checkpoint of the same architecture and config (a later
+    mining round starting from the previous round's model; the optimizer starts afresh)."""
+    checkpoint = load_torch(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
+    if (checkpoint["model_name"], checkpoint["model_config"]) != (model.name, model.config_dict):
+        raise CheckpointError(
+            f"{path}: a {checkpoint['model_name']} checkpoint with config {checkpoint['model_config']} "
+            f"cannot start a {model.name} run with config {model.config_dict}"
+        )
+    model.load_state_dict(checkpoint["state_dict"])

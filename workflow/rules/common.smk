@@ -43,9 +43,9 @@ RELEASED_ENSEMBLES = {c: [c] for c in RELEASED} | config["released"]["ensembles"
 
 
 def ensemble_variants(name):
-    """Methods every member of an ensemble was trained with, in the paper's order."""
-    members = [set(variants_of(m)) for m in ENSEMBLES[name]]
-    return [v for v in LOSS_VARIANTS if all(v in m for m in members)]
+    """Methods every member of an ensemble was trained with, in the paper's order (then rounds)."""
+    first, *others = ENSEMBLES[name]
+    return [v for v in variants_of(first) if all(v in variants_of(m) for m in others)]
 
 
 def common_seeds(name):
@@ -70,12 +70,20 @@ def set_seeds(name, subset):
     return ensemble_seeds(name) if subset == "ensemble" else [int(subset.removeprefix("seed"))]
 
 
+# Training methods: the loss variants, and later mining rounds' <variant>_round<r>.
+METHODS = list(dict.fromkeys(LOSS_VARIANTS + [v for m in MODELS for v in variants_of(m)]))
+
+
 wildcard_constraints:
     model="|".join(MODELS),
     subset=r"seed\d+|ensemble",
     ckpt="|".join(RELEASED) or "^$",
-    variant="|".join(LOSS_VARIANTS),
+    variant="|".join(METHODS),
     seed=r"\d+",
+    # The model that mines a candidate set, as a folder: empty for the round-1 baseline
+    # (candidates/<model>/seed<k>/), "<method>/" for a later round's miner
+    # (candidates/<model>/<method>/seed<k>/).
+    miner="|".join([""] + [f"{v}/" for m in MODELS for v in variants_of(m)[1:]]),
 
 
 # Job resources by class (config.yaml `resources`): memory, runtime, and for the GPU classes a
@@ -160,39 +168,75 @@ def checkpoint_path(model, variant, seed):
     return f"{train_dir(model, variant, seed)}/model_best.pt"
 
 
-def miner_candidates():
-    """The i2t / t2i files every AOQ run trains with: mined by the configured baseline, or the
-    authors' files (mining.candidate_files) once checked."""
+def round_miner(round_):
+    """The method whose model mines round `round_` >= 2: the previous round's AdapOffQuin."""
+    return round_method(ROUND_MINER, round_ - 1)
+
+
+def candidate_folder(round_=1, seed=None):
+    """Where a mining round's i2t / t2i files lie: round 1 by the configured baseline (one seed for
+    every run) or the authors' files (mining.candidate_files) once checked; round r >= 2 by the
+    same seed's round_miner(r)."""
     m = config["mining"]
+    if round_ > 1:
+        return f"{R}/candidates/{m['model']}/{round_miner(round_)}/seed{seed}"
     if m["candidate_files"]:
-        folder = f"{R}/candidates/authors"
-    else:
-        folder = f"{R}/candidates/{m['model']}/seed{m['seed']}"
+        return f"{R}/candidates/authors"
+    return f"{R}/candidates/{m['model']}/seed{m['seed']}"
+
+
+def miner_candidates(round_=1, seed=None):
+    folder = candidate_folder(round_, seed)
     return {"i2t": f"{folder}/i2t_{DS_PREFIX}.npy", "t2i": f"{folder}/t2i_{DS_PREFIX}.npy"}
+
+
+def miner_method(wildcards):
+    """The method of the model that mines (or whose embeddings are) {miner}: baseline in round 1."""
+    return wildcards.miner.rstrip(os.sep) or "baseline"
+
+
+def audit_outputs():
+    """The mining audit of every candidate set the configured runs train with."""
+    m = config["mining"]
+    folders = [] if m["candidate_files"] else [candidate_folder()]
+    seeds = sorted({s for name in MODELS if variants_of(name)[1:] for s in seeds_of(name)})
+    folders += [candidate_folder(r, s) for r in range(2, MINING_ROUNDS + 1) for s in seeds]
+    return [f"{folder}/audit.{ext}" for folder in folders for ext in ("json", "png")]
 
 
 def model_config(model):
     return {k: v for k, v in MODELS[model].items() if k not in MODEL_KEYS}
 
 
-def loss_section(variant):
+def loss_section(method):
     # The baseline gets only its own margin, so AOQ hyperparameters never rerun it.
+    variant, _ = method_round(method)
     if variant == "baseline":
         return {"variant": "baseline", "margin_online": config["baseline"]["margin"]}
     return {"variant": variant, **config["aoq"]["loss"]}
 
 
+def warm_start_from(method):
+    """The checkpoint method a later round starts from (mining.warm_start), or None."""
+    variant, round_ = method_round(method)
+    return round_method(variant, round_ - 1) if round_ > 1 and config["mining"]["warm_start"] else None
+
+
 def train_inputs(wildcards):
     inputs = split_inputs("train", "dev")
     if wildcards.variant != "baseline":
-        inputs.update(miner_candidates())
+        inputs.update(miner_candidates(method_round(wildcards.variant)[1], wildcards.seed))
+    if warm_start_from(wildcards.variant):
+        inputs["init"] = checkpoint_path(wildcards.model, warm_start_from(wildcards.variant), wildcards.seed)
     return inputs
 
 
 def candidate_flags(wildcards, input):
+    """Offline candidates of an AOQ run, and the checkpoint a later mining round starts from."""
     if wildcards.variant == "baseline":
         return ""
-    return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}"
+    init = f" --init-from {input.init}" if "init" in input.keys() else ""
+    return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}{init}"
 
 
 def evaluation_flags(outputs):
@@ -216,16 +260,30 @@ def data_settings():
     return {"dataset": config["dataset"], "demo": config["demo"] if config["demo"]["enabled"] else None}
 
 
-def candidate_settings():
+def candidate_settings(round_=1, seed=None):
     m = config["mining"]
-    if m["candidate_files"]:
+    if round_ > 1:
+        miner = mining_settings(m["model"], seed, round_miner(round_))
+    elif m["candidate_files"]:
         return {"files": m["candidate_files"]}
+    else:
+        miner = mining_settings(m["model"], m["seed"])
     return {
-        "miner": run_settings(m["model"], "baseline", m["seed"]),
+        "miner": miner,
         "k_i2t": m["k_i2t"],
         "k_t2i": m["k_t2i"],
         "dtype": m["dtype"],
     }
+
+
+# mining.exclude (off by default, as in the paper) enters the settings only when on, so that
+# results mined before the setting existed stay current.
+EXCLUDE_DUPLICATES = config["mining"]["exclude"] == "duplicate_captions"
+
+
+def mining_settings(model, seed, method="baseline"):
+    settings = run_settings(model, method, seed)
+    return settings | {"exclude": config["mining"]["exclude"]} if EXCLUDE_DUPLICATES else settings
 
 
 def run_settings(model, variant, seed):
@@ -239,7 +297,9 @@ def run_settings(model, variant, seed):
         "seed": int(seed),
     }
     if variant != "baseline":
-        settings["candidates"] = candidate_settings()
+        settings["candidates"] = candidate_settings(method_round(variant)[1], seed)
+    if warm_start_from(variant):
+        settings["warm_start"] = run_settings(model, warm_start_from(variant), seed)
     return settings
 
 
@@ -286,4 +346,12 @@ def evaluation_outputs():
 
 
 def report_outputs():
-    return [f"{R}/report/{name}" for name in ("report.md", "report.csv", "curves.png", "statistics.png", "differences.csv")]
+    names = (
+        "report.md",
+        "report.csv",
+        "curves.png",
+        "statistics.png",
+        "differences.csv",
+        "results_table.html",
+    )
+    return [f"{R}/report/{name}" for name in names]

@@ -52,7 +52,12 @@ rule prepare_data:
         caps=expand(f"{DATA}/{{split}}_caps.txt", split=config["dataset"]["splits"]),
     output:
         vocab=f"{PREPARED}/vocab.json",
-        manifest=f"{PREPARED}/manifest.json",
+        manifest=report(
+            f"{PREPARED}/manifest.json",
+            caption="../report/manifest.rst",
+            category="Data",
+            labels={"result": "prepared data manifest"},
+        ),
         ids=expand(f"{PREPARED}/{{split}}_ids.npz", split=config["dataset"]["splits"]),
     log:
         f"logs/{DATASET}/prepare_data.log",

@@ -16,7 +16,7 @@ rule evaluate:
         f"logs/{DATASET}/evaluate/{{name}}_{{method}}_{{subset}}.benchmark.tsv"
     wildcard_constraints:
         name="|".join(list(ENSEMBLES) + list(RELEASED_ENSEMBLES)),
-        method="|".join(LOSS_VARIANTS + ["released"]),
+        method="|".join(METHODS + ["released"]),
     conda:
         "../../envs/aoq.yaml"
     threads: config["resources"]["evaluate"]["threads"]

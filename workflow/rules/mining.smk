@@ -1,13 +1,15 @@
+# {miner} is empty for the round-1 miner (the baseline) and "<method>/" for a later mining
+# round's (mining.rounds), so round 1 keeps its paths whatever the number of rounds.
 rule extract_embeddings:
     input:
         unpack(lambda w: split_inputs("train")),
-        checkpoint=checkpoint_path("{model}", "baseline", "{seed}"),
+        checkpoint=lambda w: checkpoint_path(w.model, miner_method(w), w.seed),
     output:
-        f"{R}/embeddings/{{model}}/seed{{seed}}/train.h5",
+        f"{R}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
     log:
-        f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.log",
+        f"logs/{DATASET}/extract_embeddings/{{model}}_{{miner}}seed{{seed}}.log",
     benchmark:
-        f"logs/{DATASET}/extract_embeddings/{{model}}_seed{{seed}}.benchmark.tsv"
+        f"logs/{DATASET}/extract_embeddings/{{model}}_{{miner}}seed{{seed}}.benchmark.tsv"
     conda:
         "../../envs/aoq.yaml"
     threads: config["resources"]["extract"]["threads"]
@@ -18,7 +20,7 @@ rule extract_embeddings:
         data=data_dir,
         prepared=prepared_dir,
         device=config["run"]["device"],
-        settings=lambda w: digest(run_settings(w.model, "baseline", w.seed)),
+        settings=lambda w: digest(run_settings(w.model, miner_method(w), w.seed)),
     shell:
         "{params.step} --checkpoint {input.checkpoint} --data {params.data}"
         " --prepared {params.prepared} --split train --out {output} --device {params.device}"
@@ -27,31 +29,88 @@ rule extract_embeddings:
 
 rule mine_candidates:
     input:
-        f"{R}/embeddings/{{model}}/seed{{seed}}/train.h5",
+        f"{R}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
     output:
-        i2t=f"{R}/candidates/{{model}}/seed{{seed}}/i2t_{DS_PREFIX}.npy",
-        t2i=f"{R}/candidates/{{model}}/seed{{seed}}/t2i_{DS_PREFIX}.npy",
+        i2t=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/i2t_{DS_PREFIX}.npy",
+        t2i=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
     log:
-        f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.log",
+        f"logs/{DATASET}/mine_candidates/{{model}}_{{miner}}seed{{seed}}.log",
     benchmark:
-        f"logs/{DATASET}/mine_candidates/{{model}}_seed{{seed}}.benchmark.tsv"
+        f"logs/{DATASET}/mine_candidates/{{model}}_{{miner}}seed{{seed}}.benchmark.tsv"
     conda:
         "../../envs/aoq.yaml"
     threads: config["resources"]["mine"]["threads"]
     resources:
         **job_resources("mine"),
     params:
-        step=step_command("mine", "pipeline_steps.mine_candidates"),
+        # mining.exclude: duplicate_captions compares the tokenized training captions (made
+        # before the embeddings). Part of the command, so that with the default (off) the rule's
+        # code and params are those of before the setting existed: nothing mined reruns.
+        step=lambda w: step_command("mine", "pipeline_steps.mine_candidates")
+        + (f" --exclude-duplicates {PREPARED}/train_ids.npz" if EXCLUDE_DUPLICATES else ""),
         k_i2t=config["mining"]["k_i2t"],
         k_t2i=config["mining"]["k_t2i"],
         dtype=config["mining"]["dtype"],
         block_mb=config["mining"]["block_mb"],
         device=config["run"]["device"],
-        settings=lambda w: digest(run_settings(w.model, "baseline", w.seed)),
+        settings=lambda w: digest(mining_settings(w.model, w.seed, miner_method(w))),
     shell:
         "{params.step} --embeddings {input} --out-i2t {output.i2t}"
         " --out-t2i {output.t2i} --k-i2t {params.k_i2t} --k-t2i {params.k_t2i} --dtype {params.dtype}"
         " --block-mb {params.block_mb} --device {params.device} --threads {threads} > {log} 2>&1"
+
+
+# The mining audit (docs/mining_audit.md): how hard the candidates are against the online hardest
+# negative of the AOQ runs' batches, how many duplicate a positive's caption or score above the
+# positive, on demo data how much of each scene's near-duplicate family they find; a later
+# round's set is also compared with round 1's (overlap).
+rule audit_mining:
+    input:
+        embeddings=f"{R}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
+        i2t=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/i2t_{DS_PREFIX}.npy",
+        t2i=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
+        ids=f"{PREPARED}/train_ids.npz",
+        meta=[f"{DATA}/demo_meta.json"] if config["demo"]["enabled"] else [],
+        round1=lambda w: list(miner_candidates().values()) if w.miner else [],
+    output:
+        json=report(
+            f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.json",
+            caption="../report/mining_audit_json.rst",
+            category="Mining",
+            subcategory="Audit",
+            labels=lambda w: {"miner": f"{w.model} {miner_method(w)}", "seed": w.seed, "result": "numbers"},
+        ),
+        png=report(
+            f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.png",
+            caption="../report/mining_audit.rst",
+            category="Mining",
+            subcategory="Audit",
+            labels=lambda w: {"miner": f"{w.model} {miner_method(w)}", "seed": w.seed, "result": "figure"},
+        ),
+    log:
+        f"logs/{DATASET}/audit_mining/{{model}}_{{miner}}seed{{seed}}.log",
+    benchmark:
+        f"logs/{DATASET}/audit_mining/{{model}}_{{miner}}seed{{seed}}.benchmark.tsv"
+    conda:
+        "../../envs/aoq.yaml"
+    threads: config["resources"]["mine"]["threads"]
+    resources:
+        # CPU only; it holds the embeddings in memory, as mining does.
+        mem_mb=config["resources"]["mine"]["mem_mb"],
+        runtime=config["resources"]["mine"]["runtime"],
+    params:
+        # The online batches AOQ trains with, and the top of each row it draws from.
+        batch_size=lambda w: train_section(w.model, "aoq")["batch_size"],
+        offline_size=lambda w: train_section(w.model, "aoq")["offline_size"],
+        optional=lambda w, input: " ".join(
+            ([f"--demo-meta {input.meta[0]}"] if input.meta else [])
+            + ([f"--compare-i2t {input.round1[0]} --compare-t2i {input.round1[1]}"] if input.round1 else [])
+        ),
+    shell:
+        "python -m pipeline_steps.audit_mining --embeddings {input.embeddings} --i2t {input.i2t}"
+        " --t2i {input.t2i} --caption-ids {input.ids} {params.optional} --compare-label 'round 1'"
+        " --seed {wildcards.seed} --batch-size {params.batch_size} --offline-size {params.offline_size}"
+        " --threads {threads} --out-json {output.json} --out-png {output.png} > {log} 2>&1"
 
 
 if config["mining"]["candidate_files"]:

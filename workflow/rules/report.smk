@@ -1,14 +1,58 @@
+# Outputs marked with report() also go into Snakemake's self-contained HTML report
+# (`snakemake --report results/demo_precomp/report.html`), each with its caption from
+# workflow/report/, grouped by category: Data, Training, Mining, Evaluation. The marks change no
+# output and plan no job: Snakemake reads them only when it writes the HTML report.
 rule report:
     input:
         metrics=evaluation_outputs(),
         ranks=[p.removesuffix(".json") + ".ranks.npz" for p in evaluation_outputs()],
         val_logs=[f"{train_dir(m, v, s)}/val_log.csv" for m, v, s in trained_runs()],
+        audits=[p for p in audit_outputs() if p.endswith(".json")],
     output:
-        md=f"{R}/report/report.md",
-        csv=f"{R}/report/report.csv",
-        png=f"{R}/report/curves.png",
-        stats_png=f"{R}/report/statistics.png",
-        differences=f"{R}/report/differences.csv",
+        md=report(
+            f"{R}/report/report.md",
+            caption="../report/report_md.rst",
+            category="Evaluation",
+            subcategory="Results",
+            labels={"result": "report (Markdown)"},
+        ),
+        csv=report(
+            f"{R}/report/report.csv",
+            caption="../report/report_csv.rst",
+            category="Evaluation",
+            subcategory="Results",
+            labels={"result": "metrics of every evaluated run"},
+        ),
+        png=report(
+            f"{R}/report/curves.png",
+            caption="../report/curves.rst",
+            category="Training",
+            subcategory="Curves",
+            labels={"result": "training curves"},
+        ),
+        stats_png=report(
+            f"{R}/report/statistics.png",
+            caption="../report/statistics.rst",
+            category="Evaluation",
+            subcategory="Statistics",
+            labels={"result": "rsum intervals"},
+        ),
+        differences=report(
+            f"{R}/report/differences.csv",
+            caption="../report/differences.rst",
+            category="Evaluation",
+            subcategory="Statistics",
+            labels={"result": "paired differences"},
+        ),
+        # report.md's tables as HTML: the HTML report displays an HTML result in place (a
+        # Markdown or CSV result there is only a download link).
+        table=report(
+            f"{R}/report/results_table.html",
+            caption="../report/results_table.rst",
+            category="Evaluation",
+            subcategory="Results",
+            labels={"result": "results table"},
+        ),
     log:
         f"logs/{DATASET}/report.log",
     conda:
@@ -19,10 +63,12 @@ rule report:
         title=config["report"]["title"],
         bootstrap=config["report"]["bootstrap"],
         settings=digest(report_settings()),
+        exclude=config["mining"]["exclude"],
     shell:
         "python -m pipeline_steps.report --metrics {input.metrics} --val-logs {input.val_logs}"
         " --title {params.title:q} --bootstrap-resamples {params.bootstrap[resamples]}"
         " --bootstrap-level {params.bootstrap[level]} --bootstrap-seed {params.bootstrap[seed]}"
         " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --out-stats-png {output.stats_png}"
-        " --out-differences {output.differences}"
+        " --out-differences {output.differences} --out-html {output.table}"
+        " --audits {input.audits} --mining-exclude {params.exclude}"
         " > {log} 2>&1"

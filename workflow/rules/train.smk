@@ -5,7 +5,7 @@
 TENSORBOARD_RUNS = {
     (model, variant): train_section(model, variant).get("tensorboard", False)
     for model in config["models"]
-    for variant in LOSS_VARIANTS
+    for variant in LOSS_VARIANTS + variants_of(model)
 }
 for owner in [config, *config["models"].values()]:
     for holder in (owner, owner.get("baseline", {}), owner.get("aoq", {})):
@@ -18,7 +18,14 @@ rule train:
     output:
         best=f"{train_dir()}/model_best.pt",
         last=f"{train_dir()}/model_last.pt",
-        val_log=f"{train_dir()}/val_log.csv",
+        val_log=report(
+            f"{train_dir()}/val_log.csv",
+            caption="../report/val_log.rst",
+            category="Training",
+            subcategory="Validation logs",
+            # A function: Snakemake fills wildcards into a label given as a string, not into a dict.
+            labels=lambda w: {"model": w.model, "method": w.variant, "seed": w.seed},
+        ),
     log:
         f"logs/{DATASET}/train/{{model}}_{{variant}}_seed{{seed}}.log",
     benchmark:

@@ -59,9 +59,27 @@ def seeds_of(model):
     return config["models"][model].get("seeds", config["run"]["seeds"])
 
 
+# Refreshed mining rounds (mining.rounds, docs/mining_audit.md): round r >= 2 trains every AOQ
+# method again on candidates mined by the round r-1 AdapOffQuin model of the same seed; its
+# runs are methods of their own, <variant>_round<r>, beside the round-1 ones.
+MINING_ROUNDS = config["mining"]["rounds"]
+ROUND_MINER = "adapoffquin"
+
+
+def round_method(variant, round_):
+    return variant if round_ == 1 else f"{variant}_round{round_}"
+
+
+def method_round(method):
+    """(loss variant, mining round) of a method name: adapoffquin_round2 -> (adapoffquin, 2)."""
+    variant, _, round_ = method.partition("_round")
+    return variant, int(round_) if round_ else 1
+
+
 def variants_of(model):
-    """ "baseline", then the model's AOQ methods."""
-    return ["baseline"] + config["models"][model].get("variants", config["aoq"]["variants"])
+    """ "baseline", then the model's AOQ methods, round by round."""
+    aoq = config["models"][model].get("variants", config["aoq"]["variants"])
+    return ["baseline"] + [round_method(v, r) for r in range(1, MINING_ROUNDS + 1) for v in aoq]
 
 
 def train_section(model, variant):
@@ -182,6 +200,30 @@ def check_mining():
             )
 
 
+def check_rounds():
+    """Round r >= 2 mines with the mining model's AdapOffQuin run of each seed it trains."""
+    if MINING_ROUNDS == 1:
+        return
+    models, miner = config["models"], config["mining"]["model"]
+    selected = config["run"].get("models", list(models))
+    if miner not in selected or models[miner]["arch"] not in EMBEDDING_ARCHS:
+        refuse(
+            "mining.rounds",
+            f"later rounds mine with mining.model, which must be a selected {EMBEDDING_ARCHS} model",
+        )
+    if ROUND_MINER not in variants_of(miner):
+        refuse(
+            "mining.rounds",
+            f"later rounds mine with the {ROUND_MINER} run of {miner!r}, which it does not train",
+        )
+    for name in selected:
+        if variants_of(name)[1:] and not set(seeds_of(name)) <= set(seeds_of(miner)):
+            refuse(
+                "mining.rounds",
+                f"model {name!r} trains seeds {seeds_of(name)}, but the round-2 miner {miner!r} only {seeds_of(miner)}",
+            )
+
+
 def check_download():
     if not config["download"]["enabled"]:
         return
@@ -197,4 +239,5 @@ def check_download():
 check_variants()
 check_models()
 check_mining()
+check_rounds()
 check_download()
