@@ -59,6 +59,14 @@ def snakemake(workdir, config, *args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
 
 
+def succeeded(workdir, config, *args):
+    """snakemake(...) that fails the calling test with the tail of Snakemake's output unless it
+    succeeds."""
+    result = snakemake(workdir, config, *args)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
 def planned_jobs(result):
     """(rule, wildcards) of every job a dry run plans."""
     jobs, rule = [], None

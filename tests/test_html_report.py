@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from models.losses import VARIANT_LABELS
-from tests.helpers import snakemake, tiny_config
+from tests.helpers import succeeded, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -33,11 +33,9 @@ PATIENCE_S = 180
 def html_report(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("html_report")
     config = tiny_config()
-    run = snakemake(workdir, config)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    succeeded(workdir, config)
     page = workdir / "report.html"
-    result = snakemake(workdir, config, "--report", str(page))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    succeeded(workdir, config, "--report", str(page))
     return workdir, config, page
 
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import planned_jobs, snakemake, tiny_config
+from tests.helpers import planned_jobs, snakemake, succeeded, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -25,8 +25,7 @@ def two_rounds():
 def finished(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rounds")
     config = two_rounds()
-    result = snakemake(workdir, config, "-p")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    result = succeeded(workdir, config, "-p")
     return workdir, config, result.stdout + result.stderr
 
 

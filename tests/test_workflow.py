@@ -12,7 +12,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import ENV, REPO, SNAKEFILE, SNAKEMAKE, planned_jobs, snakemake, tiny_config, write_config
+from tests.helpers import (
+    ENV,
+    REPO,
+    SNAKEFILE,
+    SNAKEMAKE,
+    planned_jobs,
+    snakemake,
+    succeeded,
+    tiny_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -21,8 +31,7 @@ pytestmark = pytest.mark.workflow
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
     config = tiny_config()
-    result = snakemake(workdir, config)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    succeeded(workdir, config)
     return workdir, config
 
 
