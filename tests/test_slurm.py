@@ -45,6 +45,7 @@ RULE_CLASS = {
     "train": "train",
     "extract_embeddings": "extract",
     "mine_candidates": "mine",
+    "audit_mining": "mine",  # CPU only, sized like the mining it audits
     "evaluate": "evaluate",
     "report": "light",
 }
