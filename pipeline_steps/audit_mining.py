@@ -61,7 +61,10 @@ def load_embeddings(path):
     except (OSError, KeyError) as err:
         raise InputError(f"{path}: not an embeddings file with images and captions ({err})") from None
     if len(captions) != audit.CAPTIONS_PER_IMAGE * len(images):
-        raise InputError(f"{path}: {len(captions)} captions for {len(images)} images (expected 5 each)")
+        raise InputError(
+            f"{path}: {len(captions)} captions for {len(images)} images "
+            f"(expected {audit.CAPTIONS_PER_IMAGE} each)"
+        )
     return images, captions
 
 
@@ -73,13 +76,6 @@ def load_candidates(path, rows, targets, what):
     if low < 0 or high >= targets:
         raise InputError(f"{path}: ids must lie in [0, {targets}), found {low}..{high}")
     return array
-
-
-def load_groups(path, n_cap):
-    with np.load(path) as ids:
-        if len(ids["offsets"]) != n_cap + 1:
-            raise InputError(f"{path}: {len(ids['offsets']) - 1} captions, the embeddings have {n_cap}")
-        return audit.caption_groups(ids["ids"], ids["offsets"])
 
 
 def load_families(path, n_img):
@@ -102,7 +98,7 @@ def main(argv=None):
     n_img, n_cap = len(images), len(captions)
     i2t = load_candidates(args.i2t, n_img, n_cap, "image")
     t2i = load_candidates(args.t2i, n_cap, n_img, "caption")
-    groups = load_groups(args.caption_ids, n_cap)
+    groups = audit.load_caption_groups(args.caption_ids, n_cap)
     family = load_families(args.demo_meta, n_img)
     hardest_i2t, hardest_t2i, relative_in_batch = audit.in_batch_hardest(
         images, captions, args.batch_size, args.seed, family

@@ -31,7 +31,7 @@ import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries
 from pipeline_steps.common.device import pick_device, set_tf32
 from pipeline_steps.common.errors import InputError, one_line_errors
-from pipeline_steps.retrieval.audit import caption_groups
+from pipeline_steps.retrieval.audit import load_caption_groups
 from pipeline_steps.retrieval.exclusion import duplicate_counts, write_filtered
 from pipeline_steps.retrieval.mining import ENGINES, mine_both, t2i_queue_bytes
 
@@ -92,13 +92,7 @@ def mine(args, images, captions, out_i2t, out_t2i, device):
 def mine_without_duplicates(args, images, captions, out_i2t, out_t2i, device):
     """Mine as many extra columns as the most duplicated anchor has duplicates, then drop them
     (docs/mining_audit.md): each row is exactly the top k of the candidates that remain."""
-    with np.load(args.exclude_duplicates) as ids:
-        if len(ids["offsets"]) != len(captions) + 1:
-            found = len(ids["offsets"]) - 1
-            raise InputError(
-                f"{args.exclude_duplicates}: {found} captions, the embeddings have {len(captions)}"
-            )
-        groups = caption_groups(ids["ids"], ids["offsets"])
+    groups = load_caption_groups(args.exclude_duplicates, len(captions))
     per_image, per_caption = duplicate_counts(groups)
     shapes = []
     for out, flagged, available, what in (

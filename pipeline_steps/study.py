@@ -11,7 +11,6 @@ Example:
 """
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +68,10 @@ def run_level(args, study, level, workdir):
     write_text_atomic(config, yaml.safe_dump(level_overlay(study, level)))
     command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
     command += ["--cores", args.cores, "--configfile", *args.base_config, args.preset, str(config)]
-    # The rules call `python`: it must be this interpreter's (the project's environment).
-    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    # Snakemake runs under this interpreter, and the workflow puts its folder first on the rules'
+    # PATH (workflow/rules/common.smk), so the rules' `python` is this environment's.
     print(f"study {study['name']}: {study['knob']}={level:g}: {' '.join(command[2:])}", flush=True)
-    done = subprocess.run(command + args.snakemake_args, env=env)
+    done = subprocess.run(command + args.snakemake_args)
     if done.returncode:
         raise InputError(f"study {study['name']}: the Snakemake run of {study['knob']}={level:g} failed")
 

@@ -14,9 +14,10 @@ ceil(offline_size / 5) images per caption (docs/method.md).
 import numpy as np
 import torch
 
+from pipeline_steps.common.errors import InputError
 from pipeline_steps.data.batches import epoch_batches
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
-CAPTIONS_PER_IMAGE = 5
 RANKS = (1, 10, 100, 300)
 TIE_TOLERANCE = 1e-5
 QUANTILES = {"p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}
@@ -45,6 +46,14 @@ def caption_groups(ids, offsets):
         ],
         dtype=np.int64,
     )
+
+
+def load_caption_groups(path, n_cap):
+    """caption_groups of a prepared `train_ids.npz`, which must hold `n_cap` captions."""
+    with np.load(path) as ids:
+        if len(ids["offsets"]) != n_cap + 1:
+            raise InputError(f"{path}: {len(ids['offsets']) - 1} captions, the embeddings have {n_cap}")
+        return caption_groups(ids["ids"], ids["offsets"])
 
 
 def in_batch_hardest(images, captions, batch_size, seed, family=None):
