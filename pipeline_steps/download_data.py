@@ -193,23 +193,59 @@ def _link_target(name, kind, linkname):
     return _normalize(str(PurePosixPath(name).parent / linkname)) if linkname else None
 
 
+def _entry_problem(name):
+    """Why an entry's name is not a plain relative path inside the archive (None if it is).
+
+    Backslashes count as separators (archives made on Windows). A name with an empty component
+    ('a//b', a leading '/'), a '.' or '..' component, a drive ('C:'), or a NUL is refused: after a
+    folder prefix is cut, 'folder//abs/path' would otherwise become an absolute path. The root
+    entry of a tar made with `tar -C folder .` ('./', '.') is a plain directory and passes.
+    """
+    if "\0" in name:
+        return "NUL character in its name"
+    parts = re.split(r"[/\\]", name.removesuffix("/").removesuffix("\\"))
+    if parts[0] == "" or parts[0].endswith(":"):
+        return "absolute path"
+    if "" in parts:
+        return "empty path component (a double slash)"
+    if ".." in parts:
+        return "'..' component"
+    if "." in parts:
+        return "'.' component"
+    return None
+
+
 def _check(archive, name, kind, linkname, prefix=""):
     """Refuse an entry that could write (or point) outside the extraction folder."""
 
     def bad(problem):
         raise SystemExit(f"error: {archive}: refusing entry {name!r}: {problem}")
 
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
-        bad("absolute path")
-    if ".." in path.parts:
-        bad("'..' component")
+    problem = None if kind == "dir" and name in ("", ".", "./") else _entry_problem(name)
+    if problem:
+        bad(problem)
     if kind == "other":
         bad("device, fifo or other special file")
     if kind in ("symlink", "hardlink"):
         target = _link_target(name, kind, linkname)
         if target is None or not (target + "/").startswith(prefix):
             bad(f"link to {linkname!r} points outside {prefix or 'the archive'}")
+
+
+def _inside(archive, name, root, relative):
+    """root/relative, after checking that its resolved parent lies inside the resolved root.
+
+    The last line of defence, whatever the name's form: symlinked parents, look-alike characters
+    or anything the lexical checks missed cannot place a file outside the folder being extracted.
+    """
+    target = root.joinpath(*re.split(r"[/\\]", relative.strip("/\\")))
+    real_root = Path(os.path.realpath(root))
+    real_parent = Path(os.path.realpath(target.parent))
+    if real_parent != real_root and real_root not in real_parent.parents:
+        raise SystemExit(
+            f"error: {archive}: refusing entry {name!r}: it resolves to {real_parent}, outside {root}"
+        )
+    return target
 
 
 def free_bytes(path):
@@ -308,7 +344,7 @@ def _unpack(archive, handle, prefix, chosen, tmp):
     tmp.mkdir(parents=True)
     with _bar(sum(m[2] for m in chosen if m[1] == "file"), 0, f"extract {prefix}") as bar:
         for name, kind, size, linkname, info in chosen:
-            target = tmp / name[len(prefix) :]
+            target = _inside(archive, name, tmp, name[len(prefix) :])
             if kind == "dir":
                 target.mkdir(parents=True, exist_ok=True)
                 continue

@@ -80,6 +80,9 @@ class TrainConfig:
     # `vse_mean_warmup_epochs`) avoids that. AdapOffQuin's weights need the hardest negative, so
     # its warm-up runs as OffQuin.
     max_violation_warmup_epochs: int = 0
+    # Adam's update as PyTorch 0.4.1, which the releases ran, computed it (eps added before v's
+    # bias correction; docs/reference_behaviours.md Q-ADAM041). False: today's torch.optim.Adam.
+    release_adam: bool = True
 
 
 def parse_args(argv):
@@ -404,7 +407,7 @@ def build(args, cfg, loss_cfg, ctx):
         precision = MixedPrecision(cfg.amp, ctx.device)
     except ValueError as err:
         raise SystemExit(f"error: --train-config: {err}") from None
-    optimizer = Optimizers(model, cfg.learning_rate)
+    optimizer = Optimizers(model, cfg.learning_rate, cfg.release_adam)
     return (features, captions, info), dev, model, candidates, optimizer, precision
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers import make_prepared_demo
 
@@ -17,3 +18,12 @@ def train_data(tmp_path_factory):
     np.save(i2t, rng.integers(0, 5 * n_img, size=(n_img, 25)).astype(np.int32))
     np.save(t2i, rng.integers(0, n_img, size=(5 * n_img, 5)).astype(np.int32))
     return {"data": data, "prepared": prepared, "i2t": i2t, "t2i": t2i}
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A step run in-process with --threads N sets torch's thread count for the whole test
+    process; restore it, so that no test's numbers depend on which tests ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -254,6 +254,107 @@ def test_unsafe_entries_are_refused(tmp_path, kind, entry):
     assert not (tmp_path / "data").exists() and not (tmp_path / "stamp.json").exists()
 
 
+def _archive_with(tmp_path, fmt, extra):
+    """The release plus the entries `extra` ({name: bytes}) as a zip or a tar, written to disk."""
+    files = {**_release_files(), **extra}
+    archive = tmp_path / f"hostile.{fmt}"
+    if fmt == "zip":
+        archive.write_bytes(_zip_bytes(files))
+    else:
+        with tarfile.open(archive, "w") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return archive
+
+
+# Names that must never write outside the extracted folder. ESCAPE stands for an absolute folder
+# outside it (the audit's repro: the folder prefix, a double slash, then an absolute path).
+HOSTILE_NAMES = [
+    "data/f30k_precomp//ESCAPE/evil.txt",
+    "data/f30k_precomp///ESCAPE/evil.txt",
+    "data/f30k_precomp/./../ESCAPE_REL/evil.txt",
+    "data/f30k_precomp/sub/../../../evil.txt",
+    "data/f30k_precomp\\..\\..\\evil.txt",
+    "data/f30k_precomp/\\ESCAPE/evil.txt",
+    "data/f30k_precomp/./evil.txt",
+    "/ESCAPE/evil.txt",
+    "C:\\evil.txt",
+]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+@pytest.mark.parametrize("template", HOSTILE_NAMES)
+def test_hostile_entry_names_are_refused_in_both_formats(tmp_path, fmt, template):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = template.replace("ESCAPE", str(outside).lstrip("/"))
+    archive = _archive_with(tmp_path, fmt, {name: b"evil"})
+    with pytest.raises(SystemExit) as err:
+        _run(tmp_path, ["--adopt-archive", str(archive)])
+    message = str(err.value)
+    assert message.startswith(f"error: {archive}: refusing entry ") and "\n" not in message
+    assert not list(outside.rglob("*")) and not list(tmp_path.rglob("evil.txt"))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "stamp.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "data/f30k_precomp/\u2215etc\u2215evil.txt",  # division slash, not a separator
+        "data/f30k_precomp/\uff0e\uff0e/evil.txt",  # fullwidth dots, not '..'
+        "data/f30k_precomp/\u2024\u2024/evil.txt",  # one-dot leaders
+        "data/f30k_precomp/sub folder/evil.txt",
+        "data/f30k_precomp/C:/evil.txt",  # a drive only as the first component
+    ],
+)
+def test_look_alike_names_stay_inside_the_folder(tmp_path, fmt, name):
+    """Characters that only look like separators or dots are plain file-name characters: the
+    entry is extracted, and it lands inside the extracted folder."""
+    archive = _archive_with(tmp_path, fmt, {name: b"evil"})
+    assert _run(tmp_path, ["--adopt-archive", str(archive)]) == 0
+    folder = (tmp_path / "data" / "f30k_precomp").resolve()
+    found = [p.resolve() for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes() == b"evil"]
+    assert len(found) == 1 and folder in found[0].parents
+
+
+def test_a_symlinked_parent_inside_the_folder_is_never_written_through(tmp_path, monkeypatch):
+    """The final check resolves each target: even if an entry's parent became a symlink to
+    somewhere else (here planted between the checks and the unpacking), nothing lands there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = _archive_with(tmp_path, "tar", {"data/f30k_precomp/sub/evil.txt": b"evil"})
+    original = download_data._inside
+
+    def plant(archive_, name, root, relative):
+        if relative.startswith("sub/") and not (root / "sub").exists():
+            (root / "sub").symlink_to(outside, target_is_directory=True)
+        return original(archive_, name, root, relative)
+
+    monkeypatch.setattr(download_data, "_inside", plant)
+    with pytest.raises(SystemExit, match="resolves to .*outside"):
+        _run(tmp_path, ["--adopt-archive", str(archive)])
+    assert not list(outside.rglob("*"))
+    assert not (tmp_path / "data" / "f30k_precomp").exists()
+
+
+def test_a_root_directory_entry_of_a_tar_is_accepted(tmp_path):
+    """`tar -C dir .` writes a './' entry first; it is a plain directory, not a hostile name."""
+    archive = tmp_path / "rooted.tar"
+    with tarfile.open(archive, "w") as tf:
+        root = tarfile.TarInfo("./")
+        root.type = tarfile.DIRTYPE
+        tf.addfile(root)
+        for name, data in _release_files().items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert _run(tmp_path, ["--adopt-archive", str(archive)]) == 0
+    _assert_extracted(tmp_path)
+
+
 def test_present_archive_is_not_fetched_again(tmp_path, serve):
     server = serve({"/data.zip": ZIP})
     (tmp_path / "res").mkdir()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_steps.training.optim import Optimizers, clip_grad_norm_listed
+from pipeline_steps.training.optim import Optimizers, ReleaseAdam, clip_grad_norm_listed
 
 
 class TwoPart(nn.Module):
@@ -103,3 +103,92 @@ def test_state_round_trip_and_layout_check():
     assert other.state_dict()[1]["state"][0]["step"] == 2  # two caption steps per iteration
     with pytest.raises(ValueError):
         Optimizers(TwoPart(double=False), lr=0.01).load_state_dict(optim.state_dict())
+
+
+def adam_041_loop(values, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """PyTorch 0.4.1's Adam, written out element by element in Python floats (docs/method.md):
+    eps is added to sqrt(v) before v's bias correction, which goes into the step size."""
+    p, m, v = list(values), [0.0] * len(values), [0.0] * len(values)
+    for t, g in enumerate(grads, start=1):
+        for i, gi in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
+            p[i] -= lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m[i] / (math.sqrt(v[i]) + eps)
+    return p
+
+
+def test_release_adam_follows_the_041_rule_step_by_step():
+    """float64, gradients of very different sizes (1e-9 to 1): after each of 6 steps every
+    element equals the element-wise loop; a parameter without a gradient is skipped and keeps
+    its own step count."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    start = {"a": a.detach().tolist(), "b": b.detach().tolist()}
+    scale = torch.logspace(-9, 0, 7, dtype=torch.float64)
+    optim = ReleaseAdam([a, b], lr=0.01)
+    seen = {"a": [], "b": []}
+    for step in range(6):
+        a.grad = torch.randn(7, dtype=torch.float64, generator=g) * scale
+        b.grad = None if step in (1, 4) else torch.randn(3, dtype=torch.float64, generator=g)
+        for name, p in (("a", a), ("b", b)):
+            if p.grad is not None:
+                seen[name].append(p.grad.tolist())
+        optim.step()
+        for name, p in (("a", a), ("b", b)):
+            expected = adam_041_loop(start[name], seen[name], 0.01)
+            assert p.detach().tolist() == pytest.approx(expected, rel=1e-13, abs=1e-15)
+    assert optim.state[b]["step"] == 4 and optim.state[a]["step"] == 6
+
+
+def test_release_adam_differs_from_todays_adam_where_the_reference_said():
+    """The two rules differ by eps -> eps / sqrt(1 - b2^t): for a gradient of the size of eps the
+    first step moves the 0.4.1 parameter about sqrt(1 - b2) = 3% as far as today's Adam does."""
+    p_old = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    p_new = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    old, new = ReleaseAdam([p_old], lr=1.0), torch.optim.Adam([p_new], lr=1.0)
+    for p, optim in ((p_old, old), (p_new, new)):
+        p.grad = torch.full((1,), 1e-10, dtype=torch.float64)
+        optim.step()
+    assert p_old.item() == pytest.approx(-math.sqrt(1e-3) * 1e-10 / (math.sqrt(1e-3) * 1e-10 + 1e-8))
+    assert p_new.item() == pytest.approx(-1e-10 / (1e-10 + 1e-8))
+    assert abs(p_old.item()) < abs(p_new.item()) / 10
+
+
+def test_optimizers_with_the_release_rule_double_the_caption_steps():
+    torch.manual_seed(4)
+    model = TwoPart().to(torch.float64)
+    start = {name: p.detach().flatten().tolist() for name, p in model.named_parameters()}
+    optim = Optimizers(model, lr=0.01, release_adam=True)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    history = {name: [] for name in start}
+    for _ in range(3):
+        optim.zero_grad()
+        model.loss(x).backward()
+        for name, p in model.named_parameters():
+            history[name] += [p.grad.flatten().tolist()] * (2 if name.startswith("caption") else 1)
+        optim.step()
+    for name, p in model.named_parameters():
+        expected = adam_041_loop(start[name], history[name], 0.01)
+        assert p.detach().flatten().tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_release_adam_resumes_from_its_state_dict_exactly():
+    """Stepped 4 times, or 2 times, saved, loaded into a fresh optimiser and stepped 2 more."""
+    torch.manual_seed(5)
+    x = torch.randn(6, 3)
+    runs = []
+    for split in (None, 2):
+        torch.manual_seed(6)
+        model = TwoPart()
+        optim = Optimizers(model, lr=0.01, release_adam=True)
+        for step in range(4):
+            if step == split:
+                state = optim.state_dict()
+                optim = Optimizers(model, lr=0.01, release_adam=True)
+                optim.load_state_dict(state)
+            optim.zero_grad()
+            model.loss(x).backward()
+            optim.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -1,6 +1,9 @@
 """The study driver (pipeline_steps/study.py): each level's Snakemake run gets its own dataset and
 the knob's value, and the study table and figure restate the levels' reports."""
 
+import json
+import re
+
 import pandas as pd
 import pytest
 import yaml
@@ -29,6 +32,7 @@ def seed_row(variant, seed, rsum, after_warmup=True, evaluation="test_1k"):
         "variant": variant,
         "subset": f"seed{seed}",
         "rsum": rsum,
+        "i2t_r1": 10.0 + 2.5 * seed,
         "selected_after_warmup": after_warmup,
     }
 
@@ -46,6 +50,16 @@ def difference(mean, low, high, verdict):
     }
 
 
+def stamp_rows(preset, workdir):
+    """Mark every row of `preset` as run with today's settings (what a finished run leaves)."""
+    args = study.parse_args([str(preset), "--directory", str(workdir)])
+    settings, _ = study.read_study(preset)
+    for label, overlay, _ in settings["rows"]:
+        row = study.Row(args, settings, workdir, label, overlay)
+        row.stamp.parent.mkdir(parents=True, exist_ok=True)
+        row.stamp.write_text(json.dumps({"settings": row.settings_digest()}))
+
+
 def test_study_table_restates_each_level(tmp_path):
     preset = write_preset(tmp_path / "study.yaml", "near_duplicates", [0, 1.5])
     level0 = [seed_row("baseline", 0, 100.0), seed_row("baseline", 1, 110.0)]
@@ -61,6 +75,13 @@ def test_study_table_restates_each_level(tmp_path):
     ]
     level1_differences = [difference(-10.0, -15.0, -5.0, "worse")]
     write_level_report(tmp_path / "results/d1.5_precomp/report", level1, level1_differences)
+    # Level 1.5's miner: seed 1 of vsrn, i2t R@1 of its baseline row, and its audit's shares.
+    audit = tmp_path / "results/d1.5_precomp/candidates/vsrn/seed1/audit.json"
+    audit.parent.mkdir(parents=True)
+    audit.write_text(
+        json.dumps({"i2t": {"above_positive_share": 0.25}, "t2i": {"above_positive_share": 0.125}})
+    )
+    stamp_rows(preset, tmp_path)
 
     assert study.main([str(preset), "--directory", str(tmp_path), "--aggregate-only"]) == 0
 
@@ -71,9 +92,13 @@ def test_study_table_restates_each_level(tmp_path):
     assert table["aoq_rsum"].tolist() == [116.0, 190.0]
     assert table["rsum_difference"].tolist() == [11.0, -10.0]
     assert table["warmup_checkpoints"].tolist() == [1, 0] and table["runs"].tolist() == [2, 2]
+    assert table["miner_i2t_r1"].isna().tolist() == [True, False] and table["miner_i2t_r1"][1] == 12.5
     md = (out / "study.md").read_text()
-    assert "| 0 | vsrn | +AdapOffQuin | 105.0 | 116.0 | +11.0 | [+2.0, +20.0] | better | 1/2 |" in md
-    assert "| 1.5 | vsrn | +AdapOffQuin | 200.0 | 190.0 | -10.0 | [-15.0, -5.0] | worse | 0/2 |" in md
+    assert (
+        "| 0 | vsrn | +AdapOffQuin | 105.0 | 116.0 | +11.0 | [+2.0, +20.0] | better | 1/2 | – | – / – |" in md
+    )
+    level1_line = "| 1.5 | vsrn | +AdapOffQuin | 200.0 | 190.0 | -10.0 | [-15.0, -5.0] | worse | 0/2 | 12.5 |"
+    assert level1_line + " 25% / 12% |" in md
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -83,7 +108,20 @@ def test_a_missing_level_is_named_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"study.yaml: study: missing dataset_prefix"):
         study.main([str(preset), "--directory", str(tmp_path), "--aggregate-only"])
     write_preset(preset, "caption_detail", [0.5, 1], prefix="c")
+    with pytest.raises(SystemExit, match=r"row 0.5 has not run: run the study without --aggregate-only"):
+        study.main([str(preset), "--directory", str(tmp_path), "--aggregate-only"])
+    stamp_rows(preset, tmp_path)
     with pytest.raises(SystemExit, match=r"c0.5_precomp/report/differences.csv: missing"):
+        study.main([str(preset), "--directory", str(tmp_path), "--aggregate-only"])
+
+
+def test_aggregating_after_a_config_change_is_refused(tmp_path):
+    """--aggregate-only redraws only rows whose settings are those they ran with."""
+    preset = write_preset(tmp_path / "study.yaml", "near_duplicates", [0, 1.5])
+    (tmp_path / "config.yaml").write_text("run: {seeds: [0, 1, 2]}\n")
+    stamp_rows(preset, tmp_path)
+    (tmp_path / "config.yaml").write_text("run: {seeds: [0, 1]}\n")
+    with pytest.raises(SystemExit, match=r"row 0 ran with other settings \(a config changed since\)"):
         study.main([str(preset), "--directory", str(tmp_path), "--aggregate-only"])
 
 
@@ -94,7 +132,7 @@ def test_each_level_runs_on_its_own_dataset_with_its_knob(tmp_path, capfd):
     preset = write_preset(tmp_path / "study.yaml", "near_duplicates", [0, 2.5], prefix="nd")
     base = write_config(tmp_path, tiny_config())
     argv = [str(preset), "--directory", str(tmp_path), "--base-config", str(base), "--", "-n", "-p"]
-    with pytest.raises(SystemExit, match="nd0_precomp/report/differences.csv: missing"):
+    with pytest.raises(SystemExit, match="row 0 has not run"):
         study.main(argv)  # a dry run leaves nothing to aggregate
     printed = capfd.readouterr().out
     for level, dataset in (("0", "nd0_precomp"), ("2.5", "nd2.5_precomp")):
@@ -102,9 +140,155 @@ def test_each_level_runs_on_its_own_dataset_with_its_knob(tmp_path, capfd):
         assert f"results/{dataset}/report/report.md" in printed
 
 
-def test_the_shipped_preset_sweeps_at_least_three_levels():
-    settings, _ = study.read_study(REPO / "presets/demo_study.yaml")
+@pytest.mark.workflow
+def test_factor_rows_reach_any_config_key_and_share_the_base_data(tmp_path, capfd):
+    """Named factors: a training key reaches that row's AOQ runs only; a row that leaves demo:
+    alone shares the base's generated data, one that changes it makes its own."""
+    preset = tmp_path / "factors.yaml"
+    factors = {
+        "base": None,
+        "offline7": {"aoq": {"train": {"offline_size": 7}}},
+        "detach": {"aoq": {"loss": {"detach_weights": True}}},
+        "nd0": {"demo": {"near_duplicates": 0}},
+    }
+    settings = {"name": "f", "dataset_prefix": "fx", "factors": factors}
+    preset.write_text(yaml.safe_dump({"study": settings}, sort_keys=False))
+    base = write_config(tmp_path, tiny_config())
+    argv = [str(preset), "--directory", str(tmp_path), "--base-config", str(base), "--", "-n", "-p"]
+    with pytest.raises(SystemExit, match="row base has not run"):
+        study.main(argv)
+    printed = capfd.readouterr().out
+    blocks = printed.split("study f: row ")[1:]
+    assert [block.split(":", 1)[0] for block in blocks] == list(factors)
+    by_row = dict(zip(factors, blocks))
+    for name, block in by_row.items():
+        trains = re.findall(r"pipeline_steps\.train .*", block)
+        offline = {int(x) for x in re.findall(r'\\?"offline_size\\?": (\d+)', " ".join(trains))}
+        assert offline == ({7} if name == "offline7" else {20}), (name, offline)
+        detached = re.findall(r'\\?"detach_weights\\?": (true|false)', " ".join(trains))
+        assert set(detached) == ({"true"} if name == "detach" else {"false"})
+        data = "results/demo_data/fxnd0_precomp" if name == "nd0" else tiny_config()["dataset"]["path"]
+        assert f"--out {data} " in block and f"results/fx{name}_precomp/report/report.md" in block
+
+
+BAD_PRESETS = {
+    "levels null": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": None}},
+        "levels: a non-empty list",
+    ),
+    "levels a number": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": 3}},
+        "levels: a non-empty list",
+    ),
+    "levels empty": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": []}},
+        "levels: a non-empty list",
+    ),
+    "levels strings": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": ["a"]}},
+        "levels: 'a' is not a finite number",
+    ),
+    "level nan": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": [float("nan")]}},
+        "levels: nan is not a finite number",
+    ),
+    "level true": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": [True]}},
+        "levels: True is not a finite number",
+    ),
+    "repeated level": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "n_train", "levels": [2, 2]}},
+        "rows named twice: 2",
+    ),
+    "preset a list": ([1, 2], "a study preset is a mapping"),
+    "study a list": ({"study": [1]}, "study: missing"),
+    "no rows": ({"study": {"name": "s", "dataset_prefix": "p"}}, "missing knob and levels, or factors"),
+    "both forms": (
+        {
+            "study": {
+                "name": "s",
+                "dataset_prefix": "p",
+                "knob": "n_train",
+                "levels": [2],
+                "factors": {"a": {}},
+            }
+        },
+        "either knob and levels or factors",
+    ),
+    "factors empty": (
+        {"study": {"name": "s", "dataset_prefix": "p", "factors": {}}},
+        "factors: a non-empty mapping",
+    ),
+    "factor a list": (
+        {"study": {"name": "s", "dataset_prefix": "p", "factors": {"a": [1]}}},
+        "factors: a: a config overlay",
+    ),
+    "factor name": (
+        {"study": {"name": "s", "dataset_prefix": "p", "factors": {"a/b": {}}}},
+        "factors: 'a/b' is not a row name",
+    ),
+    "prefix underscore": (
+        {"study": {"name": "s", "dataset_prefix": "p_", "factors": {"a": {}}}},
+        "dataset_prefix: 'p_' is not a prefix",
+    ),
+    "knob path": (
+        {"study": {"name": "s", "dataset_prefix": "p", "knob": "../x", "levels": [1]}},
+        "knob: '../x' is not a config key",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PRESETS))
+def test_bad_presets_are_refused_in_one_line(tmp_path, case):
+    content, expected = BAD_PRESETS[case]
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as stop:
+        study.main([str(preset), "--directory", str(tmp_path)])
+    message = str(stop.value)
+    assert message.startswith(f"error: {preset}: ") and expected in message and "\n" not in message, message
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_preset_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    preset = tmp_path / "latin1.yaml"
+    preset.write_bytes("study: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(
+        SystemExit, match=r"latin1.yaml: not UTF-8 text \(invalid continuation byte at byte 17\)"
+    ):
+        study.main([str(preset), "--directory", str(tmp_path)])
+
+
+def test_close_levels_get_distinct_reversible_names():
+    labels = [study.level_label(x) for x in (0.5000001, 0.5000002, 4, 4.0, 1e-05, 1000000)]
+    assert labels == ["0.5000001", "0.5000002", "4", "4.0", "1e-05", "1000000"]
+    assert [float(x) for x in labels] == [0.5000001, 0.5000002, 4, 4.0, 1e-05, 1000000]
+
+
+@pytest.mark.workflow
+def test_every_row_is_checked_before_the_first_one_runs(tmp_path):
+    """caption_detail 2 is out of range: refused before level 0.5 runs anything."""
+    preset = write_preset(tmp_path / "study.yaml", "caption_detail", [0.5, 2], prefix="cd")
+    base = write_config(tmp_path, tiny_config())
+    with pytest.raises(SystemExit) as stop:
+        study.main([str(preset), "--directory", str(tmp_path), "--base-config", str(base)])
+    message = str(stop.value)
     assert (
-        len(settings["levels"]) >= 3
-        and settings["knob"] in yaml.safe_load((REPO / "config.yaml").read_text())["demo"]
+        message.startswith("error: study s: row 2: ") and "caption_detail" in message and "\n" not in message
     )
+    assert (
+        not (tmp_path / "results" / "demo_data").exists()
+        and not (tmp_path / "results" / "cd0.5_precomp").exists()
+    )
+
+
+@pytest.mark.parametrize("preset", ["demo_study.yaml", "demo_study_size.yaml", "demo_regime.yaml"])
+def test_the_shipped_presets_are_read(preset):
+    settings, _ = study.read_study(REPO / "presets" / preset)
+    assert len(settings["rows"]) >= 2
+
+
+def test_the_near_duplicate_preset_sweeps_a_demo_key_at_three_levels():
+    settings, _ = study.read_study(REPO / "presets/demo_study.yaml")
+    demo = yaml.safe_load((REPO / "config.yaml").read_text())["demo"]
+    assert len(settings["rows"]) >= 3 and settings["axis"].removeprefix("demo.") in demo

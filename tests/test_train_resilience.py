@@ -101,7 +101,9 @@ def test_an_orphan_trainer_then_a_rerun(train_data, tmp_path):
     starts. The rerun is refused; once the orphan is killed, a rerun resumes from its state and
     ends as an uninterrupted run."""
     long_train = TRAIN.replace('"epochs": 2', '"epochs": 40')
-    run_train(train_data, tmp_path / "full", extra=["--train-config", long_train])
+    # Both runs on one thread: bitwise-equal weights need the same thread count (torch's default
+    # follows OMP_NUM_THREADS and the machine's cores).
+    run_train(train_data, tmp_path / "full", extra=["--train-config", long_train, "--threads", "1"])
     out = tmp_path / "killed"
     argv = train_argv(train_data, out, train_config=long_train, threads=1)
     orphan = subprocess.Popen(

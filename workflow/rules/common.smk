@@ -107,36 +107,40 @@ def job_resources(kind):
     return resources
 
 
+# Commands are argument lists, and every field of a rule's shell command is quoted ({x:q}, one
+# shell word per list element): no string from the config or a path reaches the shell as code,
+# and paths with spaces or quotes work (tests/test_shell_quoting.py).
 def step_command(kind, module):
-    """The command that runs `python -m <module>` for a job of class `kind`. Without GPUs it is
+    """The argv that runs `python -m <module>` for a job of class `kind`. Without GPUs it is
     just that; with GPUs it runs inside a GPU slot, and training on several GPUs runs torchrun,
     one process per GPU."""
     gpus = gpus_of(kind)
     if gpus == 0:
-        return f"python -m {module}"
-    slot = f"python -m pipeline_steps.gpu_slot --gpus {gpus} --"
+        return ["python", "-m", module]
+    slot = ["python", "-m", "pipeline_steps.gpu_slot", "--gpus", str(gpus), "--"]
     if kind == "train" and gpus > 1:
-        return f"{slot} python -m torch.distributed.run --standalone --nproc_per_node {gpus} -m {module}"
-    return f"{slot} python -m {module}"
+        torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+        return slot + torchrun + ["-m", module]
+    return slot + ["python", "-m", module]
 
 
 def download_source_flags(wildcards):
     """Where the data comes from: an existing folder, an archive on disk, or the mirrors."""
     d = config["download"]
     if d["adopt_folder"]:
-        return f"--adopt-folder {d['adopt_folder']} --extract {d['extract']}"
+        return ["--adopt-folder", d["adopt_folder"], "--extract", d["extract"]]
     if d["adopt_archive"]:
-        return f"--adopt-archive {d['adopt_archive']} --extract {d['extract']}"
-    return f"--urls {' '.join(d['urls'])} --archive {d['archive']} --extract {d['extract']}"
+        return ["--adopt-archive", d["adopt_archive"], "--extract", d["extract"]]
+    return ["--urls", *d["urls"], "--archive", d["archive"], "--extract", d["extract"]]
 
 
 def vocab_flags(wildcards):
     """A released vocabulary instead of building one: SCAN json or the VSRN/AOQ Python-2 pickle."""
     if config["dataset"]["vocab_json"]:
-        return f"--vocab-json {config['dataset']['vocab_json']}"
+        return ["--vocab-json", config["dataset"]["vocab_json"]]
     if config["dataset"]["vocab_pkl"]:
-        return f"--vocab-pkl {config['dataset']['vocab_pkl']}"
-    return ""
+        return ["--vocab-pkl", config["dataset"]["vocab_pkl"]]
+    return []
 
 
 def split_inputs(*splits):
@@ -234,17 +238,18 @@ def train_inputs(wildcards):
 def candidate_flags(wildcards, input):
     """Offline candidates of an AOQ run, and the checkpoint a later mining round starts from."""
     if wildcards.variant == "baseline":
-        return ""
-    init = f" --init-from {input.init}" if "init" in input.keys() else ""
-    return f"--candidates-i2t {input.i2t} --candidates-t2i {input.t2i}{init}"
+        return []
+    init = ["--init-from", input.init] if "init" in input.keys() else []
+    return ["--candidates-i2t", input.i2t, "--candidates-t2i", input.t2i, *init]
 
 
 def evaluation_flags(outputs):
     """--evaluation NAME SPLIT PROTOCOL OUT for every configured evaluation."""
-    return " ".join(
-        f"--evaluation {e['name']} {e['split']} {e['protocol']} {out}"
+    return [
+        word
         for e, out in zip(config["evaluation"], outputs)
-    )
+        for word in ("--evaluation", e["name"], e["split"], e["protocol"], out)
+    ]
 
 
 # Provenance. A rule's params hold a digest of every setting its output depends on, its own and

@@ -15,13 +15,14 @@ if config["demo"]["enabled"]:
             data=lambda w, output: os.path.dirname(output.meta),
             demo=config["demo"],
             img_dim=config["dataset"]["img_dim"],
-            dev_layout=lambda w: "--dev-rows-per-caption" if config["demo"]["dev_rows_per_caption"] else "",
+            dev_layout=lambda w: ["--dev-rows-per-caption"] if config["demo"]["dev_rows_per_caption"] else [],
         shell:
-            "python -m pipeline_steps.make_demo_data --out {params.data} --seed {params.demo[seed]}"
-            " --n-train {params.demo[n_train]} --n-dev {params.demo[n_dev]} --n-test {params.demo[n_test]}"
-            " --n-testall-per-fold {params.demo[n_testall_per_fold]} --img-dim {params.img_dim}"
-            " --near-duplicates {params.demo[near_duplicates]} --duplicate-changes {params.demo[duplicate_changes]}"
-            " --caption-detail {params.demo[caption_detail]} {params.dev_layout} > {log} 2>&1"
+            "python -m pipeline_steps.make_demo_data --out {params.data:q} --seed {params.demo[seed]:q}"
+            " --n-train {params.demo[n_train]:q} --n-dev {params.demo[n_dev]:q} --n-test {params.demo[n_test]:q}"
+            " --n-testall-per-fold {params.demo[n_testall_per_fold]:q} --img-dim {params.img_dim:q}"
+            " --near-duplicates {params.demo[near_duplicates]:q}"
+            " --duplicate-changes {params.demo[duplicate_changes]:q}"
+            " --caption-detail {params.demo[caption_detail]:q} {params.dev_layout:q} > {log:q} 2>&1"
 
 
 if config["download"]["enabled"]:
@@ -39,11 +40,11 @@ if config["download"]["enabled"]:
             **job_resources("data"),
         params:
             source=download_source_flags,
-            sha=lambda w: f"--sha256 {config['download']['sha256']}" if config["download"]["sha256"] else "",
+            sha=lambda w: ["--sha256", config["download"]["sha256"]] if config["download"]["sha256"] else [],
             dest=lambda w, output: os.path.dirname(output.stamp),
         shell:
-            "python -m pipeline_steps.download_data {params.source} {params.sha} --dest {params.dest}"
-            " --stamp {output.stamp} > {log} 2>&1"
+            "python -m pipeline_steps.download_data {params.source:q} {params.sha:q} --dest {params.dest:q}"
+            " --stamp {output.stamp:q} > {log:q} 2>&1"
 
 
 rule prepare_data:
@@ -68,13 +69,14 @@ rule prepare_data:
     params:
         data=lambda w, input: os.path.dirname(input.ims[0]),
         prepared=lambda w, output: os.path.dirname(output.manifest),
-        splits=" ".join(config["dataset"]["splits"]),
+        splits=config["dataset"]["splits"],
         img_dim=config["dataset"]["img_dim"],
         vocab=vocab_flags,
         threshold=config["dataset"]["vocab_threshold"],
         tokenizer=config["dataset"]["tokenizer"],
         name=DATASET,
     shell:
-        "python -m pipeline_steps.prepare_data --data {params.data} --out {params.prepared} --img-dim {params.img_dim}"
-        " --splits {params.splits} {params.vocab} --vocab-threshold {params.threshold}"
-        " --tokenizer {params.tokenizer} --dataset-name {params.name} > {log} 2>&1"
+        "python -m pipeline_steps.prepare_data --data {params.data:q} --out {params.prepared:q}"
+        " --img-dim {params.img_dim:q} --splits {params.splits:q} {params.vocab:q}"
+        " --vocab-threshold {params.threshold:q} --tokenizer {params.tokenizer:q}"
+        " --dataset-name {params.name:q} > {log:q} 2>&1"

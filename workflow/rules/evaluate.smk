@@ -31,6 +31,6 @@ rule evaluate:
         device=config["run"]["device"],
         settings=lambda w: digest(evaluation_settings(w.name, w.method, w.subset)),
     shell:
-        "{params.step} --checkpoints {input.checkpoints} --data {params.data}"
-        " --prepared {params.prepared} --label {params.label} {params.evaluations} --device {params.device}"
-        " --threads {threads} --settings {params.settings} > {log} 2>&1"
+        "{params.step:q} --checkpoints {input.checkpoints:q} --data {params.data:q}"
+        " --prepared {params.prepared:q} --label {params.label:q} {params.evaluations:q}"
+        " --device {params.device:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -22,9 +22,9 @@ rule extract_embeddings:
         device=config["run"]["device"],
         settings=lambda w: digest(run_settings(w.model, miner_method(w), w.seed)),
     shell:
-        "{params.step} --checkpoint {input.checkpoint} --data {params.data}"
-        " --prepared {params.prepared} --split train --out {output} --device {params.device}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.step:q} --checkpoint {input.checkpoint:q} --data {params.data:q}"
+        " --prepared {params.prepared:q} --split train --out {output:q} --device {params.device:q}"
+        " --threads {threads:q} > {log:q} 2>&1"
 
 
 rule mine_candidates:
@@ -47,7 +47,7 @@ rule mine_candidates:
         # before the embeddings). Part of the command, so that with the default (off) the rule's
         # code and params are those of before the setting existed: nothing mined reruns.
         step=lambda w: step_command("mine", "pipeline_steps.mine_candidates")
-        + (f" --exclude-duplicates {PREPARED}/train_ids.npz" if EXCLUDE_DUPLICATES else ""),
+        + (["--exclude-duplicates", f"{PREPARED}/train_ids.npz"] if EXCLUDE_DUPLICATES else []),
         k_i2t=config["mining"]["k_i2t"],
         k_t2i=config["mining"]["k_t2i"],
         dtype=config["mining"]["dtype"],
@@ -55,9 +55,9 @@ rule mine_candidates:
         device=config["run"]["device"],
         settings=lambda w: digest(mining_settings(w.model, w.seed, miner_method(w))),
     shell:
-        "{params.step} --embeddings {input} --out-i2t {output.i2t}"
-        " --out-t2i {output.t2i} --k-i2t {params.k_i2t} --k-t2i {params.k_t2i} --dtype {params.dtype}"
-        " --block-mb {params.block_mb} --device {params.device} --threads {threads} > {log} 2>&1"
+        "{params.step:q} --embeddings {input:q} --out-i2t {output.i2t:q} --out-t2i {output.t2i:q}"
+        " --k-i2t {params.k_i2t:q} --k-t2i {params.k_t2i:q} --dtype {params.dtype:q}"
+        " --block-mb {params.block_mb:q} --device {params.device:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 # The mining audit (docs/mining_audit.md): how hard the candidates are against the online hardest
@@ -102,15 +102,15 @@ rule audit_mining:
         # The online batches AOQ trains with, and the top of each row it draws from.
         batch_size=lambda w: train_section(w.model, "aoq")["batch_size"],
         offline_size=lambda w: train_section(w.model, "aoq")["offline_size"],
-        optional=lambda w, input: " ".join(
-            ([f"--demo-meta {input.meta[0]}"] if input.meta else [])
-            + ([f"--compare-i2t {input.round1[0]} --compare-t2i {input.round1[1]}"] if input.round1 else [])
+        optional=lambda w, input: (
+            (["--demo-meta", input.meta[0]] if input.meta else [])
+            + (["--compare-i2t", input.round1[0], "--compare-t2i", input.round1[1]] if input.round1 else [])
         ),
     shell:
-        "python -m pipeline_steps.audit_mining --embeddings {input.embeddings} --i2t {input.i2t}"
-        " --t2i {input.t2i} --caption-ids {input.ids} {params.optional} --compare-label 'round 1'"
-        " --seed {wildcards.seed} --batch-size {params.batch_size} --offline-size {params.offline_size}"
-        " --threads {threads} --out-json {output.json} --out-png {output.png} > {log} 2>&1"
+        "python -m pipeline_steps.audit_mining --embeddings {input.embeddings:q} --i2t {input.i2t:q}"
+        " --t2i {input.t2i:q} --caption-ids {input.ids:q} {params.optional:q} --compare-label 'round 1'"
+        " --seed {wildcards.seed:q} --batch-size {params.batch_size:q} --offline-size {params.offline_size:q}"
+        " --threads {threads:q} --out-json {output.json:q} --out-png {output.png:q} > {log:q} 2>&1"
 
 
 if config["mining"]["candidate_files"]:
@@ -142,6 +142,6 @@ if config["mining"]["candidate_files"]:
                 default=1,
             ),
         shell:
-            "python -m pipeline_steps.adopt_candidates --i2t {input.i2t} --t2i {input.t2i}"
-            " --prepared {params.prepared} --offline-size {params.offline_size}"
-            " --out-i2t {output.i2t} --out-t2i {output.t2i} > {log} 2>&1"
+            "python -m pipeline_steps.adopt_candidates --i2t {input.i2t:q} --t2i {input.t2i:q}"
+            " --prepared {params.prepared:q} --offline-size {params.offline_size:q}"
+            " --out-i2t {output.i2t:q} --out-t2i {output.t2i:q} > {log:q} 2>&1"

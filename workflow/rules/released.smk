@@ -18,8 +18,8 @@ rule import_released:
         arch=lambda w: RELEASED[w.ckpt]["arch"],
         prepared=prepared_dir,
     shell:
-        "python -m pipeline_steps.import_checkpoint --reference {input.reference} --arch {params.arch}"
-        " --prepared {params.prepared} --out {output} > {log} 2>&1"
+        "python -m pipeline_steps.import_checkpoint --reference {input.reference:q} --arch {params.arch:q}"
+        " --prepared {params.prepared:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule released:

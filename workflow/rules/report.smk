@@ -65,10 +65,10 @@ rule report:
         settings=digest(report_settings()),
         exclude=config["mining"]["exclude"],
     shell:
-        "python -m pipeline_steps.report --metrics {input.metrics} --val-logs {input.val_logs}"
-        " --title {params.title:q} --bootstrap-resamples {params.bootstrap[resamples]}"
-        " --bootstrap-level {params.bootstrap[level]} --bootstrap-seed {params.bootstrap[seed]}"
-        " --out-md {output.md} --out-csv {output.csv} --out-png {output.png} --out-stats-png {output.stats_png}"
-        " --out-differences {output.differences} --out-html {output.table}"
-        " --audits {input.audits} --mining-exclude {params.exclude}"
-        " > {log} 2>&1"
+        "python -m pipeline_steps.report --metrics {input.metrics:q} --val-logs {input.val_logs:q}"
+        " --title {params.title:q} --bootstrap-resamples {params.bootstrap[resamples]:q}"
+        " --bootstrap-level {params.bootstrap[level]:q} --bootstrap-seed {params.bootstrap[seed]:q}"
+        " --out-md {output.md:q} --out-csv {output.csv:q} --out-png {output.png:q}"
+        " --out-stats-png {output.stats_png:q} --out-differences {output.differences:q}"
+        " --out-html {output.table:q} --audits {input.audits:q} --mining-exclude {params.exclude:q}"
+        " > {log:q} 2>&1"

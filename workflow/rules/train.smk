@@ -51,14 +51,14 @@ rule train:
         # A function of `output` (unused) on purpose: Snakemake leaves params derived from a job's
         # input or output out of its params rerun trigger (tests/test_tensorboard.py checks it).
         tensorboard=lambda w, output: (
-            f"--tensorboard-dir logs/{DATASET}/tensorboard/{w.model}/{w.variant}/seed{w.seed}"
+            ["--tensorboard-dir", f"logs/{DATASET}/tensorboard/{w.model}/{w.variant}/seed{w.seed}"]
             if TENSORBOARD_RUNS[w.model, w.variant]
-            else ""
+            else []
         ),
     shell:
-        "{params.step} --data {params.data} --prepared {params.prepared} --model {params.arch}"
+        "{params.step:q} --data {params.data:q} --prepared {params.prepared:q} --model {params.arch:q}"
         " --model-config {params.model_config:q} --train-config {params.train_config:q}"
-        " --loss-config {params.loss_config:q} {params.candidates} --seed {wildcards.seed}"
-        " --device {params.device} --threads {threads} --resume-dir {params.resume}"
-        " --out-best {output.best} --out-last {output.last} --out-log {output.val_log}"
-        " {params.tensorboard} > {log} 2>&1"
+        " --loss-config {params.loss_config:q} {params.candidates:q} --seed {wildcards.seed:q}"
+        " --device {params.device:q} --threads {threads:q} --resume-dir {params.resume:q}"
+        " --out-best {output.best:q} --out-last {output.last:q} --out-log {output.val_log:q}"
+        " {params.tensorboard:q} > {log:q} 2>&1"
