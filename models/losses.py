@@ -11,27 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Terms:
-    """What a variant adds to the online triplet, and its row label in the paper's tables."""
-
-    label: str
-    offline_triplet: bool = False
-    quintuplet: bool = False
-    adaptive: bool = False
-
-
-# The paper's ablation rows, in its order (docs/method.md). This table is the one list of variants:
-# the workflow reads its names from here (workflow/rules/validate.smk), so a new variant is a line
-# here (and, for a new kind of term, its code in `retrieval_loss`).
-VARIANTS = {
-    "baseline": Terms("baseline"),
-    "offtri": Terms("+OffTri", offline_triplet=True),
-    "offquin": Terms("+OffQuin", offline_triplet=True, quintuplet=True),
-    "adapoffquin": Terms("+AdapOffQuin", offline_triplet=True, quintuplet=True, adaptive=True),
-}
-VARIANT_LABELS = {name: terms.label for name, terms in VARIANTS.items()}
+from models.variants import VARIANTS
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import accel
 from models import create_model
-from models.losses import VARIANTS, LossConfig, OfflineScores, adaptive_weights, retrieval_loss
+from models.losses import LossConfig, OfflineScores, adaptive_weights, retrieval_loss
+from models.variants import VARIANTS
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.device import set_tf32
 from pipeline_steps.common.errors import InputError, one_line_errors

@@ -19,7 +19,7 @@ import time
 import pandas as pd
 import pytest
 
-from models.losses import VARIANT_LABELS
+from models.variants import VARIANT_LABELS
 from tests.helpers import succeeded, tiny_config
 
 pytestmark = pytest.mark.workflow

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from models.losses import VARIANTS, LossConfig, OfflineScores, retrieval_loss
+from models.losses import LossConfig, OfflineScores, retrieval_loss
+from models.variants import VARIANTS
 
 DT = torch.float64
 

@@ -280,16 +280,19 @@ def test_gpu_settings_reach_the_jobs(tmp_path):
     assert gpu["prepare_data"] == cpu["prepare_data"]  # CPU-only rules are untouched
 
 
-def trainer_processes():
-    """{pid: --resume-dir} of the running `python -m pipeline_steps.train` processes."""
+def trainer_processes(workdir):
+    """{pid: --resume-dir} of the running `python -m pipeline_steps.train` processes of a
+    Snakemake run in `workdir` (their working directory): never another run's trainers."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
             args = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
         if entry.name.isdigit() and b"pipeline_steps.train" in args and b"--resume-dir" in args:
-            found[int(entry.name)] = args[args.index(b"--resume-dir") + 1].decode()
+            if Path(cwd) == Path(workdir):
+                found[int(entry.name)] = args[args.index(b"--resume-dir") + 1].decode()
     return found
 
 
@@ -318,7 +321,7 @@ def test_a_killed_retrain_is_resumed_and_no_result_describes_old_settings(tmp_pa
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     killed, deadline = None, time.time() + 300
     while killed is None and time.time() < deadline and run.poll() is None:
-        for pid, resume in trainer_processes().items():
+        for pid, resume in trainer_processes(tmp_path).items():
             if (tmp_path / resume / "state.pt").exists():
                 os.kill(pid, signal.SIGKILL)
                 killed = resume
@@ -346,3 +349,77 @@ def test_a_killed_retrain_is_resumed_and_no_result_describes_old_settings(tmp_pa
     assert not (tmp_path / "results" / ".resume").exists() or not any(
         (tmp_path / "results" / ".resume").iterdir()
     )
+
+
+def inspected(results):
+    """The artifacts of a finished tiny run that a user inspects (besides the report), and the
+    rule that makes each."""
+    aoq = results / "train" / "vsepp" / "adapoffquin" / "seed0"
+    mined = results / "candidates" / "vsepp" / "seed0"
+    return {
+        aoq / "model_best.pt": "train",
+        aoq / "model_last.pt": "train",
+        aoq / "val_log.csv": "train",
+        results / "embeddings" / "vsepp" / "seed0" / "train.h5": "extract_embeddings",
+        mined / "i2t_demo.npy": "mine_candidates",
+        mined / "audit.png": "audit_mining",
+        results / "eval" / "vsepp" / "adapoffquin" / "seed0" / "coco_5k.ranks.npz": "evaluate",
+    }
+
+
+def test_an_interrupted_forcerun_is_completed_by_a_plain_rerun(tmp_path):
+    """The audit's repro: `--forcerun mine_candidates` killed (kill -9 of Snakemake and its jobs)
+    once the AOQ retraining has started. A plain rerun used to say "Nothing to be done" while
+    artifacts were missing; the default target now names every artifact a user inspects, so the
+    rerun rebuilds what is missing and everything after it. Then each artifact, deleted alone,
+    makes a plain (dry) rerun plan the rule that makes it."""
+    config = tiny_config()
+    config["aoq"]["train"].update(epochs=30, val_step=1)  # long enough to be caught mid-run
+    config["aoq"]["variants"] = ["adapoffquin"]
+    succeeded(tmp_path, config)
+    results = tmp_path / "results" / "demo_precomp"
+    cmd = SNAKEMAKE + ["-s", str(SNAKEFILE), "--directory", str(tmp_path)]
+    cmd += [
+        "--configfile",
+        str(write_config(tmp_path, config)),
+        "--cores",
+        "2",
+        "--forcerun",
+        "mine_candidates",
+    ]
+    run = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not trainer_processes(tmp_path) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    assert trainer_processes(tmp_path), "no AOQ trainer was caught running"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    for pid in trainer_processes(tmp_path):  # a trainer outside the group (none expected) would linger
+        os.kill(pid, signal.SIGKILL)
+    succeeded(tmp_path, config, "--unlock")
+    missing = [p for p in inspected(results) if not p.exists()]
+    assert missing, "the kill left every artifact in place: nothing was tested"
+    planned = {rule for rule, _ in planned_jobs(snakemake(tmp_path, config, "-n"))}
+    assert {"train", "evaluate", "report"} <= planned, planned
+    succeeded(tmp_path, config)
+    assert all(p.exists() for p in inspected(results))
+    assert "Nothing to be done" in succeeded(tmp_path, config, "-n").stdout
+    for path, rule in inspected(results).items():
+        aside = path.rename(path.with_name(path.name + ".aside"))
+        planned = {rule for rule, _ in planned_jobs(snakemake(tmp_path, config, "-n"))}
+        aside.rename(path)
+        assert {rule, "report"} <= planned, (path.name, planned)
+
+
+def test_a_baseline_only_config_runs_to_its_report(tmp_path):
+    """aoq.variants: [] is a legitimate config: baselines, their evaluations and the report,
+    nothing mined."""
+    config = tiny_config()
+    config["aoq"]["variants"] = []
+    succeeded(tmp_path, config)
+    results = tmp_path / "results" / "demo_precomp"
+    report = pd.read_csv(results / "report" / "report.csv")
+    assert set(report["variant"]) == {"baseline"}
+    assert not (results / "candidates").exists() and not (results / "embeddings").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.losses import VARIANT_LABELS
+from models.variants import VARIANT_LABELS
 from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, ranks_path
 
 RANK_COLUMNS = ["i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]

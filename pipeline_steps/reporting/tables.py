@@ -5,7 +5,7 @@ displays (it shows HTML, images and PDF; a Markdown file there is only a downloa
 import html
 from dataclasses import dataclass, field
 
-from models.losses import VARIANT_LABELS
+from models.variants import VARIANT_LABELS
 from pipeline_steps.retrieval.metrics import RECALL_COLUMNS
 
 # Columns over the recall cells: (label, how many columns it spans).

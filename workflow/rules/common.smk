@@ -202,8 +202,9 @@ def miner_method(wildcards):
 def audit_outputs():
     """The mining audit of every candidate set the configured runs train with."""
     m = config["mining"]
-    folders = [] if m["candidate_files"] else [candidate_folder()]
     seeds = sorted({s for name in MODELS if variants_of(name)[1:] for s in seeds_of(name)})
+    # Nothing is mined when no run trains with offline candidates (a baseline-only config).
+    folders = [] if m["candidate_files"] or not seeds else [candidate_folder()]
     folders += [candidate_folder(r, s) for r in range(2, MINING_ROUNDS + 1) for s in seeds]
     return [f"{folder}/audit.{ext}" for folder in folders for ext in ("json", "png")]
 
@@ -348,6 +349,34 @@ def eval_dir(name="{name}", method="{method}", subset="{subset}"):
 
 def evaluation_outputs():
     return [f"{eval_dir(*run)}/{e['name']}.json" for run in evaluated_runs() for e in config["evaluation"]]
+
+
+def mining_outputs():
+    """Every mined candidate set the configured runs train with: the miner's embeddings (none for
+    the authors' files), the candidate files and the audit."""
+    outputs = []
+    for audit in audit_outputs():
+        folder = os.path.dirname(audit)
+        if audit.endswith(".json"):
+            outputs += [f"{folder}/i2t_{DS_PREFIX}.npy", f"{folder}/t2i_{DS_PREFIX}.npy"]
+            outputs.append(folder.replace(f"{R}/candidates/", f"{R}/embeddings/", 1) + "/train.h5")
+        outputs.append(audit)
+    if config["mining"]["candidate_files"] and any(variants_of(m)[1:] for m in MODELS):
+        outputs += list(miner_candidates().values())
+    return outputs
+
+
+def inspected_outputs():
+    """What the default target asks for: every artifact a user inspects, so that a plain rerun
+    rebuilds whatever is missing (say after an interrupted --forcerun) and all that follows it."""
+    trained = [
+        f"{train_dir(m, v, s)}/{name}"
+        for m, v, s in trained_runs()
+        for name in ("model_best.pt", "model_last.pt", "val_log.csv")
+    ]
+    evaluations = evaluation_outputs()
+    ranks = [p.removesuffix(".json") + ".ranks.npz" for p in evaluations]
+    return trained + mining_outputs() + evaluations + ranks + report_outputs()
 
 
 def report_outputs():
