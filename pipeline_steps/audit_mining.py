@@ -27,6 +27,7 @@ import torch
 
 from pipeline_steps.common.atomic import remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.errors import InputError, one_line_errors
+from pipeline_steps.common.npy import open_npy
 from pipeline_steps.reporting.audit_figure import plot_audit
 from pipeline_steps.retrieval import audit
 
@@ -69,7 +70,7 @@ def load_embeddings(path):
 
 
 def load_candidates(path, rows, targets, what):
-    array = np.load(path, mmap_mode="r")
+    array = open_npy(path)
     if array.ndim != 2 or array.shape[0] != rows:
         raise InputError(f"{path}: expected {rows} rows (one per training {what}), found shape {array.shape}")
     low, high = int(array.min()), int(array.max())  # one read of the file

@@ -30,7 +30,7 @@ import numpy as np
 import accel
 from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from pipeline_steps.common.device import pick_device, set_tf32
-from pipeline_steps.common.errors import one_line_errors
+from pipeline_steps.common.errors import InputError, one_line_errors
 from pipeline_steps.common.provenance import provenance, weights_digest
 from pipeline_steps.data.splits import open_split, read_manifest
 from pipeline_steps.retrieval.encode import encode_split
@@ -67,12 +67,31 @@ def write_ranks(path, i2t, t2i):
         np.savez(handle, i2t=np.asarray(i2t, dtype=np.int32), t2i=np.asarray(t2i, dtype=np.int32))
 
 
+def check_vocabulary(path, checkpoint, prepared):
+    """The checkpoint must have been trained on the prepared data's vocabulary: with other word
+    ids the metrics are wrong (a larger vocabulary) or the lookup fails (a smaller one)."""
+    manifest = read_manifest(prepared)
+    size = checkpoint["model_config"].get("vocab_size")
+    if size is not None and size != manifest["vocab_size"]:
+        raise InputError(
+            f"{path}: trained with a vocabulary of {size} words, but {prepared} holds "
+            f"{manifest['vocab_size']}: prepare the data with the checkpoint's vocabulary"
+        )
+    ours, theirs = checkpoint.get("vocab_sha256"), manifest.get("vocab_sha256")
+    if ours and theirs and ours != theirs:
+        raise InputError(
+            f"{path}: trained with another vocabulary of the same size (vocab.json sha256 "
+            f"{ours[:12]}, {prepared}: {theirs[:12]}): prepare the data with the checkpoint's vocabulary"
+        )
+
+
 def score_split(checkpoints, data, prepared, split, batch_size, device):
     """Encode `split` with every model; return (ensemble scorer, n_images, model descriptions)."""
     features, captions, info = open_split(data, prepared, split)
     scorers, models = [], []
     for path in checkpoints:
         model, checkpoint = load_checkpoint(path, device)
+        check_vocabulary(path, checkpoint, prepared)
         images, caps = encode_split(model, features, captions, info.n_captions, batch_size, device)
         scorers.append(representation_scorer(model, images, caps, info.n_images))
         loss_config = json.loads(checkpoint.get("loss_config", "{}"))

@@ -14,6 +14,7 @@ Example:
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -128,11 +129,15 @@ def main(argv=None):
         vocab_source = f"loaded: {args.vocab_json or args.vocab_pkl}"
 
     out.mkdir(parents=True, exist_ok=True)
+    vocab_text = vocab_json_text(word2idx)
     manifest = {
         "data": str(args.data),
         "tokenizer": tokenizer_name,
         "vocab": vocab_source,
         "vocab_size": len(word2idx),
+        # Checkpoints record it, and evaluate compares: a model evaluated with another
+        # vocabulary's ids would give wrong metrics without a word.
+        "vocab_sha256": hashlib.sha256(vocab_text.encode("utf-8")).hexdigest(),
         "splits": {},
     }
     for split, token_lists in tokens.items():
@@ -141,7 +146,7 @@ def main(argv=None):
             np.savez(tmp, ids=ids, offsets=offsets)
         unk_rate = float((ids == 3).mean()) if len(ids) else 0.0
         manifest["splits"][split] = infos[split].as_dict() | {"unk_rate": round(unk_rate, 5)}
-    write_text_atomic(out / "vocab.json", vocab_json_text(word2idx))
+    write_text_atomic(out / "vocab.json", vocab_text)
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
     log.info("vocabulary %d words (%s); tokenizer %s", len(word2idx), vocab_source, tokenizer_name)
     return 0

@@ -310,11 +310,18 @@ class Run:
             seed=self.args.seed,
             train_config=self.args.train_config,
             loss_config=self.args.loss_config,
+            **vocabulary_of(self.args.prepared),
         )
 
     @property
     def best_path(self):
         return self.dir / best_name(self.best_iteration)
+
+
+def vocabulary_of(prepared):
+    """The prepared vocabulary's digest, which a checkpoint records (where the manifest has it)."""
+    digest = read_manifest(prepared).get("vocab_sha256")
+    return {"vocab_sha256": digest} if digest else {}
 
 
 def run_validation(run, dev, cfg, device, train_loss, lr, label):

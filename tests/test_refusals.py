@@ -152,9 +152,7 @@ def train_argv(s, out, offline_size=20, device="cpu"):
 
 
 def test_offline_size_above_the_candidates_is_refused_in_one_line(setup, tmp_path):
-    rng = np.random.default_rng(0)
-    np.save(setup["root"] / "i2t.npy", rng.integers(0, 100, (20, 30)).astype(np.int32))
-    np.save(setup["root"] / "t2i.npy", rng.integers(0, 20, (100, 6)).astype(np.int32))
+    candidate_files(setup)  # 30 i2t and 6 t2i columns
     message = refusal(train.main, train_argv(setup, tmp_path, offline_size=40))
     assert message.startswith(f"error: {setup['root'] / 'i2t.npy'}: ") and "offline_size 40" in message
     run(train.main, train_argv(setup, tmp_path, offline_size=30))  # K = 30 is enough
@@ -274,3 +272,175 @@ def test_evaluation_and_extraction_run_in_full_fp32(setup, tmp_path):
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32, step
     torch.backends.cudnn.allow_tf32 = True  # torch's default, for the tests after this one
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def candidate_files(s, i2t=None, t2i=None):
+    """Valid candidate files of the fixture's 20 training images (each row's own positives
+    excluded), with `i2t` / `t2i` replacing them where given."""
+    rng = np.random.default_rng(1)
+    own_i2t = np.array([[c for c in rng.permutation(100) if c // 5 != row][:30] for row in range(20)])
+    own_t2i = np.array([[i for i in rng.permutation(20) if i != row // 5][:6] for row in range(100)])
+    paths = s["root"] / "i2t.npy", s["root"] / "t2i.npy"
+    for path, array, given in zip(paths, (own_i2t, own_t2i), (i2t, t2i)):
+        if isinstance(given, bytes):
+            path.write_bytes(given)
+        else:
+            np.save(path, (array if given is None else given(array.copy())).astype(np.int32))
+    return paths
+
+
+def _poke(row, col, value):
+    def change(array):
+        array[row, col] = value
+        return array
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "i2t,t2i,expected",
+    [
+        (b"", None, "i2t.npy: not a readable .npy array (the file is empty or cut short)"),
+        (None, b"", "t2i.npy: not a readable .npy array (the file is empty or cut short)"),
+        (_poke(3, 5, 100), None, "i2t.npy: row 3 column 5 holds id 100, outside [0, 100)"),
+        (_poke(4, 0, -1), None, "i2t.npy: row 4 column 0 holds id -1, outside [0, 100)"),
+        (None, _poke(7, 1, -3), "t2i.npy: row 7 column 1 holds id -3, outside [0, 20)"),
+    ],
+    ids=["i2t empty", "t2i empty", "i2t too large", "i2t negative", "t2i negative"],
+)
+def test_bad_candidates_are_refused_by_training_and_by_adoption_alike(setup, tmp_path, i2t, t2i, expected):
+    """One check (pipeline_steps/data/candidates.py) for both steps: an unreadable file or an
+    id out of range (a negative one would silently count from the end) is refused."""
+    from pipeline_steps import adopt_candidates
+
+    i2t_path, t2i_path = candidate_files(setup, i2t, t2i)
+    message = refusal(train.main, train_argv(setup, tmp_path))
+    assert message.startswith(f"error: {setup['root'] / expected.split(':')[0]}") and expected in message
+    adopt = ["--i2t", i2t_path, "--t2i", t2i_path, "--prepared", setup["prepared"], "--offline-size", "20"]
+    adopt += ["--out-i2t", tmp_path / "a" / "i2t.npy", "--out-t2i", tmp_path / "a" / "t2i.npy"]
+    assert expected in refusal(adopt_candidates.main, adopt)
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "i2t,t2i,expected,count",
+    [
+        (_poke(2, 9, 11), None, "i2t.npy: row 2 lists its own positive (11) in column 9", "1 candidates"),
+        (None, _poke(12, 0, 2), "t2i.npy: row 12 lists its own positive (2) in column 0", "1 candidates"),
+    ],
+    ids=["i2t", "t2i"],
+)
+def test_own_positives_are_refused_on_adoption_and_counted_in_training(
+    setup, tmp_path, caplog, i2t, t2i, expected, count
+):
+    from pipeline_steps import adopt_candidates
+
+    i2t_path, t2i_path = candidate_files(setup, i2t, t2i)
+    adopt = ["--i2t", i2t_path, "--t2i", t2i_path, "--prepared", setup["prepared"], "--offline-size", "20"]
+    adopt += ["--out-i2t", tmp_path / "a" / "i2t.npy", "--out-t2i", tmp_path / "a" / "t2i.npy"]
+    assert expected in refusal(adopt_candidates.main, adopt)
+    run(train.main, train_argv(setup, tmp_path))
+    warnings = [r.getMessage() for r in caplog.records if "own positives" in r.getMessage()]
+    assert len(warnings) == 1 and count in warnings[0] and expected.split(":")[0] in warnings[0]
+
+
+def test_the_fixtures_candidates_pass_both(setup, tmp_path):
+    candidate_files(setup)
+    run(train.main, train_argv(setup, tmp_path))
+    assert (tmp_path / "b.pt").exists()
+
+
+def test_empty_feature_files_are_refused_in_one_line(setup, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in setup["data"].iterdir():
+        (data / path.name).symlink_to(path)
+    (data / "test_ims.npy").unlink()
+    (data / "test_ims.npy").write_bytes(b"")
+    out = tmp_path / "prepared"
+    argv = ["--data", data, "--out", out, "--img-dim", "16", "--splits", "train", "dev", "test"]
+    message = refusal(prepare_data.main, argv)
+    empty = "not a readable .npy array (the file is empty or cut short)"
+    assert f"{data / 'test_ims.npy'}: {empty}" in message
+    message = refusal(
+        evaluate.main, evaluate_argv({**setup, "data": data}, setup["good"], out=tmp_path / "t.json")
+    )
+    assert f"{data / 'test_ims.npy'}: not a readable .npy array" in message
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, bytes(range(256)) * 40, b"PK\x03\x04garbage"])
+def test_random_bytes_as_a_checkpoint_are_refused_in_one_line(setup, tmp_path, content):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(content)
+    # Garbage that happens to start like a pickle is refused by the weights-only unpickler.
+    readable = (
+        f"error: {bogus}: not a readable checkpoint (",
+        f"error: {bogus}: refused: holds objects other",
+    )
+    message = refusal(evaluate.main, evaluate_argv(setup, bogus, out=tmp_path / "t.json"))
+    assert message.startswith(readable), message
+    candidate_files(setup)
+    message = refusal(train.main, train_argv(setup, tmp_path) + ["--init-from", bogus])
+    assert message.startswith(readable), message
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "b.pt").exists()
+
+
+def vocabulary_checkpoint(s, path, vocab_size=None, **extra):
+    manifest = json.loads((s["prepared"] / "manifest.json").read_text())
+    size = manifest["vocab_size"] if vocab_size is None else vocab_size
+    model = create_model("vsepp", vocab_size=size, img_dim=16, embed_size=8, word_dim=8)
+    save_checkpoint(path, model, seed=0, loss_config='{"variant": "baseline"}', **extra)
+    return path, manifest
+
+
+@pytest.mark.parametrize("change", [+5, -1], ids=["larger", "smaller"])
+def test_a_checkpoint_of_another_vocabulary_size_is_refused(setup, tmp_path, change):
+    _, manifest = vocabulary_checkpoint(setup, tmp_path / "v.pt")
+    path, _ = vocabulary_checkpoint(setup, tmp_path / "v.pt", manifest["vocab_size"] + change)
+    message = refusal(evaluate.main, evaluate_argv(setup, path, out=tmp_path / "t.json"))
+    size = manifest["vocab_size"] + change
+    assert message.startswith(f"error: {path}: trained with a vocabulary of {size} words, but ")
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_a_checkpoint_of_another_vocabulary_of_the_same_size_is_refused(setup, tmp_path):
+    manifest = json.loads((setup["prepared"] / "manifest.json").read_text())
+    assert len(manifest["vocab_sha256"]) == 64
+    path, _ = vocabulary_checkpoint(setup, tmp_path / "v.pt", vocab_sha256="0" * 64)
+    message = refusal(evaluate.main, evaluate_argv(setup, path, out=tmp_path / "t.json"))
+    assert "trained with another vocabulary of the same size (vocab.json sha256 000000000000" in message
+    same, _ = vocabulary_checkpoint(setup, tmp_path / "w.pt", vocab_sha256=manifest["vocab_sha256"])
+    run(evaluate.main, evaluate_argv(setup, same, out=tmp_path / "t.json"))
+    assert (tmp_path / "t.json").exists()
+
+
+def test_training_records_the_vocabulary_it_used(setup, tmp_path):
+    candidate_files(setup)
+    run(train.main, train_argv(setup, tmp_path))
+    manifest = json.loads((setup["prepared"] / "manifest.json").read_text())
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["vocab_sha256"] == manifest["vocab_sha256"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(setup, tmp_path, monkeypatch):
+    """The ranks file runs out of space half-way: one line naming it and the free space."""
+    import errno
+
+    from pipeline_steps.common import atomic
+
+    real_savez = np.savez
+
+    def savez_until_full(handle, **arrays):
+        handle.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez_until_full)
+    monkeypatch.setattr(atomic, "free_bytes", lambda folder: 4096)
+    out = tmp_path / "eval" / "t.json"
+    message = refusal(evaluate.main, evaluate_argv(setup, setup["good"], out=out))
+    ranks = out.with_name("t.ranks.npz")
+    assert message == (
+        f"error: {ranks}: no space left on the disk: 4096 bytes free in {ranks.parent} when 1000 bytes "
+        "of it were written; free at least that much more and rerun"
+    )
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.setattr(np, "savez", real_savez)

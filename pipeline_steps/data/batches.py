@@ -11,7 +11,9 @@ the single-process run would have drawn.
 import numpy as np
 import torch
 
-from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE, DataError
+from pipeline_steps.common.npy import open_npy
+from pipeline_steps.data.candidates import checked_candidates
+from pipeline_steps.data.precomp import CAPTIONS_PER_IMAGE
 
 
 def epoch_batches(n_items, batch_size, seed, epoch):
@@ -43,32 +45,20 @@ class OfflineCandidates:
     """
 
     def __init__(self, i2t_path, t2i_path, n_images, offline_size):
+        # The columns drawn from are checked first, as adopt_candidates checks them: an id out
+        # of range is refused (a negative one would silently count from the end); own positives
+        # are counted and logged.
         self.paths = (i2t_path, t2i_path)
-        self.i2t = np.load(i2t_path, mmap_mode="r")
-        self.t2i = np.load(t2i_path, mmap_mode="r")
+        self.i2t = checked_candidates(i2t_path, "i2t", n_images, offline_size, own_positives="warn")
+        self.t2i = checked_candidates(t2i_path, "t2i", n_images, offline_size, own_positives="warn")
         self.offline_size = offline_size
-        n_caps = n_images * CAPTIONS_PER_IMAGE
-        for path, arr, rows, need in (
-            (i2t_path, self.i2t, n_images, offline_size),
-            (t2i_path, self.t2i, n_caps, -(-offline_size // 5)),
-        ):
-            if arr.ndim != 2 or arr.shape[0] != rows or arr.dtype != np.int32:
-                raise DataError(
-                    f"{path}: expected an int32 array of {rows} rows (one per training "
-                    f"{'image' if rows == n_images else 'caption'}), found {arr.dtype} {arr.shape}"
-                )
-            if arr.shape[1] < need:
-                raise DataError(
-                    f"{path}: offline_size {offline_size} draws from the first {need} "
-                    f"candidates of each row, but the file holds {arr.shape[1]}"
-                )
 
     def __getstate__(self):
         return {"paths": self.paths, "offline_size": self.offline_size}
 
     def __setstate__(self, state):
         self.paths, self.offline_size = state["paths"], state["offline_size"]
-        self.i2t, self.t2i = (np.load(path, mmap_mode="r") for path in self.paths)
+        self.i2t, self.t2i = (open_npy(path) for path in self.paths)
 
     def sample(self, captions, rng):
         """Offline negatives of anchor captions (docs/method.md): returns (T3, I3, T4, I4) id arrays.

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_steps.common.errors import InputError
+from pipeline_steps.common.npy import open_npy
 
 CAPTIONS_PER_IMAGE = 5
 REGIONS = 36
@@ -64,11 +65,9 @@ def release_mapped_pages(array):
 def open_features(path):
     """Open `{split}_ims.npy` memory-mapped (never read whole); errors name the file."""
     try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file is missing") from None
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+        return open_npy(path)
+    except InputError as err:
+        raise DataError(str(err)) from None
 
 
 def validate_split(folder, split, img_dim, dev_limit=True, check_duplicates=8, dataset=None, block_rows=None):

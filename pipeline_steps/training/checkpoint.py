@@ -38,7 +38,7 @@ def load_torch(path, error=CheckpointError, **kwargs):
             f"{path}: refused: holds objects other than tensors and plain values "
             f"(weights-only load: {detail})"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 (random bytes raise IndexError, KeyError, ...: all mean one thing)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise error(f"{path}: not a readable checkpoint ({first})") from None
 
@@ -61,8 +61,12 @@ def load_checkpoint(path, device="cpu"):
     checkpoint = load_torch(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
-    model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model = create_model(checkpoint["model_name"], **checkpoint["model_config"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a complete checkpoint of this pipeline ({first})") from None
     model.to(device).eval()
     return model, checkpoint
 
