@@ -181,8 +181,9 @@ def make_prototypes(seed, dim):
     }
 
 
-def image_features(scene, protos, rng, out):
-    """Fill `out` (36, D) with ReLU'd region features for `scene`, in shuffled region order."""
+def image_features(scene, protos, rng, out, noise=1.0):
+    """Fill `out` (36, D) with ReLU'd region features for `scene`, in shuffled region order;
+    `noise` scales both noise terms (1: the default data)."""
     dim = out.shape[1]
     k, bases = 0, []
     for cls, col, size in scene["objects"]:
@@ -190,22 +191,24 @@ def image_features(scene, protos, rng, out):
             protos["objects"][cls]
             + 0.6 * protos["colours"][col]
             + 0.4 * protos["sizes"][size]
-            + INSTANCE_NOISE * rng.standard_normal(dim)
+            + INSTANCE_NOISE * noise * rng.standard_normal(dim)
         )
         n = SIZE_REGIONS[size] + int(rng.integers(2))
-        out[k : k + n] = rng.uniform(0.6, 1.4, (n, 1)) * base + REGION_NOISE * rng.standard_normal((n, dim))
+        out[k : k + n] = rng.uniform(0.6, 1.4, (n, 1)) * base + REGION_NOISE * noise * rng.standard_normal(
+            (n, dim)
+        )
         bases.append(base)
         k += n
     for i, j, rel in scene["relations"]:  # a union box sees both objects and their arrangement
         out[k] = (
             0.5 * (bases[i] + bases[j])
             + 0.7 * protos["relations"][rel]
-            + REGION_NOISE * rng.standard_normal(dim)
+            + REGION_NOISE * noise * rng.standard_normal(dim)
         )
         k += 1
     n_bg = N_REGIONS - k
     setting = (rng.random((n_bg, 1)) < 0.7) * protos["settings"][scene["setting"]]
-    out[k:] = setting + REGION_NOISE * rng.standard_normal((n_bg, dim))
+    out[k:] = setting + REGION_NOISE * noise * rng.standard_normal((n_bg, dim))
     np.maximum(out, 0, out=out)
     out[:] = out[rng.permutation(N_REGIONS)]
 
@@ -273,7 +276,7 @@ def make_caption(scene, rng, detail=1.0):
 
 def write_split(out_dir, split, n_images, seed, protos, dim, knobs, rows_per_caption=False):
     """Generate and write one split; return its demo_meta.json entry. `knobs`: near_duplicates,
-    duplicate_changes, caption_detail."""
+    duplicate_changes, caption_detail, feature_noise."""
     split_idx = SPLITS.index(split)
     scenes, family, change = make_scenes(
         n_images,
@@ -287,7 +290,7 @@ def write_split(out_dir, split, n_images, seed, protos, dim, knobs, rows_per_cap
     ims = np.empty((n_images, N_REGIONS, dim), dtype=np.float32)
     captions = []
     for k, scene in enumerate(scenes):
-        image_features(scene, protos, feat_rng, ims[k])
+        image_features(scene, protos, feat_rng, ims[k], knobs["feature_noise"])
         captions.extend(
             make_caption(scene, cap_rng, knobs["caption_detail"]) for _ in range(CAPTIONS_PER_IMAGE)
         )
@@ -372,6 +375,12 @@ def parse_args(argv=None):
         default=1.0,
         help="share of captions naming every object, attribute and relation",
     )
+    p.add_argument(
+        "--feature-noise",
+        type=_non_negative,
+        default=1.0,
+        help="scale of the region features' noise (1: the default; lower: an easier, more separable set)",
+    )
     args = p.parse_args(argv)
     if args.img_dim < 8:
         p.error(f"--img-dim must be >= 8, got {args.img_dim}")
@@ -397,6 +406,7 @@ def main(argv=None):
         "near_duplicates": args.near_duplicates,
         "duplicate_changes": args.duplicate_changes,
         "caption_detail": args.caption_detail,
+        "feature_noise": args.feature_noise,
     }
     meta = {
         "generator_version": GENERATOR_VERSION,

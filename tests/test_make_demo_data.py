@@ -228,3 +228,36 @@ def test_bad_arguments_exit_cleanly(tmp_path, bad, capsys):
 def test_out_is_required():
     with pytest.raises(SystemExit):
         main(["--seed", "0"])
+
+
+NOISE_SIZES = ["--n-train", "12", "--n-dev", "4", "--n-test", "4", "--n-testall-per-fold", "2", "--img-dim", "16"]
+
+
+def _features(tmp_path, name, *extra):
+    main(["--out", str(tmp_path / name), *NOISE_SIZES, *extra])
+    return np.load(tmp_path / name / "train_ims.npy")
+
+
+def test_the_default_data_is_unchanged_by_the_feature_noise_knob(tmp_path):
+    """The default's bytes (digest computed with the generator before --feature-noise existed),
+    with the knob absent and set to 1."""
+    import hashlib
+
+    before = "86ed7df72f30e7b654ef770969c8a3480f3abe89b151cbf4508c2a6d5673d01c"
+    for name, extra in (("absent", ()), ("one", ("--feature-noise", "1"))):
+        main(["--out", str(tmp_path / name), *NOISE_SIZES, *extra])
+        content = (tmp_path / name / "train_ims.npy").read_bytes() + (
+            tmp_path / name / "test_ims.npy"
+        ).read_bytes()
+        assert hashlib.sha256(content).hexdigest() == before, name
+
+
+def test_feature_noise_scales_the_noise_terms_linearly(tmp_path):
+    """The same random draws at every noise level, so before the ReLU a feature is A + noise * B:
+    wherever the noiseless and the full-noise features are both positive, the half-noise one is
+    exactly their mean; and less noise brings each image nearer to its noiseless features."""
+    clean, half, full = (_features(tmp_path, str(n), "--feature-noise", str(n)) for n in (0.0, 0.5, 1.0))
+    both = (clean > 0) & (full > 0)
+    assert both.mean() > 0.2
+    np.testing.assert_allclose(half[both], (clean[both] + full[both]) / 2, rtol=1e-5, atol=1e-5)
+    assert np.abs(half - clean).mean() < np.abs(full - clean).mean()

@@ -16,13 +16,20 @@ if config["demo"]["enabled"]:
             demo=config["demo"],
             img_dim=config["dataset"]["img_dim"],
             dev_layout=lambda w: ["--dev-rows-per-caption"] if config["demo"]["dev_rows_per_caption"] else [],
+            # Only when set: the default data's command (and so every result) is unchanged.
+            noise=lambda w: (
+                ["--feature-noise", config["demo"]["feature_noise"]]
+                if "feature_noise" in config["demo"]
+                else []
+            ),
         shell:
             "python -m pipeline_steps.make_demo_data --out {params.data:q} --seed {params.demo[seed]:q}"
             " --n-train {params.demo[n_train]:q} --n-dev {params.demo[n_dev]:q} --n-test {params.demo[n_test]:q}"
             " --n-testall-per-fold {params.demo[n_testall_per_fold]:q} --img-dim {params.img_dim:q}"
             " --near-duplicates {params.demo[near_duplicates]:q}"
             " --duplicate-changes {params.demo[duplicate_changes]:q}"
-            " --caption-detail {params.demo[caption_detail]:q} {params.dev_layout:q} > {log:q} 2>&1"
+            " --caption-detail {params.demo[caption_detail]:q} {params.dev_layout:q} {params.noise:q}"
+            " > {log:q} 2>&1"
 
 
 if config["download"]["enabled"]:
