@@ -230,7 +230,8 @@ def test_out_is_required():
         main(["--seed", "0"])
 
 
-NOISE_SIZES = ["--n-train", "12", "--n-dev", "4", "--n-test", "4", "--n-testall-per-fold", "2", "--img-dim", "16"]
+NOISE_SIZES = ["--n-train", "12", "--n-dev", "4", "--n-test", "4", "--n-testall-per-fold", "2"]
+NOISE_SIZES += ["--img-dim", "16"]
 
 
 def _features(tmp_path, name, *extra):

@@ -94,10 +94,11 @@ def test_study_table_restates_each_level(tmp_path):
     assert table["warmup_checkpoints"].tolist() == [1, 0] and table["runs"].tolist() == [2, 2]
     assert table["miner_i2t_r1"].isna().tolist() == [True, False] and table["miner_i2t_r1"][1] == 12.5
     md = (out / "study.md").read_text()
-    assert (
-        "| 0 | vsrn | +AdapOffQuin | 105.0 | 116.0 | +11.0 | [+2.0, +20.0] | better | 1/2 | – | – / – |" in md
+    level0_line = "| 0 | vsrn | +AdapOffQuin | 105.0 | 11.2 | 116.0 | +11.0 | [+2.0, +20.0] | better | 1/2 |"
+    assert level0_line + " – | – / – |" in md
+    level1_line = (
+        "| 1.5 | vsrn | +AdapOffQuin | 200.0 | 11.2 | 190.0 | -10.0 | [-15.0, -5.0] | worse | 0/2 | 12.5 |"
     )
-    level1_line = "| 1.5 | vsrn | +AdapOffQuin | 200.0 | 190.0 | -10.0 | [-15.0, -5.0] | worse | 0/2 | 12.5 |"
     assert level1_line + " 25% / 12% |" in md
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -292,3 +293,27 @@ def test_the_near_duplicate_preset_sweeps_a_demo_key_at_three_levels():
     settings, _ = study.read_study(REPO / "presets/demo_study.yaml")
     demo = yaml.safe_load((REPO / "config.yaml").read_text())["demo"]
     assert len(settings["rows"]) >= 3 and settings["axis"].removeprefix("demo.") in demo
+
+
+def test_a_baseline_only_study_tabulates_the_baselines_recall(tmp_path):
+    """aoq.variants: [] in a study (how strong a miner does the data give?): no AOQ rows, the
+    baselines' mean rsum and i2t R@1 per level."""
+    preset = write_preset(tmp_path / "study.yaml", "demo.feature_noise", [1.0, 0.5], prefix="fn")
+    columns = ["evaluation", "model", "variant", "seeds", "rsum_difference", "low", "high", "verdict"]
+    for label, rsum in (("1.0", 100.0), ("0.5", 150.0)):
+        rows = [seed_row("baseline", s, rsum + s) for s in (0, 1)]
+        folder = tmp_path / f"results/fn{label}_precomp/report"
+        folder.mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(folder / "report.csv", index=False)
+        pd.DataFrame(columns=columns).to_csv(folder / "differences.csv", index=False)
+    stamp_rows(preset, tmp_path)
+    assert study.main([str(preset), "--directory", str(tmp_path), "--aggregate-only"]) == 0
+    table = pd.read_csv(tmp_path / "results/study/s/study.csv")
+    assert table["variant"].tolist() == ["baseline", "baseline"]
+    assert table["baseline_rsum"].tolist() == [100.5, 150.5] and table["baseline_i2t_r1"].tolist() == [
+        11.25,
+        11.25,
+    ]
+    assert table["rsum_difference"].isna().all()
+    md = (tmp_path / "results/study/s/study.md").read_text()
+    assert "| 0.5 | vsrn | baseline | 150.5 | 11.2 | – | – | [–, –] | – | 0/2 | – | – / – |" in md

@@ -58,6 +58,28 @@ def level_rows(level, results_dir):
     audit = round1_audit(results_dir)
     per_seed = table[table["subset"].str.startswith("seed")]
     means = per_seed.groupby(["evaluation", "model", "variant"])["rsum"].mean()
+    recall = per_seed.groupby(["evaluation", "model", "variant"])["i2t_r1"].mean()
+    if differences.empty:  # a baseline-only row: the baselines' recall, no AOQ columns
+        return [
+            {
+                "level": level,
+                "evaluation": evaluation,
+                "model": model,
+                "variant": "baseline",
+                "seeds": ",".join(s.removeprefix("seed") for s in runs["subset"]),
+                "baseline_rsum": runs["rsum"].mean(),
+                "baseline_i2t_r1": runs["i2t_r1"].mean(),
+                **dict.fromkeys(("aoq_rsum", "rsum_difference", "low", "high"), math.nan),
+                "verdict": "–",
+                "warmup_checkpoints": int((~runs["selected_after_warmup"]).sum()),
+                "runs": len(runs),
+                **miner_strength(table, evaluation, audit),
+            }
+            for (evaluation, model, variant), runs in per_seed.groupby(
+                ["evaluation", "model", "variant"], sort=False
+            )
+            if variant == "baseline"
+        ]
     rows = []
     for row in differences.itertuples():
         runs = per_seed[
@@ -73,6 +95,7 @@ def level_rows(level, results_dir):
                 "variant": row.variant,
                 "seeds": row.seeds,
                 "baseline_rsum": means[(row.evaluation, row.model, "baseline")],
+                "baseline_i2t_r1": recall[(row.evaluation, row.model, "baseline")],
                 "aoq_rsum": means[(row.evaluation, row.model, row.variant)],
                 "rsum_difference": row.rsum_difference,
                 "low": row.low,
@@ -100,6 +123,10 @@ def _r1(value):
     return "–" if value is None or value != value else f"{value:.1f}"
 
 
+def _signed(value):
+    return "–" if value != value else f"{value:+.1f}"
+
+
 def markdown(table, axis, title):
     rows_are = "row (one factor changed from the base)" if axis == "factor" else f"level of {axis}"
     lines = [
@@ -108,7 +135,8 @@ def markdown(table, axis, title):
         f"Δ rsum: AOQ minus the baseline of the same seed, averaged over seeds, with its paired "
         f"bootstrap interval over test images (docs/evaluation.md#statistics), per {rows_are}. "
         "'Warm-up': AOQ runs whose selected checkpoint predates the end of the warm-up (summed "
-        "hinge), of all its runs. Miner: the mining baseline's i2t R@1 on this evaluation, and "
+        "hinge), of all its runs. Baseline R@1: the baselines' mean i2t R@1. Miner: the mining "
+        "baseline's i2t R@1 on this evaluation, and "
         "the share of its offline candidates (i2t / t2i) scoring above the anchor's positive.",
         "",
     ]
@@ -116,15 +144,16 @@ def markdown(table, axis, title):
         lines += [
             f"## {evaluation}",
             "",
-            f"| {axis} | Model | Method | Baseline rsum | AOQ rsum | Δ rsum | Interval | Verdict | Warm-up "
-            "| Miner R@1 | Above positive |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {axis} | Model | Method | Baseline rsum | Baseline R@1 | AOQ rsum | Δ rsum | Interval "
+            "| Verdict | Warm-up | Miner R@1 | Above positive |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in group.itertuples():
             lines.append(
                 f"| {row.level} | {row.model} | {method(row.variant)} "
-                f"| {row.baseline_rsum:.1f} | {row.aoq_rsum:.1f} | {row.rsum_difference:+.1f} "
-                f"| [{row.low:+.1f}, {row.high:+.1f}] | {row.verdict} "
+                f"| {row.baseline_rsum:.1f} | {_r1(row.baseline_i2t_r1)} | {_r1(row.aoq_rsum)} "
+                f"| {_signed(row.rsum_difference)} | [{_signed(row.low)}, {_signed(row.high)}] "
+                f"| {row.verdict} "
                 f"| {row.warmup_checkpoints}/{row.runs} | {_r1(row.miner_i2t_r1)} "
                 f"| {_share(row.above_positive_i2t)} / {_share(row.above_positive_t2i)} |"
             )
@@ -142,6 +171,11 @@ def plot_gain(table, axis_name, target):
     size = (5.5 * len(evaluations), 0.45 * len(labels) + 2) if factors else (4.5 * len(evaluations), 4)
     fig, axes = plt.subplots(1, len(evaluations), figsize=size, squeeze=False, sharey=factors)
     groups = list(dict.fromkeys(zip(table["model"], table["variant"])))
+    baseline_only = table["rsum_difference"].isna().all()
+    quantity = "baseline i2t R@1" if baseline_only else "Δ rsum vs baseline"
+    if baseline_only:  # no AOQ runs: the baselines' recall instead, without an interval
+        recall = table["baseline_i2t_r1"]
+        table = table.assign(rsum_difference=recall, low=recall, high=recall)
     for axis, evaluation in zip(axes[0], evaluations):
         rows = table[table["evaluation"] == evaluation]
         for k, ((model, variant), line) in enumerate(rows.groupby(["model", "variant"], sort=False)):
@@ -158,10 +192,10 @@ def plot_gain(table, axis_name, target):
             axis.axvline(0, color="grey", linewidth=0.8)
             axis.set_yticks(range(len(labels)), labels)
             axis.invert_yaxis()
-            axis.set(title=evaluation, xlabel="Δ rsum vs baseline")
+            axis.set(title=evaluation, xlabel=quantity)
         else:
             axis.axhline(0, color="grey", linewidth=0.8)
-            axis.set(title=evaluation, xlabel=axis_name, ylabel="Δ rsum vs baseline")
+            axis.set(title=evaluation, xlabel=axis_name, ylabel=quantity)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     _save(fig, target)
