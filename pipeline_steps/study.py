@@ -47,7 +47,7 @@ def parse_args(argv):
         action="store_true",
         help="only redraw from finished rows (refused for a row whose settings changed since it ran)",
     )
-    p.add_argument("--rows", nargs="*", help="run only these rows (labels); the table still needs all")
+    p.add_argument("--rows", nargs="*", help="run and tabulate only these rows (labels)")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
@@ -244,14 +244,12 @@ def main(argv=None):
             row.check()
         for row in chosen:
             row.run()
-    for row in rows:
+    for row in chosen:  # the table holds the chosen rows (all, without --rows)
         row.check_current()
     out = study_folder(workdir, study)
     targets = [out / "study.csv", out / "study.md", out / "study.png"]
     remove_stale_temporaries(*targets)
-    table = study_table(
-        [(label, workdir / "results" / row_dataset(study, label)) for label, _, _ in study["rows"]]
-    )
+    table = study_table([(row.label, workdir / "results" / row_dataset(study, row.label)) for row in chosen])
     write_text_atomic(targets[0], table.to_csv(index=False, float_format="%.4f"))
     figure = f"![Δ rsum against {study['axis']}](study.png)\n"
     write_text_atomic(targets[1], markdown(table, study["axis"], title) + "\n" + figure)

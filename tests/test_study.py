@@ -317,3 +317,21 @@ def test_a_baseline_only_study_tabulates_the_baselines_recall(tmp_path):
     assert table["rsum_difference"].isna().all()
     md = (tmp_path / "results/study/s/study.md").read_text()
     assert "| 0.5 | vsrn | baseline | 150.5 | 11.2 | – | – | [–, –] | – | 0/2 | – | – / – |" in md
+
+
+def test_rows_runs_and_tabulates_some_rows(tmp_path):
+    """--rows: a long study in parts; the table holds the rows asked for, which must have run."""
+    preset = write_preset(tmp_path / "study.yaml", "near_duplicates", [0, 1.5])
+    rows = [seed_row(v, s, 100.0 + s) for v in ("baseline", "adapoffquin") for s in (0, 1)]
+    write_level_report(
+        tmp_path / "results/d0_precomp/report", rows, [difference(0.5, -1.0, 2.0, "no clear difference")]
+    )
+    stamp_rows(preset, tmp_path)
+    (tmp_path / "results/study/s/levels/1.5.done.json").unlink()
+    argv = [str(preset), "--directory", str(tmp_path), "--aggregate-only"]
+    with pytest.raises(SystemExit, match="row 1.5 has not run"):
+        study.main(argv)
+    assert study.main(argv + ["--rows", "0"]) == 0
+    assert pd.read_csv(tmp_path / "results/study/s/study.csv")["level"].tolist() == [0]
+    with pytest.raises(SystemExit, match="--rows: no such row: 7"):
+        study.main(argv + ["--rows", "7"])
