@@ -6,7 +6,7 @@ lengths) and offline candidate files. Then, with the pipeline's own data path (T
 memory-mapped rows and cached ids, AOQ offline negatives I3/T3 and I4/T4, VSRN's caption targets,
 torch DataLoader with `--workers` processes):
   1. loader alone: seconds per batch (B anchors + 2 B offline images and captions);
-  2. loader + our training step of `--model` at full size (pipeline_steps.train.training_loss,
+  2. loader + our training step of `--model` at full size (pipeline_steps.training.step.training_loss,
      backward, clip, Adam), as the training loop runs it: the time the step waits for the next
      batch, and its share of the loop.
 `--cold` evicts the feature file from the page cache before each measurement (posix_fadvise on

@@ -1,7 +1,7 @@
 """Time one AOQ training step of our VSRN, SCAN and BFAN against reference-style steps.
 
 A step is what the training loop does per batch: the anchor pass plus the offline I3/T3 and I4/T4
-passes (`pipeline_steps.train.training_loss`), the AdapOffQuin loss (+ VSRN's captioning loss),
+passes (`pipeline_steps.training.step.training_loss`), the AdapOffQuin loss (+ VSRN's captioning loss),
 backward, total-norm clipping at 2.0 and the Adam update (`Optimizers`, VSRN's doubled captioning
 update included, as the parity default). The comparison (`benchmarks/reference_style.py`) keeps
 the reference's computation structure: per-caption Python loops for SCAN/BFAN, the full-length
@@ -110,7 +110,7 @@ class Ours:
         model.train()
 
     def step(self, batch):
-        from pipeline_steps.train import training_loss
+        from pipeline_steps.training.step import training_loss
 
         loss, _ = training_loss(self.model, batch, self.loss_cfg, self.device)
         self.optimizer.zero_grad()

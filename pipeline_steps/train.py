@@ -21,20 +21,18 @@ Example:
 
 `--tensorboard-dir DIR` also logs the losses, learning rate and validation metrics to TensorBoard
 (pipeline_steps/training/tensorboard.py); it changes nothing else of the run.
+
+This file reads as parse -> build -> loop -> outputs. The parts: the training step and schedule
+(training/step.py), the optimisers (training/optim.py), the resume state (training/run.py beside
+training/resume.py), validation and outputs (training/validation.py).
 """
 
 import argparse
-import csv
-import hashlib
-import io
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,22 +40,20 @@ from tqdm import tqdm
 
 import accel
 from models import create_model
-from models.losses import LossConfig, OfflineScores, adaptive_weights, retrieval_loss
-from models.variants import VARIANTS
-from pipeline_steps.common.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from models.losses import LossConfig
+from pipeline_steps.common.atomic import remove_stale_temporaries
 from pipeline_steps.common.device import set_tf32
 from pipeline_steps.common.errors import InputError, one_line_errors
 from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
 from pipeline_steps.data.splits import open_split, read_manifest
-from pipeline_steps.retrieval.encode import encode_split
-from pipeline_steps.retrieval.metrics import RECALL_COLUMNS, evaluate, val_score4
-from pipeline_steps.retrieval.scorers import representation_scorer
 from pipeline_steps.training import distributed
-from pipeline_steps.training.checkpoint import save_checkpoint, warm_start
+from pipeline_steps.training.checkpoint import warm_start
 from pipeline_steps.training.optim import Optimizers
 from pipeline_steps.training.precision import MixedPrecision
-from pipeline_steps.training.resume import FolderInUse, ResumeFolder, best_name
+from pipeline_steps.training.run import Run
+from pipeline_steps.training.step import loss_config_at_epoch, lr_at_epoch, training_loss
 from pipeline_steps.training.tensorboard import open_board
+from pipeline_steps.training.validation import NonFinite, check_finite, run_validation, write_outputs
 
 log = logging.getLogger("train")
 
@@ -126,273 +122,6 @@ def _json_config(text, cls, what):
         raise SystemExit(f"error: bad {what}: {err} (known fields: {known})") from None
 
 
-def fingerprint(args):
-    """What makes two runs the same run; resume state from a different run is not reused.
-
-    The arguments, and the identity (size, modification time) of the files behind them: data
-    prepared again (another vocabulary) or candidates mined again keep their paths but make
-    another run."""
-    keys = [
-        "data",
-        "prepared",
-        "model",
-        "model_config",
-        "train_config",
-        "loss_config",
-        "candidates_i2t",
-        "candidates_t2i",
-        "seed",
-    ]
-    inputs = [
-        Path(args.data) / "train_ims.npy",
-        Path(args.prepared) / "manifest.json",
-        Path(args.prepared) / "train_ids.npz",
-        args.candidates_i2t,
-        args.candidates_t2i,
-    ]
-    stats = {str(f): os.stat(f) for f in inputs if f and os.path.exists(f)}
-    identity = {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
-    text = json.dumps({"args": {k: getattr(args, k) for k in keys}, "files": identity}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def loss_config_at_epoch(loss_cfg, cfg, epoch):
-    """The loss of `epoch`: during the warm-up, summed over every negative (no hardest one)."""
-    return loss_cfg if epoch >= cfg.max_violation_warmup_epochs else loss_cfg.summed_over_negatives()
-
-
-def lr_at_epoch(cfg, epoch):
-    return cfg.learning_rate * 0.1 ** (epoch // cfg.lr_update)
-
-
-def training_loss(model, batch, loss_cfg, device, ctx=distributed.SINGLE, stats=None):
-    """Loss of one batch: anchor pass, then (AOQ) the I3/T3 and I4/T4 passes in that order.
-
-    The order matters for models with BatchNorm: each train-mode pass updates the running
-    statistics, anchor first (docs/method.md). In a multi-process run `batch` is this process's shard:
-    `ctx` completes the representations and offline scores with the other shards' (without their
-    gradients) and the auxiliary loss, a per-sample mean, with theirs, so the loss is the whole
-    batch's.
-
-    `stats`, a dict or None, receives what the logs show besides the loss terms: the mean adaptive
-    weight of an AdapOffQuin loss.
-    """
-    img, cap, aux = model.anchor_forward(batch, device)
-    offline = None
-    if loss_cfg.needs_offline:
-        with model.offline_pass():
-            img3 = model.encode_images(batch["neg_images"].to(device))
-            cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
-            img4 = model.encode_images(batch["pos2_images"].to(device))
-            cap4 = model.encode_captions(batch["pos2_ids"].to(device), batch["pos2_lengths"])
-        paired = dict(
-            off_t=model.score_paired(img, cap3),
-            off_i=model.score_paired(img3, cap),
-            quin_a=model.score_paired(img3, cap3),
-            quin_b=model.score_paired(img4, cap4),
-        )
-        offline = OfflineScores(**{name: ctx.whole_batch(score) for name, score in paired.items()})
-    img = ctx.whole_batch(img, model.concat_representations)
-    cap = ctx.whole_batch(cap, model.concat_representations)
-    scores = model.training_scores(img, cap, few_gradients=loss_cfg.max_violation)
-    loss, terms = retrieval_loss(scores, offline, loss_cfg)
-    if stats is not None and VARIANTS[loss_cfg.variant].adaptive:
-        with torch.no_grad():
-            stats["adaptive_weight_mean"] = torch.cat(adaptive_weights(scores, offline, loss_cfg)).mean()
-    if aux is not None:
-        aux = ctx.batch_mean(aux, len(batch["index"]))
-        loss = loss + aux
-        terms["auxiliary"] = aux.detach()
-    return loss, terms
-
-
-def validate(model, dev, cfg, device):
-    features, captions, info = dev
-    imgs, caps = encode_split(model, features, captions, info.n_captions, cfg.eval_batch_size, device)
-    metrics = evaluate(representation_scorer(model, imgs, caps, info.n_images), "full")
-    model.train()
-    return metrics
-
-
-class Run:
-    """Training state that a resume restores: weights, optimiser, position, best score, history.
-    Rank 0 holds the resume folder's lock and alone writes it (with every process's random
-    state); every process restores from it (pipeline_steps/training/resume.py)."""
-
-    def __init__(self, args, model, optimizer, resume_dir, ctx=distributed.SINGLE):
-        self.args, self.model, self.optimizer, self.ctx = args, model, optimizer, ctx
-        self.folder = ResumeFolder(resume_dir)
-        self.dir = self.folder.path
-        self.epoch, self.next_batch, self.iteration = 0, 0, 0
-        self.best_score, self.best_iteration, self.history = float("-inf"), None, []
-        self.saved_iteration = None  # the iteration of the resume state on disk
-        self.fingerprint = fingerprint(args)
-        self.state = None  # the resume state rank 0 found usable
-
-    def take_folder(self):
-        """Rank 0 locks the resume folder and drops a state that is not complete; every process
-        stops with the same one-line error if another trainer holds it."""
-        problem = None
-        if self.ctx.is_main:
-            try:
-                self.folder.lock()
-            except FolderInUse as err:
-                problem = str(err)
-            else:
-                self.state = self.folder.load_state(self.fingerprint)  # discards an unusable one
-                if self.state is not None and not self._fits(self.state):
-                    log.warning("resume state in %s does not fit this model; training starts over", self.dir)
-                    self.folder.discard()
-                    self.state = None
-        problem = next((p for p in self.ctx.gather_objects(problem) if p), None)
-        if problem:
-            raise SystemExit(f"error: {problem}")
-        self.ctx.barrier()
-
-    def _fits(self, state):
-        """Whether the saved weights have this model's names and shapes (load_state_dict would
-        copy what fits before it refused the rest)."""
-        own = self.model.state_dict()
-        saved = state.get("model", {})
-        return saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own)
-
-    def try_resume(self):
-        """Restore the state rank 0 validated (the others read it after rank 0 kept it)."""
-        state = self.state if self.ctx.is_main else self.folder.read_state()
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.ctx.enabled:
-            self.ctx.restore_rng(state.get("rank_rng"), self.args.seed, state["iteration"])
-        elif state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.epoch, self.next_batch = state["epoch"], state["next_batch"]
-        self.iteration, self.best_score = state["iteration"], state["best_score"]
-        self.best_iteration, self.history = state["best_iteration"], state["history"]
-        self.saved_iteration = self.iteration
-        log.info("resuming at epoch %d batch %d (iteration %d)", self.epoch, self.next_batch, self.iteration)
-        return True
-
-    def save_state(self):
-        """Called by every process (it gathers their random states); rank 0 writes."""
-        rank_rng = self.ctx.gather_objects(self.ctx.rng_state()) if self.ctx.enabled else None
-        if self.ctx.is_main:
-            cuda_all = torch.cuda.is_available() and not self.ctx.enabled  # a process touches its GPU only
-            self.folder.save_state(
-                {
-                    "fingerprint": self.fingerprint,
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if cuda_all else [],
-                    "rank_rng": rank_rng,
-                    "epoch": self.epoch,
-                    "next_batch": self.next_batch,
-                    "iteration": self.iteration,
-                    "best_score": self.best_score,
-                    "best_iteration": self.best_iteration,
-                    "history": self.history,
-                }
-            )
-        self.saved_iteration = self.iteration
-        self.ctx.barrier()
-
-    def checkpoint(self, path, metrics):
-        save_checkpoint(
-            path,
-            self.model,
-            epoch=self.epoch,
-            iteration=self.iteration,
-            val_score4=val_score4(metrics),
-            metrics=metrics,
-            seed=self.args.seed,
-            train_config=self.args.train_config,
-            loss_config=self.args.loss_config,
-            **vocabulary_of(self.args.prepared),
-        )
-
-    @property
-    def best_path(self):
-        return self.dir / best_name(self.best_iteration)
-
-
-def vocabulary_of(prepared):
-    """The prepared vocabulary's digest, which a checkpoint records (where the manifest has it)."""
-    digest = read_manifest(prepared).get("vocab_sha256")
-    return {"vocab_sha256": digest} if digest else {}
-
-
-def run_validation(run, dev, cfg, device, train_loss, lr, label):
-    """Validate, keep a new best checkpoint, log the row; returns the metrics and val_score4."""
-    metrics = validate(run.model, dev, cfg, device)
-    score = val_score4(metrics)
-    is_best = score > run.best_score  # strictly greater, as the reference
-    if is_best:
-        run.best_score, run.best_iteration = score, run.iteration
-        run.checkpoint(run.best_path, metrics)  # a new name: the saved state still names the old one
-    row = {
-        "epoch": run.epoch,
-        "iteration": run.iteration,
-        "lr": lr,
-        "train_loss": train_loss,
-        **{k: round(metrics[k], 4) for k in RECALL_COLUMNS},
-        "val_score4": round(score, 4),
-        "best": int(is_best),
-    }
-    run.history.append(row)
-    log.info(
-        "VAL %s epoch=%d iter=%d lr=%.3g train_loss=%.4f %s val_score4=%.2f best=%d",
-        label,
-        run.epoch,
-        run.iteration,
-        lr,
-        train_loss,
-        " ".join(f"{k}={metrics[k]:.2f}" for k in RECALL_COLUMNS),
-        score,
-        int(is_best),
-    )
-    return metrics | {"val_score4": score}
-
-
-class NonFinite(Exception):
-    """A loss or gradient was NaN or Inf."""
-
-
-def check_finite(what, value, label, run):
-    """Stop at once on a NaN/Inf, naming the run and the step. The resume state of the last
-    validation stays, so a rerun replays the same steps and stops the same way."""
-    if not math.isfinite(value):
-        kept = (
-            "no resume state yet"
-            if run.saved_iteration is None
-            else f"the resume state of iteration {run.saved_iteration} is kept in {run.dir}"
-        )
-        raise NonFinite(
-            f"non-finite {what} ({value}) at {label} epoch={run.epoch} "
-            f"iteration={run.iteration + 1}; training stopped, {kept}"
-        )
-
-
-def history_csv(history):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    return buf.getvalue()
-
-
-def write_outputs(run, args):
-    last_metrics = run.history[-1]
-    run.checkpoint(args.out_last, {k: last_metrics[k] for k in RECALL_COLUMNS})
-    with atomic_path(args.out_best) as tmp:
-        shutil.copyfile(run.best_path, tmp)
-    write_text_atomic(args.out_log, history_csv(run.history))
-    run.folder.remove()  # finished: a forced rerun starts from scratch
-    log.info("done: best val_score4=%.2f", run.best_score)
-
-
 def build(args, cfg, loss_cfg, ctx):
     """Data, model, offline candidates, optimiser and precision of a run."""
     features, captions, info = open_split(args.data, args.prepared, "train")
@@ -419,17 +148,34 @@ def build(args, cfg, loss_cfg, ctx):
     return (features, captions, info), dev, model, candidates, optimizer, precision
 
 
-def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label, board):
+@dataclass
+class Training:
+    """What the loop works on: the run's resume state (with model and optimiser), the data, the
+    settings, the precision, the run's name in the logs and the TensorBoard writer."""
+
+    run: Run
+    train_split: tuple  # (features, captions, SplitInfo) of the training split
+    dev: tuple  # the same of the dev split
+    candidates: OfflineCandidates | None
+    cfg: TrainConfig
+    loss_cfg: LossConfig
+    precision: MixedPrecision
+    label: str  # model=... variant=... seed=...
+    board: object  # training/tensorboard.py: logs scalars, or does nothing
+
+
+def train_epochs(job):
     """The loop: epochs of batches, a validation every val_step iterations and at each epoch's
-    end, the resume state saved after each validation. `board` logs scalars (TensorBoard)."""
-    features, captions, info = train_split
+    end, the resume state saved after each validation."""
+    run, dev, cfg, label, board, precision = job.run, job.dev, job.cfg, job.label, job.board, job.precision
+    features, captions, info = job.train_split
     model, optimizer, ctx, seed = run.model, run.optimizer, run.ctx, run.args.seed
     caption_targets = model.caption_targets_of if model.needs_caption_targets else None
     model.train()
     while run.epoch < cfg.epochs:
         lr = lr_at_epoch(cfg, run.epoch)
         optimizer.set_lr(lr)
-        epoch_loss = loss_config_at_epoch(loss_cfg, cfg, run.epoch)
+        epoch_loss = loss_config_at_epoch(job.loss_cfg, cfg, run.epoch)
         batches = epoch_batches(info.n_captions, cfg.batch_size, seed, run.epoch)
         dataset = TrainBatches(
             features,
@@ -437,7 +183,7 @@ def train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, la
             batches,
             seed,
             run.epoch,
-            candidates,
+            job.candidates,
             first_batch=run.next_batch,
             caption_targets=caption_targets,
             shard=(ctx.rank, ctx.world_size),
@@ -523,7 +269,7 @@ def main(argv=None):
         label = f"model={args.model} variant={loss_cfg.variant} seed={args.seed}"
         board = open_board(args.tensorboard_dir if ctx.is_main else None, run.iteration)
         try:
-            train_epochs(run, train_split, dev, candidates, cfg, loss_cfg, precision, label, board)
+            train_epochs(Training(run, train_split, dev, candidates, cfg, loss_cfg, precision, label, board))
         except NonFinite as err:
             raise SystemExit(f"error: {err}") from None
         finally:

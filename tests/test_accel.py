@@ -19,7 +19,7 @@ from models.losses import LossConfig
 from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_batches
 from pipeline_steps.data.splits import open_split, read_manifest
 from pipeline_steps.retrieval import metrics, mining, scorers
-from pipeline_steps.train import training_loss
+from pipeline_steps.training.step import training_loss
 from tests.helpers import REPO, make_prepared_demo
 
 SMALL = {

@@ -37,7 +37,7 @@ def batch_for(model, batch=6):
 
 
 def aoq_loss(model, batch, device):
-    """The training loss as pipeline_steps.train.training_loss computes it (single process)."""
+    """The training loss as pipeline_steps.training.step.training_loss computes it (single process)."""
     img, cap, aux = model.anchor_forward(batch, device)
     img3 = model.encode_images(batch["neg_images"].to(device))
     cap3 = model.encode_captions(batch["neg_ids"].to(device), batch["neg_lengths"])
