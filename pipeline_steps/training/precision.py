@@ -7,7 +7,7 @@ Validation and evaluation always run in fp32. A run with amp is not a parity run
 
 The scaler is driven by hand rather than by `scaler.step`: the parity mode steps the captioning
 Adam twice per iteration (Q-DUP), which `scaler.step` refuses, and clipping must see unscaled
-gradients.
+gradients. (Q-... tags: docs/reference_behaviours.md.)
 """
 
 import contextlib
