@@ -15,8 +15,8 @@ os.environ.update(
 
 DATASET = config["dataset"]["name"]
 DATA = config["dataset"]["path"]
-R = f"results/{DATASET}"
-PREPARED = f"{R}/prepared"
+RESULTS = f"results/{DATASET}"  # this dataset's results folder
+PREPARED = f"{RESULTS}/prepared"
 # Offline candidate files are named after the dataset prefix, as the authors' (i2t_coco.npy).
 DS_PREFIX = DATASET.split("_")[0]
 # Model instances: name -> {arch: registered model, train / variants / seeds: overrides, ...config};
@@ -165,7 +165,7 @@ def as_json(value):
 
 
 def train_dir(model="{model}", variant="{variant}", seed="{seed}"):
-    return f"{R}/train/{model}/{variant}/seed{seed}"
+    return f"{RESULTS}/train/{model}/{variant}/seed{seed}"
 
 
 def checkpoint_path(model, variant, seed):
@@ -183,10 +183,10 @@ def candidate_folder(round_=1, seed=None):
     same seed's round_miner(r)."""
     m = config["mining"]
     if round_ > 1:
-        return f"{R}/candidates/{m['model']}/{round_miner(round_)}/seed{seed}"
+        return f"{RESULTS}/candidates/{m['model']}/{round_miner(round_)}/seed{seed}"
     if m["candidate_files"]:
-        return f"{R}/candidates/authors"
-    return f"{R}/candidates/{m['model']}/seed{m['seed']}"
+        return f"{RESULTS}/candidates/authors"
+    return f"{RESULTS}/candidates/{m['model']}/seed{m['seed']}"
 
 
 def miner_candidates(round_=1, seed=None):
@@ -321,7 +321,7 @@ def evaluated_checkpoints(name, method, subset):
     """The checkpoints an evaluation scores together: the subset's seeds of every member, or
     the imported released checkpoints of a released ensemble."""
     if method == "released":
-        return [f"{R}/released/{c}/model_best.pt" for c in RELEASED_ENSEMBLES[name]]
+        return [f"{RESULTS}/released/{c}/model_best.pt" for c in RELEASED_ENSEMBLES[name]]
     return [checkpoint_path(m, method, s) for m in ENSEMBLES[name] for s in set_seeds(name, subset)]
 
 
@@ -344,7 +344,7 @@ def trained_runs():
 
 
 def eval_dir(name="{name}", method="{method}", subset="{subset}"):
-    return f"{R}/eval/{name}/{method}/{subset}"
+    return f"{RESULTS}/eval/{name}/{method}/{subset}"
 
 
 def evaluation_outputs():
@@ -359,7 +359,9 @@ def mining_outputs():
         folder = os.path.dirname(audit)
         if audit.endswith(".json"):
             outputs += [f"{folder}/i2t_{DS_PREFIX}.npy", f"{folder}/t2i_{DS_PREFIX}.npy"]
-            outputs.append(folder.replace(f"{R}/candidates/", f"{R}/embeddings/", 1) + "/train.h5")
+            outputs.append(
+                folder.replace(f"{RESULTS}/candidates/", f"{RESULTS}/embeddings/", 1) + "/train.h5"
+            )
         outputs.append(audit)
     if config["mining"]["candidate_files"] and any(variants_of(m)[1:] for m in MODELS):
         outputs += list(miner_candidates().values())
@@ -388,4 +390,4 @@ def report_outputs():
         "differences.csv",
         "results_table.html",
     )
-    return [f"{R}/report/{name}" for name in names]
+    return [f"{RESULTS}/report/{name}" for name in names]

@@ -5,7 +5,7 @@ rule extract_embeddings:
         unpack(lambda w: split_inputs("train")),
         checkpoint=lambda w: checkpoint_path(w.model, miner_method(w), w.seed),
     output:
-        f"{R}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
+        f"{RESULTS}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
     log:
         f"logs/{DATASET}/extract_embeddings/{{model}}_{{miner}}seed{{seed}}.log",
     benchmark:
@@ -29,10 +29,10 @@ rule extract_embeddings:
 
 rule mine_candidates:
     input:
-        f"{R}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
+        f"{RESULTS}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
     output:
-        i2t=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/i2t_{DS_PREFIX}.npy",
-        t2i=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
+        i2t=f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/i2t_{DS_PREFIX}.npy",
+        t2i=f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
     log:
         f"logs/{DATASET}/mine_candidates/{{model}}_{{miner}}seed{{seed}}.log",
     benchmark:
@@ -66,22 +66,22 @@ rule mine_candidates:
 # round's set is also compared with round 1's (overlap).
 rule audit_mining:
     input:
-        embeddings=f"{R}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
-        i2t=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/i2t_{DS_PREFIX}.npy",
-        t2i=f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
+        embeddings=f"{RESULTS}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
+        i2t=f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/i2t_{DS_PREFIX}.npy",
+        t2i=f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
         ids=f"{PREPARED}/train_ids.npz",
         meta=[f"{DATA}/demo_meta.json"] if config["demo"]["enabled"] else [],
         round1=lambda w: list(miner_candidates().values()) if w.miner else [],
     output:
         json=report(
-            f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.json",
+            f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.json",
             caption="../report/mining_audit_json.rst",
             category="Mining",
             subcategory="Audit",
             labels=lambda w: {"miner": f"{w.model} {miner_method(w)}", "seed": w.seed, "result": "numbers"},
         ),
         png=report(
-            f"{R}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.png",
+            f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.png",
             caption="../report/mining_audit.rst",
             category="Mining",
             subcategory="Audit",
@@ -121,8 +121,8 @@ if config["mining"]["candidate_files"]:
             t2i=config["mining"]["candidate_files"]["t2i"],
             manifest=f"{PREPARED}/manifest.json",
         output:
-            i2t=f"{R}/candidates/authors/i2t_{DS_PREFIX}.npy",
-            t2i=f"{R}/candidates/authors/t2i_{DS_PREFIX}.npy",
+            i2t=f"{RESULTS}/candidates/authors/i2t_{DS_PREFIX}.npy",
+            t2i=f"{RESULTS}/candidates/authors/t2i_{DS_PREFIX}.npy",
         log:
             f"logs/{DATASET}/adopt_candidates.log",
         conda:

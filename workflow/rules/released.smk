@@ -7,7 +7,7 @@ rule import_released:
         reference=lambda w: RELEASED[w.ckpt]["path"],
         manifest=f"{PREPARED}/manifest.json",
     output:
-        f"{R}/released/{{ckpt}}/model_best.pt",
+        f"{RESULTS}/released/{{ckpt}}/model_best.pt",
     log:
         f"logs/{DATASET}/import_released/{{ckpt}}.log",
     conda:

@@ -10,35 +10,35 @@ rule report:
         audits=[p for p in audit_outputs() if p.endswith(".json")],
     output:
         md=report(
-            f"{R}/report/report.md",
+            f"{RESULTS}/report/report.md",
             caption="../report/report_md.rst",
             category="Evaluation",
             subcategory="Results",
             labels={"result": "report (Markdown)"},
         ),
         csv=report(
-            f"{R}/report/report.csv",
+            f"{RESULTS}/report/report.csv",
             caption="../report/report_csv.rst",
             category="Evaluation",
             subcategory="Results",
             labels={"result": "metrics of every evaluated run"},
         ),
         png=report(
-            f"{R}/report/curves.png",
+            f"{RESULTS}/report/curves.png",
             caption="../report/curves.rst",
             category="Training",
             subcategory="Curves",
             labels={"result": "training curves"},
         ),
         stats_png=report(
-            f"{R}/report/statistics.png",
+            f"{RESULTS}/report/statistics.png",
             caption="../report/statistics.rst",
             category="Evaluation",
             subcategory="Statistics",
             labels={"result": "rsum intervals"},
         ),
         differences=report(
-            f"{R}/report/differences.csv",
+            f"{RESULTS}/report/differences.csv",
             caption="../report/differences.rst",
             category="Evaluation",
             subcategory="Statistics",
@@ -47,7 +47,7 @@ rule report:
         # report.md's tables as HTML: the HTML report displays an HTML result in place (a
         # Markdown or CSV result there is only a download link).
         table=report(
-            f"{R}/report/results_table.html",
+            f"{RESULTS}/report/results_table.html",
             caption="../report/results_table.rst",
             category="Evaluation",
             subcategory="Results",
