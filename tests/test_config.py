@@ -61,6 +61,7 @@ def test_the_miners_architectures_are_the_single_vector_models():
     import config_checks
 
     assert set(config_checks.EMBEDDING_ARCHS) == {a for a in model_names() if model_class(a).single_vector}
+    assert config_checks.EMBEDDING_ARCHS == ("vsepp", "vsrn")
 
 
 def bad(change):

@@ -16,9 +16,11 @@ from jsonschema.exceptions import best_match
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# Architectures with one vector per image and caption, the only ones that can mine candidates
-# (tests/test_config.py checks this against the models' `single_vector`).
-EMBEDDING_ARCHS = ("vsepp", "vsrn")
+from models.registry import embedding_models
+
+# Architectures with one vector per image and caption, the only ones that can mine candidates: a
+# field of the registry (tests/test_config.py checks it against each model's `single_vector`).
+EMBEDDING_ARCHS = tuple(embedding_models())
 # Refreshed mining rounds (docs/mining_audit.md): round r >= 2 mines with the round r-1 run of
 # this method.
 ROUND_MINER = "adapoffquin"
