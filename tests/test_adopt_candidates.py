@@ -74,7 +74,12 @@ def corrupt(which, how, i2t, t2i):
 @pytest.mark.parametrize("which", ["i2t", "t2i"])
 @pytest.mark.parametrize(
     "how,message",
-    [("own", "own positive"), ("range", "must lie in"), ("dtype", "int32"), ("rows", "expected shape")],
+    [
+        ("own", "own positive"),
+        ("range", r"row 0 column 0 holds id \d+, outside \[0, \d+\)"),
+        ("dtype", "int32"),
+        ("rows", r"expected \d+ rows \(one per training"),
+    ],
 )
 def test_bad_files_are_refused_naming_the_file(setup, which, how, message):
     tmp_path, prepared, i2t, t2i = setup
@@ -86,7 +91,11 @@ def test_bad_files_are_refused_naming_the_file(setup, which, how, message):
 
 def test_too_few_columns_for_the_offline_size(setup):
     tmp_path, prepared, i2t, t2i = setup
-    with pytest.raises(SystemExit, match=r"i2t.npy: expected shape \(12, >= 21\)"):
+    with pytest.raises(
+        SystemExit, match=r"i2t.npy: offline_size 21 draws from the first 21 columns, but the file holds 20"
+    ):
         run(tmp_path, prepared, i2t, t2i, size=21)
-    with pytest.raises(SystemExit, match=r"t2i.npy: expected shape \(60, >= 4\)"):
+    with pytest.raises(
+        SystemExit, match=r"t2i.npy: offline_size 16 draws from the first 4 columns, but the file holds 3"
+    ):
         run(tmp_path, prepared, i2t, t2i[:, :3], size=16)  # t2i needs ceil(16 / 5) = 4 columns
