@@ -1,4 +1,4 @@
-"""Adding a loss variant is a one-file change: a copy of the repository whose models/losses.py
+"""Adding a loss variant is a one-line change: a copy of the repository whose models/variants.py
 alone gains a throwaway variant plans, trains and reports it."""
 
 import subprocess
@@ -22,10 +22,10 @@ def copy_of_the_repository(dest):
             (dest / name).write_bytes((REPO / name).read_bytes())
 
 
-def test_a_variant_added_to_losses_py_alone_runs_end_to_end(tmp_path):
+def test_a_variant_added_to_variants_py_alone_runs_end_to_end(tmp_path):
     repo = tmp_path / "repo"
     copy_of_the_repository(repo)
-    losses = repo / "models" / "losses.py"
+    losses = repo / "models" / "variants.py"
     text = losses.read_text()
     anchor = '    "adapoffquin": Terms('
     assert anchor in text

@@ -359,9 +359,8 @@ def mining_outputs():
         folder = os.path.dirname(audit)
         if audit.endswith(".json"):
             outputs += [f"{folder}/i2t_{DS_PREFIX}.npy", f"{folder}/t2i_{DS_PREFIX}.npy"]
-            outputs.append(
-                folder.replace(f"{RESULTS}/candidates/", f"{RESULTS}/embeddings/", 1) + "/train.h5"
-            )
+            embeddings = folder.replace(f"{RESULTS}/candidates/", f"{RESULTS}/embeddings/", 1)
+            outputs.append(os.path.join(embeddings, "train.h5"))
         outputs.append(audit)
     if config["mining"]["candidate_files"] and any(variants_of(m)[1:] for m in MODELS):
         outputs += list(miner_candidates().values())
