@@ -31,6 +31,7 @@ from pipeline_steps.reporting.study import markdown, plot_gain, study_table
 
 SNAKEFILE = Path(__file__).resolve().parents[1] / "workflow" / "Snakefile"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+DRY_RUN = {"-n", "--dry-run", "--dryrun"}
 PREFIX = re.compile(r"[A-Za-z0-9.-]+")  # no underscore: the dataset name's first one ends its file prefix
 
 
@@ -191,13 +192,15 @@ class Row:
         return command + ["--cores", self.args.cores, "--configfile", *configs, *extra]
 
     def settings_digest(self):
-        """A digest of every config this row's run reads: the working directory's config.yaml,
-        the base configs, the preset and the row's overlay."""
-        files = [self.workdir / "config.yaml", *map(Path, self.args.base_config), Path(self.args.preset)]
+        """A digest of every setting this row's run reads: the working directory's config.yaml,
+        the base configs, the preset without its `study:` section (adding a row to a study, or
+        editing another row, leaves this row current) and the row's overlay."""
+        files = [self.workdir / "config.yaml", *map(Path, self.args.base_config)]
         h = hashlib.sha256()
         for path in files:
             h.update(path.read_bytes() if path.is_file() else b"-")
-        h.update(json.dumps(self.overlay, sort_keys=True).encode())
+        preset = {k: v for k, v in _read_yaml(self.args.preset).items() if k != "study"}
+        h.update(json.dumps([preset, self.overlay], sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def write_config(self):
@@ -216,7 +219,7 @@ class Row:
         print(f"study {self.study['name']}: row {self.label}: {' '.join(self.command()[2:])}", flush=True)
         if subprocess.run(self.command(*self.args.snakemake_args)).returncode:
             raise InputError(f"study {self.study['name']}: the Snakemake run of row {self.label} failed")
-        if not {"-n", "--dry-run", "--dryrun"} & set(self.args.snakemake_args):
+        if not DRY_RUN & set(self.args.snakemake_args):
             write_text_atomic(self.stamp, json.dumps({"settings": self.settings_digest()}) + "\n")
 
     def check_current(self):
@@ -244,6 +247,9 @@ def main(argv=None):
             row.check()
         for row in chosen:
             row.run()
+        if DRY_RUN & set(args.snakemake_args):
+            print(f"study {study['name']}: a dry run, so nothing to tabulate")
+            return 0
     for row in chosen:  # the table holds the chosen rows (all, without --rows)
         row.check_current()
     out = study_folder(workdir, study)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline_steps import study
+from pipeline_steps.common.errors import InputError
 from tests.helpers import REPO, tiny_config, write_config
 
 
@@ -133,9 +134,9 @@ def test_each_level_runs_on_its_own_dataset_with_its_knob(tmp_path, capfd):
     preset = write_preset(tmp_path / "study.yaml", "near_duplicates", [0, 2.5], prefix="nd")
     base = write_config(tmp_path, tiny_config())
     argv = [str(preset), "--directory", str(tmp_path), "--base-config", str(base), "--", "-n", "-p"]
-    with pytest.raises(SystemExit, match="row 0 has not run"):
-        study.main(argv)  # a dry run leaves nothing to aggregate
+    assert study.main(argv) == 0
     printed = capfd.readouterr().out
+    assert printed.rstrip().endswith("study s: a dry run, so nothing to tabulate")
     for level, dataset in (("0", "nd0_precomp"), ("2.5", "nd2.5_precomp")):
         assert f"--out results/demo_data/{dataset} " in printed and f"--near-duplicates {level} " in printed
         assert f"results/{dataset}/report/report.md" in printed
@@ -156,8 +157,7 @@ def test_factor_rows_reach_any_config_key_and_share_the_base_data(tmp_path, capf
     preset.write_text(yaml.safe_dump({"study": settings}, sort_keys=False))
     base = write_config(tmp_path, tiny_config())
     argv = [str(preset), "--directory", str(tmp_path), "--base-config", str(base), "--", "-n", "-p"]
-    with pytest.raises(SystemExit, match="row base has not run"):
-        study.main(argv)
+    assert study.main(argv) == 0
     printed = capfd.readouterr().out
     blocks = printed.split("study f: row ")[1:]
     assert [block.split(":", 1)[0] for block in blocks] == list(factors)
@@ -335,3 +335,31 @@ def test_rows_runs_and_tabulates_some_rows(tmp_path):
     assert pd.read_csv(tmp_path / "results/study/s/study.csv")["level"].tolist() == [0]
     with pytest.raises(SystemExit, match="--rows: no such row: 7"):
         study.main(argv + ["--rows", "7"])
+
+
+def test_adding_a_row_leaves_the_finished_rows_current(tmp_path):
+    """A row's stamp covers the settings it ran with, not the other rows of the study."""
+    preset = tmp_path / "study.yaml"
+    study_section = {
+        "name": "s",
+        "dataset_prefix": "f",
+        "factors": {"a": {"aoq": {"train": {"offline_size": 10}}}},
+    }
+    preset.write_text(yaml.safe_dump({"study": study_section, "report": {"title": "t"}}))
+    stamp_rows(preset, tmp_path)
+    args = study.parse_args([str(preset), "--directory", str(tmp_path)])
+
+    def row_a():
+        settings, _ = study.read_study(preset)
+        label, overlay, _ = settings["rows"][0]
+        return study.Row(args, settings, tmp_path, label, overlay)
+
+    row_a().check_current()
+    study_section["factors"]["b"] = {"aoq": {"loss": {"detach_weights": True}}}
+    preset.write_text(yaml.safe_dump({"study": study_section, "report": {"title": "t"}}))
+    row_a().check_current()  # another row added: still current
+    preset.write_text(
+        yaml.safe_dump({"study": study_section, "report": {"title": "t"}, "run": {"seeds": [0]}})
+    )
+    with pytest.raises(InputError, match="row a ran with other settings"):
+        row_a().check_current()  # a setting every row reads changed
