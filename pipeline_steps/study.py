@@ -98,7 +98,7 @@ def _knob_rows(preset, study):
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, (int, float)) or not math.isfinite(level):
             _problem(preset, f"levels: {level!r} is not a finite number")
-    return knob, [(level_label(level), nested(knob, level), level) for level in levels]
+    return knob, [(level_label(level), nested(knob, level)) for level in levels]
 
 
 def _factor_rows(preset, factors):
@@ -115,13 +115,13 @@ def _factor_rows(preset, factors):
             overlay = _read_yaml(Path(preset).parent / overlay)
         if not isinstance(overlay, dict):
             _problem(preset, f"factors: {name}: a config overlay (a mapping) is needed, not {overlay!r}")
-        rows.append((name, overlay, name))
+        rows.append((name, overlay))
     return "factor", rows
 
 
 def read_study(preset):
     """The study's settings: name, dataset_prefix, axis (the knob, or 'factor') and rows
-    [(label, config overlay, level)], and the report title."""
+    [(label, config overlay)], and the report title."""
     overlay = _read_yaml(preset)
     study = overlay.get("study")
     if not isinstance(study, dict):
@@ -143,7 +143,7 @@ def read_study(preset):
         axis, rows = _factor_rows(preset, study["factors"])
     else:
         axis, rows = _knob_rows(preset, study)
-    labels = [label for label, _, _ in rows]
+    labels = [label for label, _ in rows]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         _problem(preset, f"rows named twice: {', '.join(repeated)}")
@@ -236,7 +236,7 @@ def main(argv=None):
     args = parse_args(argv)
     study, title = read_study(args.preset)
     workdir = Path(args.directory).resolve()
-    rows = [Row(args, study, workdir, label, overlay) for label, overlay, _ in study["rows"]]
+    rows = [Row(args, study, workdir, label, overlay) for label, overlay in study["rows"]]
     chosen = rows if args.rows is None else [r for r in rows if r.label in args.rows]
     unknown = sorted(set(args.rows or []) - {r.label for r in rows})
     if unknown:

@@ -55,7 +55,7 @@ def stamp_rows(preset, workdir):
     """Mark every row of `preset` as run with today's settings (what a finished run leaves)."""
     args = study.parse_args([str(preset), "--directory", str(workdir)])
     settings, _ = study.read_study(preset)
-    for label, overlay, _ in settings["rows"]:
+    for label, overlay in settings["rows"]:
         row = study.Row(args, settings, workdir, label, overlay)
         row.stamp.parent.mkdir(parents=True, exist_ok=True)
         row.stamp.write_text(json.dumps({"settings": row.settings_digest()}))
@@ -351,7 +351,7 @@ def test_adding_a_row_leaves_the_finished_rows_current(tmp_path):
 
     def row_a():
         settings, _ = study.read_study(preset)
-        label, overlay, _ = settings["rows"][0]
+        label, overlay = settings["rows"][0]
         return study.Row(args, settings, tmp_path, label, overlay)
 
     row_a().check_current()

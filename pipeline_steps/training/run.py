@@ -63,6 +63,7 @@ class Run:
         self.best_score, self.best_iteration, self.history = float("-inf"), None, []
         self.saved_iteration = None  # the iteration of the resume state on disk
         self.fingerprint = fingerprint(args)
+        self.vocabulary = vocabulary_of(args.prepared)  # what each checkpoint records, read once
         self.state = None  # the resume state rank 0 found usable
 
     def take_folder(self):
@@ -146,7 +147,7 @@ class Run:
             seed=self.args.seed,
             train_config=self.args.train_config,
             loss_config=self.args.loss_config,
-            **vocabulary_of(self.args.prepared),
+            **self.vocabulary,
         )
 
     @property
