@@ -9,7 +9,7 @@ nothing to choose: the command is exec'd unchanged.
 
 The machine's devices: CUDA_VISIBLE_DEVICES if it is set (slots are its entries), else 0..N-1 with
 N from --slots, else $AOQ_LOCAL_GPUS, else the number of GPUs `nvidia-smi -L` lists. Not a rule
-of its own: the workflow wraps the command of every GPU job in it (workflow/rules/common.smk).
+of its own: the workflow wraps the command of every GPU job in it (workflow/plan.py, Plan.step_command).
 
 Example:
     python -m pipeline_steps.gpu_slot --gpus 1 -- python -m pipeline_steps.evaluate ...

@@ -1,5 +1,6 @@
 """Small builders shared by several test files."""
 
+import copy
 import json
 import os
 import re
@@ -13,6 +14,9 @@ import yaml
 from pipeline_steps import make_demo_data, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
+# The workflow's plain-Python modules (config_checks, plan) are imported as Snakemake imports them.
+if str(REPO / "workflow") not in sys.path:
+    sys.path.insert(0, str(REPO / "workflow"))
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 # Rules call `python`: the interpreter running the tests must be the one they find.
@@ -36,6 +40,33 @@ def tiny_config():
     for i, kind in enumerate(("light", "data", "train", "extract", "mine", "evaluate")):
         config["resources"][kind].update(mem_mb=300 + 100 * i, runtime=5 + i)
     return config
+
+
+def planned(config, workdir="."):
+    """The workflow's Plan of `config` (workflow/plan.py), checked as Snakemake checks it when it
+    starts (schema defaults filled in, config_checks): what the rules read, without Snakemake.
+    Raises config_checks.ConfigError for a refused config."""
+    import config_checks
+    from plan import Plan
+
+    from models.variants import VARIANTS
+
+    config = copy.deepcopy(config)
+    config_checks.validated(
+        config, REPO / "workflow" / "schemas" / "config.schema.yaml", list(VARIANTS), workdir
+    )
+    return Plan(config, list(VARIANTS))
+
+
+def refusal(config, workdir="."):
+    """The one-line refusal of `config` as Snakemake would print it, or None when accepted."""
+    import config_checks
+
+    try:
+        planned(config, workdir)
+    except config_checks.ConfigError as err:
+        return str(err)
+    return None
 
 
 def write_config(workdir, config):

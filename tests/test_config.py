@@ -1,5 +1,7 @@
 """The configuration: refused when Snakemake starts, in one line naming the key; the schema mirrors
-the code it describes; a model overrides its baseline and AOQ training separately."""
+the code it describes; a model overrides its baseline and AOQ training separately. The checks and
+the plan are plain Python (workflow/config_checks.py, workflow/plan.py) and are tested in-process;
+the tests marked `workflow` show the same through a real `snakemake -n`."""
 
 import copy
 import dataclasses
@@ -13,10 +15,9 @@ import yaml
 import models.attention as xattn
 from models.registry import model_class, model_names
 from models.scan import PRECOMP_ENC_TYPES
-from tests.helpers import REPO, snakemake, tiny_config
+from tests.helpers import REPO, planned, refusal, snakemake, tiny_config
 from tests.test_workflow import planned_commands
 
-pytestmark = pytest.mark.workflow
 PIPELINE_KEYS = {"arch", "train", "baseline", "aoq", "variants", "seeds"}
 
 
@@ -34,8 +35,11 @@ def arch_rules(arch):
 
 
 def test_model_entries_mirror_the_registry():
-    ENTRY = model_entry_schema()
-    assert sorted(ENTRY["properties"]["arch"]["enum"]) == model_names()
+    """The schema describes every shipped architecture, each exactly with its config's fields."""
+    assert (
+        sorted(rule["if"]["properties"]["arch"]["const"] for rule in model_entry_schema()["allOf"])
+        == model_names()
+    )
     for arch in model_names():
         assert model_class(arch).name == arch
         fields = {f.name for f in dataclasses.fields(model_class(arch).config_class)}
@@ -80,7 +84,7 @@ def deep_set(config, key, value):
 REFUSALS = {
     "unknown variant": (
         lambda c: deep_set(c, "aoq.variants", ["offtri", "offtripple"]),
-        "config: aoq.variants: unknown loss variant 'offtripple' (models/losses.py has offtri, ",
+        "config: aoq.variants: unknown loss variant 'offtripple' (models/variants.py has offtri, ",
     ),
     "unknown top-level key": (
         lambda c: c.update(evaluations=[]),
@@ -158,6 +162,15 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_bad_configs_are_refused_in_one_line_naming_the_key(tmp_path, case):
     change, expected = REFUSALS[case]
+    line = refusal(bad(change), tmp_path)
+    assert line is not None and line.startswith(expected), line
+    assert "\n" not in line
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("case", ["unknown model key", "offline_size above 5 k_t2i"])
+def test_snakemake_prints_the_refusal_as_its_last_line_without_a_traceback(tmp_path, case):
+    change, expected = REFUSALS[case]
     result = snakemake(tmp_path, bad(change), "-n")
     assert result.returncode != 0
     output = (result.stdout + result.stderr).strip()
@@ -168,7 +181,9 @@ def test_bad_configs_are_refused_in_one_line_naming_the_key(tmp_path, case):
 def test_the_largest_consistent_k_is_accepted(tmp_path):
     config = tiny_config()
     config["mining"].update(k_i2t=195, k_t2i=39)
-    assert snakemake(tmp_path, config, "-n").returncode == 0
+    assert refusal(config, tmp_path) is None
+    config["mining"].update(k_i2t=196)
+    assert refusal(config, tmp_path) is not None
 
 
 def train_configs(result):
@@ -180,8 +195,14 @@ def train_configs(result):
     return out
 
 
+def train_sections(config):
+    """(model, method) -> the training section each planned run gets (its --train-config)."""
+    plan = planned(config)
+    return {(m, v): plan.train_section(m, v) for m, v, _ in plan.trained_runs()}
+
+
 @pytest.mark.parametrize("preset", ["f30k", "coco"])
-def test_bfan_aoq_runs_use_the_releases_lr_update(tmp_path, preset):
+def test_bfan_aoq_runs_use_the_releases_lr_update(preset):
     """The presets' models and schedules on the tiny demo DAG: BFAN's baseline keeps its own step
     (15), its AOQ runs take the AOQ release's 10; the model's other settings reach both rounds."""
     overlay = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
@@ -191,7 +212,7 @@ def test_bfan_aoq_runs_use_the_releases_lr_update(tmp_path, preset):
     config["mining"].update(model="vsrn")
     config["baseline"] = overlay["baseline"]
     config["aoq"]["train"] = overlay["aoq"]["train"] | {"offline_size": 20}
-    trains = train_configs(snakemake(tmp_path, config, "-n", "-p"))
+    trains = train_sections(config)
     expected_epochs = 15 if preset == "f30k" else 20
     assert trains[("bfan_equal", "baseline")]["lr_update"] == 15
     for variant in config["aoq"]["variants"]:
@@ -201,14 +222,17 @@ def test_bfan_aoq_runs_use_the_releases_lr_update(tmp_path, preset):
     assert trains[("bfan_equal", "baseline")]["epochs"] == expected_epochs
 
 
-def test_model_level_round_overrides_reach_only_their_round(tmp_path):
+def model_level_overrides():
     config = tiny_config()
     config["models"]["vsepp"].update(
         train={"learning_rate": 0.01},
         baseline={"train": {"epochs": 3}},
         aoq={"train": {"epochs": 2, "learning_rate": 0.02}},
     )
-    trains = train_configs(snakemake(tmp_path, config, "-n", "-p"))
+    return config
+
+
+def check_model_level_overrides(config, trains):
     assert (trains[("vsepp", "baseline")]["epochs"], trains[("vsepp", "baseline")]["learning_rate"]) == (
         3,
         0.01,
@@ -218,6 +242,18 @@ def test_model_level_round_overrides_reach_only_their_round(tmp_path):
             2,
             0.02,
         )
+
+
+def test_model_level_round_overrides_reach_only_their_round():
+    config = model_level_overrides()
+    check_model_level_overrides(config, train_sections(config))
+
+
+@pytest.mark.workflow
+def test_the_train_rule_passes_each_runs_section(tmp_path):
+    """The same through a real dry run: the --train-config of every planned training command."""
+    config = model_level_overrides()
+    check_model_level_overrides(config, train_configs(snakemake(tmp_path, config, "-n", "-p")))
 
 
 def test_schema_defaults_agree_with_the_steps_own_defaults():
@@ -267,6 +303,7 @@ def test_schema_defaults_agree_with_the_steps_own_defaults():
     )
 
 
+@pytest.mark.workflow
 def test_authors_candidates_without_any_aoq_run_plan_cleanly(tmp_path):
     """Only baselines, with mining.candidate_files set: the files are adopted (checked), no crash."""
     config = tiny_config()

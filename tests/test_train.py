@@ -184,3 +184,31 @@ def test_warm_start_takes_the_weights_of_a_matching_checkpoint_only(tmp_path):
     other = create_model("vsepp", vocab_size=20, img_dim=16, embed_size=16, word_dim=8)
     with pytest.raises(CheckpointError, match="round1.pt: a vsepp checkpoint with config .* cannot start"):
         warm_start(other, tmp_path / "round1.pt")
+
+
+def test_a_run_cut_at_the_warmup_is_the_baselines_first_epochs(train_data, tmp_path, monkeypatch):
+    """aoq.start_from: baseline_warmup starts AOQ from a baseline run cut at its warm-up's end
+    (workflow/plan.py). Its weights must be the ones the full baseline run has at that point:
+    captured here from the full run's resume state after epoch 1, and compared exactly."""
+    warmup = '"max_violation_warmup_epochs": 1, "batch_size": 32, "val_step": 4, "eval_batch_size": 64'
+    at_warmup_end = {}
+    original = train.Run.save_state
+
+    def capture(self):
+        if not at_warmup_end and (self.epoch, self.next_batch) == (1, 0):
+            at_warmup_end.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        original(self)
+
+    monkeypatch.setattr(train.Run, "save_state", capture)
+    for name, epochs in (("full", 3), ("cut", 1)):
+        out = tmp_path / name
+        out.mkdir()
+        argv = train_argv(
+            train_data, out, "vsepp", MODEL_CONFIGS["vsepp"], f'{{"epochs": {epochs}, {warmup}}}'
+        )
+        assert train.main(argv + ["--threads", "1"]) == 0
+    cut = weights(tmp_path / "cut" / "last.pt")
+    assert cut.keys() == at_warmup_end.keys()
+    assert all(torch.equal(cut[k], at_warmup_end[k]) for k in cut)
+    full, first = read_log(tmp_path / "full" / "val.csv"), read_log(tmp_path / "cut" / "val.csv")
+    assert len(full) > len(first) and full[: len(first)] == first

@@ -269,3 +269,30 @@ def test_a_state_from_inputs_made_again_is_not_resumed(tmp_path, monkeypatch, ca
     assert "belongs to another configuration" in caplog.text
     run_train(own, tmp_path / "fresh", "offtri")
     assert same_weights(tmp_path / "fresh" / "last.pt", tmp_path / "run" / "last.pt")
+
+
+def test_a_state_of_a_run_started_from_another_checkpoint_is_not_resumed(train_data, tmp_path, monkeypatch):
+    """A run that starts from a checkpoint (--init-from: a later mining round, or the baseline's
+    warm-up) and is interrupted must not resume once that checkpoint was trained again under the
+    same path: it starts over from the new weights, as a fresh run does."""
+    for seed in (0, 1):
+        assert run_train(train_data, tmp_path / f"baseline{seed}", seed=seed) == 0
+    start = tmp_path / "start.pt"
+    start.write_bytes((tmp_path / "baseline0" / "last.pt").read_bytes())
+    original, calls = train.Run.save_state, []
+
+    def save_then_die(self):
+        original(self)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Run, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(train_data, tmp_path / "run", "offtri", extra=["--init-from", str(start)])
+    monkeypatch.setattr(train.Run, "save_state", original)
+    start.write_bytes((tmp_path / "baseline1" / "last.pt").read_bytes())  # trained again, same path
+    os.utime(start, ns=(time.time_ns(), time.time_ns() + 10**9))
+    run_train(train_data, tmp_path / "run", "offtri", extra=["--init-from", str(start)])
+    run_train(train_data, tmp_path / "fresh", "offtri", extra=["--init-from", str(start)])
+    assert same_weights(tmp_path / "fresh" / "last.pt", tmp_path / "run" / "last.pt")

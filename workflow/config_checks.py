@@ -6,8 +6,10 @@ What is checked here and not by the schema: numbers (whole numbers for integer k
 Inf anywhere), names that must be unique, and the rules that span several keys.
 """
 
+import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 
 import yaml
@@ -16,7 +18,7 @@ from jsonschema.exceptions import best_match
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from models.registry import embedding_models
+from models.registry import ARCHITECTURES, embedding_models, model_class, model_names
 
 # Architectures with one vector per image and caption, the only ones that can mine candidates: a
 # field of the registry (tests/test_config.py checks it against each model's `single_vector`).
@@ -209,11 +211,53 @@ def check_variants(config, loss_variants):
     for key, variants in lists.items():
         for variant in variants:
             if variant not in aoq:
-                refuse(key, f"unknown loss variant {variant!r} (models/losses.py has {', '.join(aoq)})")
+                refuse(key, f"unknown loss variant {variant!r} (models/variants.py has {', '.join(aoq)})")
 
 
-def check_models(config):
+# Keys of a model entry that are the pipeline's, not the architecture's config, and the config
+# fields that come from the data.
+PIPELINE_KEYS = ("arch", "train", "baseline", "aoq", "variants", "seeds")
+FROM_THE_DATA = ("vocab_size", "img_dim")
+FIELD_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def schema_architectures(schema):
+    """The architectures whose keys the schema describes (its per-architecture blocks)."""
+    return {
+        rule["if"]["properties"]["arch"]["const"] for rule in schema["definitions"]["model_entry"]["allOf"]
+    }
+
+
+def check_entry_against_its_config(name, entry):
+    """An entry of an architecture the schema does not describe: its keys and their types against
+    the architecture's config dataclass (imported only here, for such an architecture)."""
+    config_class = model_class(entry["arch"]).config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class) if f.name not in FROM_THE_DATA}
+    for key, value in entry.items():
+        if key in PIPELINE_KEYS:
+            continue
+        if key not in fields:
+            refuse(
+                f"models.{name}", f"unknown key {key!r} (known here: {', '.join([*PIPELINE_KEYS, *fields])})"
+            )
+        hints = typing.get_type_hints(config_class)
+        allowed = FIELD_TYPES.get(hints[key])
+        if allowed and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+            refuse(f"models.{name}.{key}", f"{value!r} is not a {hints[key].__name__}")
+
+
+def check_models(config, schema):
     models = config["models"]
+    described = schema_architectures(schema)
+    for name, entry in models.items():
+        if entry["arch"] not in ARCHITECTURES:
+            refuse(
+                f"models.{name}.arch",
+                f"{entry['arch']!r} is not a registered architecture "
+                f"(models/registry.py: {', '.join(model_names())})",
+            )
+        if entry["arch"] not in described:
+            check_entry_against_its_config(name, entry)
     for name in config["run"].get("models", []):
         if name not in models:
             refuse("run.models", f"{name!r} is not an entry of `models:` ({', '.join(models)})")
@@ -319,6 +363,21 @@ def check_rounds(config):
             )
 
 
+def check_start(config):
+    """AOQ runs can start from the baseline's warm-up only where the baseline warms up."""
+    if config["aoq"]["start_from"] != "baseline_warmup":
+        return
+    for name in selected_models(config):
+        if variants_of(config, name)[1:] and not train_section(config, name, "baseline").get(
+            "max_violation_warmup_epochs", 0
+        ):
+            refuse(
+                "aoq.start_from",
+                f"baseline_warmup, but the baseline of model {name!r} has no warm-up "
+                "(its max_violation_warmup_epochs is 0)",
+            )
+
+
 def check_download(config):
     if not config["download"]["enabled"]:
         return
@@ -363,11 +422,12 @@ def check(config, schema, loss_variants, workdir="."):
     check_schema_strictly(config, schema)
     check_unique(config)
     check_variants(config, loss_variants)
-    check_models(config)
+    check_models(config, schema)
     check_dataset(config, workdir)
     check_evaluations(config, workdir)
     check_mining(config, workdir)
     check_rounds(config)
+    check_start(config)
     check_download(config)
 
 

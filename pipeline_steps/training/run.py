@@ -24,8 +24,8 @@ def fingerprint(args):
     """What makes two runs the same run; resume state from a different run is not reused.
 
     The arguments, and the identity (size, modification time) of the files behind them: data
-    prepared again (another vocabulary) or candidates mined again keep their paths but make
-    another run."""
+    prepared again (another vocabulary), candidates mined again or a starting checkpoint trained
+    again keep their paths but make another run."""
     keys = [
         "data",
         "prepared",
@@ -37,12 +37,15 @@ def fingerprint(args):
         "candidates_t2i",
         "seed",
     ]
+    if args.init_from:  # only then: the resume states of every other run keep their fingerprint
+        keys.append("init_from")
     inputs = [
         Path(args.data) / "train_ims.npy",
         Path(args.prepared) / "manifest.json",
         Path(args.prepared) / "train_ids.npz",
         args.candidates_i2t,
         args.candidates_t2i,
+        args.init_from,
     ]
     stats = {str(f): os.stat(f) for f in inputs if f and os.path.exists(f)}
     identity = {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}

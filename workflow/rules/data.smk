@@ -10,7 +10,7 @@ if config["demo"]["enabled"]:
         conda:
             "../../envs/aoq.yaml"
         resources:
-            **job_resources("light"),
+            **PLAN.job_resources("light"),
         params:
             data=lambda w, output: os.path.dirname(output.meta),
             demo=config["demo"],
@@ -44,9 +44,9 @@ if config["download"]["enabled"]:
         conda:
             "../../envs/aoq.yaml"
         resources:
-            **job_resources("data"),
+            **PLAN.job_resources("data"),
         params:
-            source=download_source_flags,
+            source=PLAN.download_source_flags,
             sha=lambda w: ["--sha256", config["download"]["sha256"]] if config["download"]["sha256"] else [],
             dest=lambda w, output: os.path.dirname(output.stamp),
         shell:
@@ -72,13 +72,13 @@ rule prepare_data:
     conda:
         "../../envs/aoq.yaml"
     resources:
-        **job_resources("data"),
+        **PLAN.job_resources("data"),
     params:
         data=lambda w, input: os.path.dirname(input.ims[0]),
         prepared=lambda w, output: os.path.dirname(output.manifest),
         splits=config["dataset"]["splits"],
         img_dim=config["dataset"]["img_dim"],
-        vocab=vocab_flags,
+        vocab=PLAN.vocab_flags,
         threshold=config["dataset"]["vocab_threshold"],
         tokenizer=config["dataset"]["tokenizer"],
         name=DATASET,

@@ -2,8 +2,8 @@
 # round's (mining.rounds), so round 1 keeps its paths whatever the number of rounds.
 rule extract_embeddings:
     input:
-        unpack(lambda w: split_inputs("train")),
-        checkpoint=lambda w: checkpoint_path(w.model, miner_method(w), w.seed),
+        unpack(lambda w: PLAN.split_inputs("train")),
+        checkpoint=lambda w: PLAN.checkpoint_path(w.model, PLAN.miner_method(w), w.seed),
     output:
         f"{RESULTS}/embeddings/{{model}}/{{miner}}seed{{seed}}/train.h5",
     log:
@@ -14,13 +14,13 @@ rule extract_embeddings:
         "../../envs/aoq.yaml"
     threads: config["resources"]["extract"]["threads"]
     resources:
-        **job_resources("extract"),
+        **PLAN.job_resources("extract"),
     params:
-        step=step_command("extract", "pipeline_steps.extract_embeddings"),
-        data=data_dir,
-        prepared=prepared_dir,
+        step=PLAN.step_command("extract", "pipeline_steps.extract_embeddings"),
+        data=PLAN.data_dir,
+        prepared=PLAN.prepared_dir,
         device=config["run"]["device"],
-        settings=lambda w: digest(run_settings(w.model, miner_method(w), w.seed)),
+        settings=lambda w: digest(PLAN.run_settings(w.model, PLAN.miner_method(w), w.seed)),
     shell:
         "{params.step:q} --checkpoint {input.checkpoint:q} --data {params.data:q}"
         " --prepared {params.prepared:q} --split train --out {output:q} --device {params.device:q}"
@@ -41,19 +41,19 @@ rule mine_candidates:
         "../../envs/aoq.yaml"
     threads: config["resources"]["mine"]["threads"]
     resources:
-        **job_resources("mine"),
+        **PLAN.job_resources("mine"),
     params:
         # mining.exclude: duplicate_captions compares the tokenized training captions (made
         # before the embeddings). Part of the command, so that with the default (off) the rule's
         # code and params are those of before the setting existed: nothing mined reruns.
-        step=lambda w: step_command("mine", "pipeline_steps.mine_candidates")
-        + (["--exclude-duplicates", f"{PREPARED}/train_ids.npz"] if EXCLUDE_DUPLICATES else []),
+        step=lambda w: PLAN.step_command("mine", "pipeline_steps.mine_candidates")
+        + (["--exclude-duplicates", f"{PREPARED}/train_ids.npz"] if PLAN.exclude_duplicates else []),
         k_i2t=config["mining"]["k_i2t"],
         k_t2i=config["mining"]["k_t2i"],
         dtype=config["mining"]["dtype"],
         block_mb=config["mining"]["block_mb"],
         device=config["run"]["device"],
-        settings=lambda w: digest(mining_settings(w.model, w.seed, miner_method(w))),
+        settings=lambda w: digest(PLAN.mining_settings(w.model, w.seed, PLAN.miner_method(w))),
     shell:
         "{params.step:q} --embeddings {input:q} --out-i2t {output.i2t:q} --out-t2i {output.t2i:q}"
         " --k-i2t {params.k_i2t:q} --k-t2i {params.k_t2i:q} --dtype {params.dtype:q}"
@@ -71,21 +71,29 @@ rule audit_mining:
         t2i=f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/t2i_{DS_PREFIX}.npy",
         ids=f"{PREPARED}/train_ids.npz",
         meta=[f"{DATA}/demo_meta.json"] if config["demo"]["enabled"] else [],
-        round1=lambda w: list(miner_candidates().values()) if w.miner else [],
+        round1=lambda w: list(PLAN.miner_candidates().values()) if w.miner else [],
     output:
         json=report(
             f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.json",
             caption="../report/mining_audit_json.rst",
             category="Mining",
             subcategory="Audit",
-            labels=lambda w: {"miner": f"{w.model} {miner_method(w)}", "seed": w.seed, "result": "numbers"},
+            labels=lambda w: {
+                "miner": f"{w.model} {PLAN.miner_method(w)}",
+                "seed": w.seed,
+                "result": "numbers",
+            },
         ),
         png=report(
             f"{RESULTS}/candidates/{{model}}/{{miner}}seed{{seed}}/audit.png",
             caption="../report/mining_audit.rst",
             category="Mining",
             subcategory="Audit",
-            labels=lambda w: {"miner": f"{w.model} {miner_method(w)}", "seed": w.seed, "result": "figure"},
+            labels=lambda w: {
+                "miner": f"{w.model} {PLAN.miner_method(w)}",
+                "seed": w.seed,
+                "result": "figure",
+            },
         ),
     log:
         f"logs/{DATASET}/audit_mining/{{model}}_{{miner}}seed{{seed}}.log",
@@ -100,8 +108,8 @@ rule audit_mining:
         runtime=config["resources"]["mine"]["runtime"],
     params:
         # The online batches AOQ trains with, and the top of each row it draws from.
-        batch_size=lambda w: train_section(w.model, "aoq")["batch_size"],
-        offline_size=lambda w: train_section(w.model, "aoq")["offline_size"],
+        batch_size=lambda w: PLAN.train_section(w.model, "aoq")["batch_size"],
+        offline_size=lambda w: PLAN.train_section(w.model, "aoq")["offline_size"],
         optional=lambda w, input: (
             (["--demo-meta", input.meta[0]] if input.meta else [])
             + (["--compare-i2t", input.round1[0], "--compare-t2i", input.round1[1]] if input.round1 else [])
@@ -128,19 +136,11 @@ if config["mining"]["candidate_files"]:
         conda:
             "../../envs/aoq.yaml"
         resources:
-            **job_resources("light"),
+            **PLAN.job_resources("light"),
         params:
-            prepared=prepared_dir,
+            prepared=PLAN.prepared_dir,
             # the largest any AOQ run draws from (1 when no run does: the files are only checked)
-            offline_size=max(
-                (
-                    train_section(m, v)["offline_size"]
-                    for m in MODELS
-                    for v in variants_of(m)
-                    if v != "baseline"
-                ),
-                default=1,
-            ),
+            offline_size=PLAN.largest_offline_size(),
         shell:
             "python -m pipeline_steps.adopt_candidates --i2t {input.i2t:q} --t2i {input.t2i:q}"
             " --prepared {params.prepared:q} --offline-size {params.offline_size:q}"

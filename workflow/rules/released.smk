@@ -4,7 +4,7 @@
 
 rule import_released:
     input:
-        reference=lambda w: RELEASED[w.ckpt]["path"],
+        reference=lambda w: PLAN.released[w.ckpt]["path"],
         manifest=f"{PREPARED}/manifest.json",
     output:
         f"{RESULTS}/released/{{ckpt}}/model_best.pt",
@@ -13,10 +13,10 @@ rule import_released:
     conda:
         "../../envs/aoq.yaml"
     resources:
-        **job_resources("light"),
+        **PLAN.job_resources("light"),
     params:
-        arch=lambda w: RELEASED[w.ckpt]["arch"],
-        prepared=prepared_dir,
+        arch=lambda w: PLAN.released[w.ckpt]["arch"],
+        prepared=PLAN.prepared_dir,
     shell:
         "python -m pipeline_steps.import_checkpoint --reference {input.reference:q} --arch {params.arch:q}"
         " --prepared {params.prepared:q} --out {output:q} > {log:q} 2>&1"
@@ -25,7 +25,7 @@ rule import_released:
 rule released:
     input:
         [
-            f"{eval_dir(ens, 'released', 'ensemble')}/{e['name']}.json"
-            for ens in RELEASED_ENSEMBLES
-            for e in config["evaluation"]
+            path
+            for ensemble in PLAN.released_ensembles
+            for path in PLAN.evaluation_files(PLAN.eval_dir(ensemble, "released", "ensemble"))
         ],

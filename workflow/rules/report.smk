@@ -4,10 +4,10 @@
 # output and plan no job: Snakemake reads them only when it writes the HTML report.
 rule report:
     input:
-        metrics=evaluation_outputs(),
-        ranks=[p.removesuffix(".json") + ".ranks.npz" for p in evaluation_outputs()],
-        val_logs=[f"{train_dir(m, v, s)}/val_log.csv" for m, v, s in trained_runs()],
-        audits=[p for p in audit_outputs() if p.endswith(".json")],
+        metrics=PLAN.evaluation_outputs(),
+        ranks=PLAN.rank_outputs(),
+        val_logs=PLAN.val_logs(),
+        audits=[p for p in PLAN.audit_outputs() if p.endswith(".json")],
     output:
         md=report(
             f"{RESULTS}/report/report.md",
@@ -58,11 +58,11 @@ rule report:
     conda:
         "../../envs/aoq.yaml"
     resources:
-        **job_resources("light"),
+        **PLAN.job_resources("light"),
     params:
         title=config["report"]["title"],
         bootstrap=config["report"]["bootstrap"],
-        settings=digest(report_settings()),
+        settings=digest(PLAN.report_settings()),
         exclude=config["mining"]["exclude"],
     shell:
         "python -m pipeline_steps.report --metrics {input.metrics:q} --val-logs {input.val_logs:q}"

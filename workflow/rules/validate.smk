@@ -16,21 +16,3 @@ try:
     checks.validated(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml", LOSS_VARIANTS)
 except checks.ConfigError as refusal:
     sys.exit(str(refusal))
-
-# What the configuration runs, for the rules (common.smk): config_checks' functions of it.
-MINING_ROUNDS = config["mining"]["rounds"]
-ROUND_MINER = checks.ROUND_MINER
-round_method = checks.round_method
-method_round = checks.method_round
-
-
-def seeds_of(model):
-    return checks.seeds_of(config, model)
-
-
-def variants_of(model):
-    return checks.variants_of(config, model)
-
-
-def train_section(model, variant):
-    return checks.train_section(config, model, variant)
