@@ -1,5 +1,7 @@
 """Fixtures shared by several test files."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -27,3 +29,11 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (.ci/run: one worker per core) each worker computes with one torch
+    thread: two workers of two threads each would oversubscribe the cores, and OpenMP threads
+    waiting for a busy core slow everything down many times over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

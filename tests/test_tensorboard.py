@@ -122,6 +122,7 @@ def printed_train_commands(result):
     return commands
 
 
+@pytest.mark.workflow
 def test_the_rule_passes_the_flag_only_to_the_rounds_that_ask(tmp_path):
     config = one_vsepp_seed()
     config["aoq"]["train"]["tensorboard"] = True
