@@ -22,9 +22,9 @@ Example:
 `--tensorboard-dir DIR` also logs the losses, learning rate and validation metrics to TensorBoard
 (pipeline_steps/training/tensorboard.py); it changes nothing else of the run.
 
-This file reads as parse -> build -> loop -> outputs. The parts: the training step and schedule
-(training/step.py), the optimisers (training/optim.py), the resume state (training/run.py beside
-training/resume.py), validation and outputs (training/validation.py).
+This file reads as parse -> build -> loop -> outputs. The parts: the settings (training/config.py),
+the training step and schedule (training/step.py), the optimisers (training/optim.py), the resume
+state (training/run.py beside training/resume.py), validation and outputs (training/validation.py).
 """
 
 import argparse
@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from pipeline_steps.data.batches import OfflineCandidates, TrainBatches, epoch_b
 from pipeline_steps.data.splits import open_split, read_manifest
 from pipeline_steps.training import distributed
 from pipeline_steps.training.checkpoint import warm_start
+from pipeline_steps.training.config import TrainConfig, json_config
 from pipeline_steps.training.optim import Optimizers
 from pipeline_steps.training.precision import MixedPrecision
 from pipeline_steps.training.run import Run
@@ -56,30 +57,6 @@ from pipeline_steps.training.tensorboard import open_board
 from pipeline_steps.training.validation import NonFinite, check_finite, run_validation, write_outputs
 
 log = logging.getLogger("train")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    learning_rate: float = 2e-4
-    lr_update: int = 15  # lr x0.1 every lr_update epochs
-    grad_clip: float = 2.0  # total-norm clip; <= 0 disables
-    val_step: int = 500  # also validate every val_step iterations
-    offline_size: int = 300  # offline negatives drawn from the top offline_size candidates
-    eval_batch_size: int = 256
-    workers: int = 0
-    allow_tf32: bool = False  # the reference ran in full fp32 (Q-TF32); True is faster on GPUs
-    amp: str = "none"  # none | bf16 | fp16 autocast of forward and loss (common/precision.py)
-    # Epochs at the start that sum the online hinge over all in-batch negatives (VSE0) instead of
-    # taking the hardest one. 0 = the reference. From random init on weak features the hardest
-    # negative can collapse every embedding onto one point; a warm-up epoch (as VSE-infinity's
-    # `vse_mean_warmup_epochs`) avoids that. AdapOffQuin's weights need the hardest negative, so
-    # its warm-up runs as OffQuin.
-    max_violation_warmup_epochs: int = 0
-    # Adam's update as PyTorch 0.4.1, which the releases ran, computed it (eps added before v's
-    # bias correction; docs/reference_behaviours.md Q-ADAM041). False: today's torch.optim.Adam.
-    release_adam: bool = True
 
 
 def parse_args(argv):
@@ -112,14 +89,6 @@ def parse_args(argv):
     p.add_argument("--init-from", help="start from this checkpoint's weights (a later mining round)")
     p.add_argument("--tensorboard-dir", help="also log scalars here for TensorBoard (off by default)")
     return p.parse_args(argv)
-
-
-def _json_config(text, cls, what):
-    try:
-        return cls(**json.loads(text))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        known = ", ".join(f.name for f in fields(cls))  # both configs are dataclasses
-        raise SystemExit(f"error: bad {what}: {err} (known fields: {known})") from None
 
 
 def build(args, cfg, loss_cfg, ctx):
@@ -238,8 +207,8 @@ def train_epochs(job):
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
-    cfg = _json_config(args.train_config, TrainConfig, "--train-config")
-    loss_cfg = _json_config(args.loss_config, LossConfig, "--loss-config")
+    cfg = json_config(args.train_config, TrainConfig, "--train-config")
+    loss_cfg = json_config(args.loss_config, LossConfig, "--loss-config")
     if loss_cfg.needs_offline and not (args.candidates_i2t and args.candidates_t2i):
         raise SystemExit(
             f"error: loss variant {loss_cfg.variant!r} needs --candidates-i2t and --candidates-t2i"
