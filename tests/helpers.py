@@ -75,10 +75,24 @@ def write_config(workdir, config):
     return path
 
 
-def snakemake(workdir, config, *args):
+def copy_of_the_repository(dest):
+    """The repository's tracked and untracked (not ignored) files copied to `dest`: a clone to change
+    (tests that add a variant or an architecture to it)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes((REPO / name).read_bytes())
+
+
+def snakemake(workdir, config, *args, repo=REPO):
+    """Snakemake with `config` in `workdir`; `repo`: the repository whose workflow runs (a copy)."""
+    env = ENV if repo == REPO else ENV | {"PYTHONPATH": str(repo)}
     cmd = SNAKEMAKE + [
         "-s",
-        str(SNAKEFILE),
+        str(repo / "workflow" / "Snakefile"),
         "--directory",
         str(workdir),
         "--configfile",
@@ -87,7 +101,7 @@ def snakemake(workdir, config, *args):
         "2",
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
 def succeeded(workdir, config, *args):

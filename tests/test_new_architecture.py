@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ENV, tiny_config, write_config
-from tests.test_new_variant import copy_of_the_repository
+from tests.helpers import ENV, copy_of_the_repository, snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -34,29 +33,6 @@ class Toy(VSEPP):
         return super().encode_images(images * self.config.image_gain)
 '''
 REGISTRY_LINE = '    "toy": Architecture("models.toy:Toy", single_vector=True),\n'
-
-
-def snakemake_in(repo, work, config, *args):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "workflow" / "Snakefile"),
-            "--directory",
-            str(work),
-            "--configfile",
-            str(write_config(work, config)),
-            "--cores",
-            "2",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=ENV | {"PYTHONPATH": str(repo)},
-    )
 
 
 def toy_config(**model):
@@ -84,12 +60,12 @@ def test_an_architecture_added_as_a_file_and_a_registry_line_runs_end_to_end(tmp
         ({"image_gain": "high"}, "config: models.toy.image_gain: 'high' is not a float"),
         ({"image_gain": True}, "config: models.toy.image_gain: True is not a float"),
     ):
-        refused = snakemake_in(repo, work, toy_config(**change), "-n")
+        refused = snakemake(work, toy_config(**change), "-n", repo=repo)
         output = (refused.stdout + refused.stderr).strip()
         assert refused.returncode != 0 and output.splitlines()[-1].startswith(line), output[-2000:]
         assert "Traceback" not in output
 
-    result = snakemake_in(repo, work, toy_config())
+    result = snakemake(work, toy_config(), repo=repo)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     results = work / "results" / "demo_precomp"
     report = (results / "report" / "report.md").read_text()

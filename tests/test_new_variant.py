@@ -6,20 +6,10 @@ import sys
 
 import pytest
 
-from tests.helpers import ENV, REPO, tiny_config, write_config
+from tests.helpers import ENV, copy_of_the_repository, snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 THROWAWAY = '    "quinonly": Terms("+QuinOnly", quintuplet=True),\n'
-
-
-def copy_of_the_repository(dest):
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes((REPO / name).read_bytes())
 
 
 def test_a_variant_added_to_variants_py_alone_runs_end_to_end(tmp_path):
@@ -35,25 +25,7 @@ def test_a_variant_added_to_variants_py_alone_runs_end_to_end(tmp_path):
     config["aoq"]["variants"] = ["quinonly"]
     work = tmp_path / "work"
     work.mkdir()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo / "workflow" / "Snakefile"),
-            "--directory",
-            str(work),
-            "--configfile",
-            str(write_config(work, config)),
-            "--cores",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=ENV | {"PYTHONPATH": str(repo)},
-    )
+    result = snakemake(work, config, repo=repo)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     results = work / "results" / "demo_precomp"
     assert "| vsepp | +QuinOnly |" in (results / "report" / "report.md").read_text()
