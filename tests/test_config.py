@@ -314,3 +314,48 @@ def test_authors_candidates_without_any_aoq_run_plan_cleanly(tmp_path):
     config["aoq"]["variants"] = []
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    vocab_size: int = 0
+    img_dim: int = 0
+    embed_size: int = 8
+    gain: float = 1.0
+    mode: str = "a"
+    flag: bool = False
+
+
+class Toy:
+    config_class = ToyConfig
+
+
+@pytest.mark.parametrize(
+    "entry,expected",
+    [
+        ({}, None),
+        ({"gain": 2, "mode": "b", "flag": True}, None),  # an int is a float
+        ({"gian": 2.0}, "config: models.toy: unknown key 'gian'"),
+        ({"gain": "high"}, "config: models.toy.gain: 'high' is not a float"),
+        ({"gain": True}, "config: models.toy.gain: True is not a float"),
+        ({"flag": 1}, "config: models.toy.flag: 1 is not a bool"),
+        ({"mode": 3}, "config: models.toy.mode: 3 is not a str"),
+        ({"vocab_size": 5}, "config: models.toy: unknown key 'vocab_size'"),  # comes from the data
+    ],
+)
+def test_an_architecture_without_a_schema_block_is_checked_against_its_config(monkeypatch, entry, expected):
+    """In-process twin of tests/test_new_architecture.py: a registered architecture the schema does
+    not describe has its entry's keys and value types checked against its config dataclass."""
+    from models import registry
+
+    monkeypatch.setitem(registry.ARCHITECTURES, "toy", registry.Architecture("tests.test_config:Toy", True))
+    config = tiny_config()
+    config["models"] = {"toy": {"arch": "toy", "embed_size": 16, **entry}}
+    config["mining"]["model"] = "toy"
+    line = refusal(config)
+    assert line == expected if expected is None else line.startswith(expected), line
+    unregistered = tiny_config()
+    unregistered["models"]["vsepp"]["arch"] = "vsep"
+    assert refusal(unregistered).startswith(
+        "config: models.vsepp.arch: 'vsep' is not a registered architecture"
+    )

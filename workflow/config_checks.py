@@ -233,6 +233,7 @@ def check_entry_against_its_config(name, entry):
     the architecture's config dataclass (imported only here, for such an architecture)."""
     config_class = model_class(entry["arch"]).config_class
     fields = {f.name: f for f in dataclasses.fields(config_class) if f.name not in FROM_THE_DATA}
+    hints = typing.get_type_hints(config_class)
     for key, value in entry.items():
         if key in PIPELINE_KEYS:
             continue
@@ -240,8 +241,7 @@ def check_entry_against_its_config(name, entry):
             refuse(
                 f"models.{name}", f"unknown key {key!r} (known here: {', '.join([*PIPELINE_KEYS, *fields])})"
             )
-        hints = typing.get_type_hints(config_class)
-        allowed = FIELD_TYPES.get(hints[key])
+        allowed = FIELD_TYPES.get(hints[key])  # other annotations (unions, ...) are left to the model
         if allowed and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
             refuse(f"models.{name}.{key}", f"{value!r} is not a {hints[key].__name__}")
 
