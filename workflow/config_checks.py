@@ -20,9 +20,14 @@ from snakemake.utils import validate
 
 from models.registry import ARCHITECTURES, embedding_models, model_class, model_names
 
-# Architectures with one vector per image and caption, the only ones that can mine candidates: a
-# field of the registry (tests/test_config.py checks it against each model's `single_vector`).
-EMBEDDING_ARCHS = tuple(embedding_models())
+
+def mining_architectures():
+    """Architectures with one vector per image and caption, the only ones that can mine
+    candidates: a field of the registry, read when a config is checked (tests/test_config.py
+    checks it against each model's `single_vector`)."""
+    return tuple(embedding_models())
+
+
 # Refreshed mining rounds (docs/mining_audit.md): round r >= 2 mines with the round r-1 run of
 # this method.
 ROUND_MINER = "adapoffquin"
@@ -296,11 +301,11 @@ def check_mining(config, workdir="."):
         refuse("mining.model", f"{miner!r} is not an entry of `models:` ({', '.join(models)})")
     if miner not in selected:
         refuse("mining.model", f"{miner!r} mines the candidates, so it must be among run.models")
-    if models[miner]["arch"] not in EMBEDDING_ARCHS:
+    if models[miner]["arch"] not in mining_architectures():
         refuse(
             "mining.model",
             f"{miner!r} is a {models[miner]['arch']} model; mining needs one "
-            f"vector per item ({' or '.join(EMBEDDING_ARCHS)})",
+            f"vector per item ({' or '.join(mining_architectures())})",
         )
     if mining["seed"] not in seeds_of(config, miner):
         refuse("mining.seed", f"{mining['seed']} is not a seed of {miner!r} ({seeds_of(config, miner)})")
@@ -344,10 +349,10 @@ def check_rounds(config):
         return
     models, miner = config["models"], mining["model"]
     selected = selected_models(config)
-    if miner not in selected or models[miner]["arch"] not in EMBEDDING_ARCHS:
+    if miner not in selected or models[miner]["arch"] not in mining_architectures():
         refuse(
             "mining.rounds",
-            f"later rounds mine with mining.model, which must be a selected {EMBEDDING_ARCHS} model",
+            f"later rounds mine with mining.model, which must be a selected {mining_architectures()} model",
         )
     if ROUND_MINER not in variants_of(config, miner):
         refuse(
